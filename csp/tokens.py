@@ -1,0 +1,82 @@
+"""The set of tokens a decoder layer processes, per sample, and the moves between stages.
+
+Tokens are physically gathered (right-padded per batch); every token carries its ORIGINAL
+position id, which is also its row in the full ``sys | img | usr | out`` sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenState:
+    """Active tokens of a batch.
+
+    Attributes:
+        hidden: ``B x T x d`` hidden states.
+        positions: ``B x T`` original position ids (rows of the full sequence); 0 on padding.
+        valid: ``B x T`` False on right padding.
+        is_image: ``B x T`` True on image tokens.
+    """
+
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+    is_image: torch.Tensor
+
+    @classmethod
+    def full(cls, embeds: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor) -> "TokenState":
+        batch, length = valid.shape
+        positions = torch.arange(length, device=embeds.device).expand(batch, length)
+        return cls(embeds, positions * valid, valid, is_image & valid)
+
+    def select(self, keep: torch.Tensor) -> "TokenState":
+        """Keep the tokens where ``keep`` (``B x T``) is True, in order, re-padded on the right."""
+        keep = keep & self.valid
+        counts = keep.sum(dim=1)
+        length = int(counts.max())
+        # A stable sort of ~keep lists the kept columns first, in their original order.
+        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :length]
+        valid = torch.arange(length, device=keep.device) < counts.unsqueeze(1)
+        hidden = self.hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
+        return TokenState(
+            hidden=hidden,
+            positions=self.positions.gather(1, order) * valid,
+            valid=valid,
+            is_image=self.is_image.gather(1, order) & valid,
+        )
+
+    def scatter_into(self, full: "TokenState") -> "TokenState":
+        """``full`` with this state's hidden states written back at their original rows (eq. 7)."""
+        hidden = full.hidden.clone()
+        rows = self.valid.nonzero(as_tuple=True)
+        hidden[rows[0], self.positions[rows]] = self.hidden[rows]
+        return TokenState(hidden, full.positions, full.valid, full.is_image)
+
+    def rows_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Column index of each original position ``B x Q`` in this state (must be present)."""
+        match = (self.positions.unsqueeze(2) == positions.unsqueeze(1)) & self.valid.unsqueeze(2)
+        if not bool(match.any(dim=1).all()):
+            raise RuntimeError("a requested position is not among the active tokens")
+        return match.to(torch.uint8).argmax(dim=1)
+
+    def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image tokens, total tokens) per sample, ``B`` each."""
+        return self.is_image.sum(dim=1), self.valid.sum(dim=1)
+
+
+def attention_mask(valid: torch.Tensor) -> torch.Tensor | None:
+    """Causal mask in sequence order over valid keys, ``B x 1 x T x T`` bool (True = attend).
+
+    ``None`` when nothing is padded, so SDPA may use its causal fast path. Padded query rows
+    attend to themselves only (finite, ignored).
+    """
+    if bool(valid.all()):
+        return None
+    length = valid.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
+    mask = causal & valid[:, None, None, :]
+    return mask | torch.eye(length, dtype=torch.bool, device=valid.device)

@@ -1,0 +1,117 @@
+"""Builders for LISA models: tiny random models, released checkpoints, fresh LLaVA + SAM.
+
+``build_from_config`` maps a Hydra ``model`` node to a :class:`LisaBundle`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from segment_anything.modeling import Sam
+from transformers import CLIPImageProcessor, CLIPVisionModel, LlamaConfig, PreTrainedTokenizerBase
+
+from model.lisa import LISAForCausalLM
+from model.prompt import SpecialTokenIds
+from model.sam import build_sam_vit_h, build_tiny_sam
+from model.tokenizer import build_tiny_tokenizer
+from model.vision import CLIPVisionTower, clip_processor_for, tiny_clip_config
+
+#: SAM architectures by the config key ``sam_arch`` (LISA's configs have none: ViT-H).
+SAM_BUILDERS: dict[str, Callable[[], Sam]] = {"vit_h": build_sam_vit_h, "tiny": build_tiny_sam}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LisaBundle:
+    """A model with everything needed to feed it."""
+
+    model: LISAForCausalLM
+    tokenizer: PreTrainedTokenizerBase
+    token_ids: SpecialTokenIds
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.model.layers.parameters()).dtype
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def tiny_llama_config(vocab_size: int, *, num_layers: int = 6, hidden_size: int = 64, heads: int = 4,
+                      kv_heads: int | None = None, projector: str = "linear") -> LlamaConfig:
+    """LLaMA at tiny width with LISA's extra fields (as LISA's config.json carries them)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2 + 16,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )
+    config.mm_hidden_size = tiny_clip_config().hidden_size
+    config.mm_projector_type = projector
+    config.mm_vision_select_layer = -2
+    config.mm_use_im_start_end = True
+    config.out_dim = 32
+    config.sam_arch = "tiny"
+    config.vision_tower = "tiny-clip"
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_tiny_lisa(seed: int = 0, *, num_layers: int = 6, hidden_size: int = 64, heads: int = 4,
+                    kv_heads: int | None = None, projector: str = "linear") -> LisaBundle:
+    """Real classes, tiny sizes, random weights (seeded); CLIP 224/14 so N = 256 as in the paper."""
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = tiny_llama_config(len(tokenizer), num_layers=num_layers, hidden_size=hidden_size,
+                               heads=heads, kv_heads=kv_heads, projector=projector)
+    tower = CLIPVisionTower(model=CLIPVisionModel(tiny_clip_config()), processor=clip_processor_for(224))
+    model = LISAForCausalLM(config, visual_model=build_tiny_sam(config.out_dim), vision_tower=tower)
+    return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
+
+
+def load_vision_tower(clip_dir: str | Path, select_layer: int = -2) -> CLIPVisionTower:
+    """CLIP from its own directory (LISA checkpoints carry no vision-tower weights)."""
+    clip_dir = Path(clip_dir)
+    if not (clip_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"CLIP vision tower directory {clip_dir} has no config.json; expected a Hugging Face CLIP "
+            "directory (config.json, preprocessor_config.json, model weights), e.g. clip-vit-large-patch14"
+        )
+    model = CLIPVisionModel.from_pretrained(clip_dir, attn_implementation="sdpa")
+    processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    return CLIPVisionTower(model=model, processor=processor, select_layer=select_layer)
+
+
+def build_from_config(cfg: Mapping[str, Any]) -> LisaBundle:
+    """Hydra ``model`` node -> bundle. ``kind``: ``tiny`` | ``lisa`` (released) | ``fresh``.
+
+    Paths are checked before anything is loaded.
+    """
+    from model.checkpoint import build_fresh_lisa, check_model_paths, load_lisa_checkpoint
+
+    kind = cfg.get("kind", "lisa")
+    dtype = resolve_dtype(cfg.get("dtype", "float32"))
+    device = torch.device(cfg.get("device", "cpu"))
+    if kind == "tiny":
+        bundle = build_tiny_lisa(int(cfg.get("seed", 0)), num_layers=int(cfg.get("num_layers", 6)))
+        bundle.model.to(device=device, dtype=dtype)
+        return bundle
+    check_model_paths(cfg)
+    if kind == "lisa":
+        return load_lisa_checkpoint(cfg["checkpoint"], cfg["vision_tower"], dtype=dtype, device=device)
+    if kind == "fresh":
+        return build_fresh_lisa(cfg["llava"], cfg["vision_tower"], cfg["sam_checkpoint"], dtype=dtype, device=device)
+    raise ValueError(f"model.kind must be one of tiny, lisa, fresh; got {kind!r}")

@@ -1,0 +1,235 @@
+"""LISA checkpoints in Hugging Face layout: save, load (strict), and fresh LLaVA + SAM builds.
+
+A LISA checkpoint directory holds ``config.json`` (LLaMA config + LISA fields,
+``architectures: [LISAForCausalLM]``, ``model_type: llava``), sharded weights
+(``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``, or
+``pytorch_model-*.bin`` + ``pytorch_model.bin.index.json``, or one unsharded file) and the
+tokenizer with LISA's added tokens. The CLIP tower comes from its own directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+
+from model.builder import SAM_BUILDERS, LisaBundle, load_vision_tower
+from model.lisa import LISAForCausalLM
+from model.prompt import IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, SEG_TOKEN, SpecialTokenIds
+from model.sam import load_sam_checkpoint
+from model.vision import CLIPVisionTower
+
+WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def check_model_paths(cfg: Mapping[str, Any]) -> None:
+    """Fail early, naming every configured path that does not exist."""
+    kind = cfg.get("kind", "lisa")
+    keys = {"lisa": ("checkpoint", "vision_tower"), "fresh": ("llava", "vision_tower", "sam_checkpoint")}.get(kind, ())
+    missing = []
+    for key in keys:
+        value = cfg.get(key)
+        if not value or not Path(str(value)).exists():
+            missing.append(f"model.{key}={value!r}")
+    if missing:
+        raise FileNotFoundError(f"model paths not found: {', '.join(missing)} (kind={kind})")
+
+
+def read_lisa_config(ckpt_dir: Path) -> LlamaConfig:
+    path = ckpt_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: a LISA checkpoint directory needs config.json, tokenizer files and "
+            f"weights ({' or '.join(i for i, _ in WEIGHT_LAYOUTS)} with shards, or a single "
+            f"{' / '.join(f for _, f in WEIGHT_LAYOUTS)})"
+        )
+    raw = json.loads(path.read_text())
+    raw.pop("model_type", None)
+    config = LlamaConfig.from_dict(raw)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def weight_files(ckpt_dir: Path) -> list[Path]:
+    """Shard paths from the index (every shard must exist) or the single weights file."""
+    for index_name, single in WEIGHT_LAYOUTS:
+        index = ckpt_dir / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [n for n in names if not (ckpt_dir / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists shards missing from {ckpt_dir}: {missing}")
+            return [ckpt_dir / n for n in names]
+        if (ckpt_dir / single).is_file():
+            return [ckpt_dir / single]
+    raise FileNotFoundError(
+        f"no weights in {ckpt_dir}: expected one of {[i for i, _ in WEIGHT_LAYOUTS]} with its shards, "
+        f"or {[f for _, f in WEIGHT_LAYOUTS]}"
+    )
+
+
+def iter_state_dicts(files: list[Path]) -> Iterator[dict[str, torch.Tensor]]:
+    """Load shards one at a time; ``.bin`` files with ``weights_only=True`` (no pickled code)."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            yield load_file(str(path))
+        else:
+            yield torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_weights_strict(model: torch.nn.Module, files: list[Path], expected: set[str],
+                        ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Copy every tensor into ``model``; any missing or unexpected key is an error listing them."""
+    params = dict(model.state_dict())
+    seen, unexpected = set(), []
+    for shard in iter_state_dicts(files):
+        for key, tensor in shard.items():
+            if key.startswith(ignore_prefixes):
+                continue
+            if key not in expected:
+                unexpected.append(key)
+                continue
+            target = params[key]
+            if target.shape != tensor.shape:
+                raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor)
+            seen.add(key)
+    missing = sorted(expected - seen)
+    if missing or unexpected:
+        raise KeyError(
+            f"checkpoint keys do not match the model: {len(missing)} missing {missing[:20]}, "
+            f"{len(unexpected)} unexpected {sorted(unexpected)[:20]}"
+        )
+
+
+def _construct(config: LlamaConfig, tower: CLIPVisionTower, dtype: torch.dtype, device: torch.device) -> LISAForCausalLM:
+    arch = getattr(config, "sam_arch", "vit_h")
+    if arch not in SAM_BUILDERS:
+        raise ValueError(f"unknown sam_arch {arch!r}; expected one of {sorted(SAM_BUILDERS)}")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
+    try:
+        with torch.device(device):
+            sam = SAM_BUILDERS[arch]()
+            sam_args = {"visual_model": sam, "vision_tower": tower}
+            return LISAForCausalLM(config, **sam_args)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_lisa_checkpoint(ckpt_dir: str | Path, clip_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str = "cpu") -> LisaBundle:
+    """A released LISA checkpoint (e.g. LISA-7B-v1) + its CLIP directory -> bundle."""
+    ckpt_dir, device = Path(ckpt_dir), torch.device(device)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"LISA checkpoint directory not found: {ckpt_dir}")
+    config = read_lisa_config(ckpt_dir)
+    files = weight_files(ckpt_dir)
+    tower = load_vision_tower(clip_dir, getattr(config, "mm_vision_select_layer", -2))
+    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+    model = _construct(config, tower, dtype, device)
+    load_weights_strict(model, files, set(model.checkpoint_state_dict()))
+    model.to(device=device, dtype=dtype)
+    return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
+
+
+def save_lisa_checkpoint(bundle: LisaBundle, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3,
+                         safe: bool = True) -> Path:
+    """Write ``bundle`` in LISA's Hugging Face layout (config, sharded weights + index, tokenizer)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = bundle.model
+    config = model.config.to_dict()
+    config.update(architectures=["LISAForCausalLM"], model_type="llava", torch_dtype=str(bundle.dtype).split(".")[-1])
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_state_dict().items()}
+    shards = _split_shards(state, max_shard_bytes)
+    index_name, single = WEIGHT_LAYOUTS[0] if safe else WEIGHT_LAYOUTS[1]
+    stem, ext = single.rsplit(".", 1)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
+        if safe:
+            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        else:
+            torch.save(shard, out_dir / name)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out_dir / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    bundle.tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.clone() if _shares_storage(tensor, shards[-1]) else tensor
+        size += nbytes
+    return shards
+
+
+def _shares_storage(tensor: torch.Tensor, shard: dict[str, torch.Tensor]) -> bool:
+    ptr = tensor.untyped_storage().data_ptr()
+    return any(t.untyped_storage().data_ptr() == ptr for t in shard.values())
+
+
+def add_lisa_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+    """LISA's added tokens (as its training script adds them) when a LLaVA tokenizer lacks them."""
+    vocab = tokenizer.get_vocab()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.add_tokens([t for t in (IM_PATCH_TOKEN, IM_START_TOKEN, IM_END_TOKEN) if t not in vocab], special_tokens=True)
+    if SEG_TOKEN not in vocab:
+        tokenizer.add_tokens([SEG_TOKEN])
+
+
+def build_fresh_lisa(llava_dir: str | Path, clip_dir: str | Path, sam_path: str | Path, *,
+                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LisaBundle:
+    """LISA before training: LLaVA weights + SAM ``.pth`` + new text_hidden_fcs and token rows.
+
+    New embedding / lm_head rows (for added tokens) start at the mean of the existing rows.
+    """
+    llava_dir, device = Path(llava_dir), torch.device(device)
+    config = read_lisa_config(llava_dir)
+    config.sam_arch = getattr(config, "sam_arch", "vit_h")
+    config.out_dim = getattr(config, "out_dim", 256)
+    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
+    add_lisa_tokens(tokenizer)
+    old_vocab = config.vocab_size
+    files = weight_files(llava_dir)
+    tower = load_vision_tower(clip_dir, getattr(config, "mm_vision_select_layer", -2))
+    model = _construct(config, tower, dtype, device)
+    expected = {k for k in model.checkpoint_state_dict() if not k.startswith(("model.visual_model.", "model.text_hidden_fcs."))}
+    load_weights_strict(model, files, expected, ignore_prefixes=("model.vision_tower.",))
+    load_sam_checkpoint(model.sam, sam_path)
+    _resize_token_rows(model, old_vocab, len(tokenizer))
+    model.to(device=device, dtype=dtype)
+    return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
+
+
+def _resize_token_rows(model: LISAForCausalLM, old: int, new: int) -> None:
+    if new == old:
+        return
+    for module_name in ("embed_tokens", "lm_head"):
+        module = model.model.embed_tokens if module_name == "embed_tokens" else model.lm_head
+        weight = module.weight.data
+        grown = torch.cat([weight[:old], weight[:old].mean(0, keepdim=True).expand(new - old, -1)])
+        module.weight = torch.nn.Parameter(grown)
+        if module_name == "embed_tokens":
+            module.num_embeddings = new
+        else:
+            module.out_features = new
+    model.config.vocab_size = new

@@ -1,0 +1,137 @@
+"""SAM from the segment-anything package: builders, LISA's pre/post-processing, prompting."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+
+SAM_IMAGE_SIZE = 1024
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def build_sam(
+    *, encoder_embed_dim: int, encoder_depth: int, encoder_num_heads: int,
+    encoder_global_attn_indexes: tuple[int, ...], prompt_embed_dim: int = 256,
+    vit_patch_size: int = 16, window_size: int = 14, decoder_dim: int | None = None,
+    decoder_mlp_dim: int = 2048, decoder_heads: int = 8,
+) -> Sam:
+    """Assemble a SAM from explicit sizes (ViT-H: 1280, 32, 16, (7, 15, 23, 31))."""
+    image_embedding_size = SAM_IMAGE_SIZE // vit_patch_size
+    decoder_dim = decoder_dim or prompt_embed_dim
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=encoder_depth, embed_dim=encoder_embed_dim, img_size=SAM_IMAGE_SIZE, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=encoder_num_heads,
+            patch_size=vit_patch_size, qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=encoder_global_attn_indexes, window_size=window_size,
+            out_chans=prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=(image_embedding_size, image_embedding_size),
+            input_image_size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=decoder_dim, mlp_dim=decoder_mlp_dim, num_heads=decoder_heads
+            ),
+            transformer_dim=decoder_dim, iou_head_depth=3, iou_head_hidden_dim=256,
+        ),
+        pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD),
+    )
+
+
+def build_sam_vit_h() -> Sam:
+    return build_sam(
+        encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16,
+        encoder_global_attn_indexes=(7, 15, 23, 31),
+    )
+
+
+def build_tiny_sam(prompt_embed_dim: int = 32) -> Sam:
+    """Real SAM classes at tiny width; keeps the 1024 input and 64x64 embedding grid."""
+    return build_sam(
+        encoder_embed_dim=16, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
+        prompt_embed_dim=prompt_embed_dim, window_size=8, decoder_mlp_dim=64, decoder_heads=2,
+    )
+
+
+def load_sam_checkpoint(sam: Sam, path: str | Path) -> Sam:
+    """Load a segment-anything ``.pth`` (e.g. sam_vit_h_4b8939.pth) without executing pickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SAM checkpoint not found: {path} (expected e.g. sam_vit_h_4b8939.pth)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing, unexpected = sam.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"SAM checkpoint {path} does not match: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    return sam
+
+
+def sam_preprocess(image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``H x W x 3`` uint8 RGB -> (``3 x 1024 x 1024`` float tensor, resized (h, w)).
+
+    Longest side resized to 1024 (segment-anything's ResizeLongestSide), normalised on the
+    0-255 scale, zero-padded right/bottom.
+    """
+    resized = ResizeLongestSide(SAM_IMAGE_SIZE).apply_image(image)
+    x = torch.from_numpy(resized).permute(2, 0, 1).float()
+    mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+    x = (x - mean) / std
+    h, w = resized.shape[:2]
+    return F.pad(x, (0, SAM_IMAGE_SIZE - w, 0, SAM_IMAGE_SIZE - h)), (h, w)
+
+
+def sam_postprocess(
+    low_res_logits: torch.Tensor, resized_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
+    """``K x 1 x h x w`` logits -> ``K x H x W`` logits at the original size (LISA's rule)."""
+    logits = F.interpolate(
+        low_res_logits.float(), (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear", align_corners=False
+    )
+    logits = logits[..., : resized_size[0], : resized_size[1]]
+    logits = F.interpolate(logits, original_size, mode="bilinear", align_corners=False)
+    return logits[:, 0]
+
+
+def decode_masks(sam: Sam, image_embedding: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """One mask per prompt: ``1 x C x 64 x 64`` embedding, ``K x C`` prompts -> ``K x 1 x 256 x 256``.
+
+    Each [SEG] embedding is a sparse prompt; the dense prompt is ``no_mask_embed``;
+    ``multimask_output=False`` (LISA).
+    """
+    prompt_encoder = sam.prompt_encoder
+    _, dense = prompt_encoder(points=None, boxes=None, masks=None)
+    sparse = prompts.unsqueeze(1).to(image_embedding.dtype)
+    dense = dense.to(image_embedding.dtype).expand(prompts.shape[0], -1, -1, -1)
+    low_res, _ = sam.mask_decoder(
+        image_embeddings=image_embedding,
+        image_pe=prompt_encoder.get_dense_pe().to(image_embedding.dtype),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+    return low_res
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL image (grayscale, RGBA, palette, EXIF-rotated) -> ``H x W x 3`` uint8 RGB."""
+    from PIL import ImageOps
+
+    return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))

@@ -1,0 +1,89 @@
+"""CLIP vision tower (LLaVA conventions) with an optional CLS-attention probe for clustering."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+
+class CLIPVisionTower(nn.Module):
+    """Features from CLIP hidden layer ``select_layer`` (LLaVA: -2) with the CLS token dropped."""
+
+    def __init__(self, *, model: CLIPVisionModel, processor: CLIPImageProcessor, select_layer: int = -2):
+        super().__init__()
+        self.clip = model
+        self.processor = processor
+        self.select_layer = select_layer
+
+    @property
+    def config(self) -> CLIPVisionConfig:
+        return self.clip.config
+
+    @property
+    def num_patches(self) -> int:
+        return (self.config.image_size // self.config.patch_size) ** 2
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.config.image_size // self.config.patch_size
+        return side, side
+
+    def forward(
+        self, pixel_values: torch.Tensor, cls_attention_layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``B x 3 x S x S`` -> (``B x N x C`` patch features, ``B x N`` CLS attention or None).
+
+        The CLS attention row (eq. 3: softmax over the image keys of q_cls . K_img / sqrt(d_head),
+        averaged over heads) is computed from the chosen layer's own projections by a forward
+        pre-hook, so the tower keeps its fast attention kernel.
+        """
+        captured: dict[str, torch.Tensor] = {}
+        handle = None
+        if cls_attention_layer is not None:
+            layer = self.clip.vision_model.encoder.layers[cls_attention_layer]
+            handle = layer.register_forward_pre_hook(
+                lambda module, args, kwargs: captured.__setitem__("row", cls_attention_row(module, args[0] if args else kwargs["hidden_states"])),
+                with_kwargs=True,
+            )
+        try:
+            out = self.clip(pixel_values=pixel_values.to(self.clip.dtype), output_hidden_states=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        features = out.hidden_states[self.select_layer][:, 1:]
+        return features, captured.get("row")
+
+
+def cls_attention_row(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Head-averaged softmax(q_cls . K_img / sqrt(d_head)) of one CLIP encoder layer.
+
+    ``hidden_states``: ``B x (1 + N) x C`` input of the layer -> ``B x N``.
+    """
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden_states)
+    batch, _, width = x.shape
+    heads = attn.num_heads
+    head_dim = width // heads
+    q = attn.q_proj(x[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(x[:, 1:]).view(batch, -1, heads, head_dim).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(head_dim)
+    return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
+
+
+def tiny_clip_config(image_size: int = 224, patch_size: int = 14) -> CLIPVisionConfig:
+    """A CLIP ViT with the real patch geometry (N = (224/14)^2 = 256) and tiny width."""
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        image_size=image_size, patch_size=patch_size, projection_dim=32,
+    )
+
+
+def clip_processor_for(image_size: int) -> CLIPImageProcessor:
+    """CLIP's preprocessing: resize shortest side, center crop, CLIP mean/std."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True, do_resize=True, do_normalize=True, do_convert_rgb=True,
+    )
