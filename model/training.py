@@ -1,0 +1,114 @@
+"""LISA's training objective: CE on the answer + BCE and Dice on the masks (1.0 / 2.0 / 0.5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from csp.runner import DecoderInputs
+from model.inference import embed_batch, expand_image_slots, pad_rows
+from model.pipeline import SegmentationPipeline
+from model.prompt import build_prompt, seg_query_rows, tokenize_with_image
+from model.sam import decode_masks, sam_postprocess
+
+
+@dataclass
+class TrainingSample:
+    """One conversation: ``answer`` contains one [SEG] per ground-truth mask (``K x H x W``)."""
+
+    image: Image.Image
+    text: str
+    is_sentence: bool
+    answer: str
+    gt_masks: np.ndarray
+    sample_id: str = "train"
+
+
+@dataclass
+class LossWeights:
+    ce: float = 1.0
+    bce: float = 2.0
+    dice: float = 0.5
+
+
+def set_trainable(model: torch.nn.Module, prefixes: list[str]) -> list[str]:
+    """Freeze everything except parameters whose names start with one of ``prefixes``."""
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(tuple(prefixes)))
+        if param.requires_grad:
+            names.append(name)
+    unused = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+    if unused:
+        raise ValueError(f"trainable prefixes match no parameter: {unused}")
+    return names
+
+
+def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """``K x H x W``: per-mask mean BCE, summed, over ``num_masks``."""
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return loss.flatten(1).mean(1).sum() / (num_masks + 1e-8)
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float, scale: float = 1000.0,
+              eps: float = 1e-6) -> torch.Tensor:
+    """LISA's scaled Dice loss over ``K x H x W`` masks."""
+    probs = logits.sigmoid().flatten(1)
+    targets = targets.flatten(1)
+    numerator = 2 * (probs / scale * targets).sum(-1)
+    denominator = (probs / scale).sum(-1) + (targets / scale).sum(-1)
+    return (1 - (numerator + eps) / (denominator + eps)).sum() / (num_masks + 1e-8)
+
+
+def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
+                  weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
+    """Total loss and its parts for a batch; gradients reach only parameters that require them.
+
+    The CLIP tower and SAM image encoder run without gradients (frozen in LISA).
+    """
+    model, tok = pipe.model, pipe.bundle.token_ids
+    with torch.no_grad():
+        encodings = [pipe.encode_image(s.image) for s in samples]
+    features = torch.cat([e.clip_features for e in encodings])
+    image_embeds = model.project_images(features)
+    full_ids, answer_starts = [], []
+    for s in samples:
+        prompt_ids = tokenize_with_image(build_prompt(s.text, s.is_sentence, answer=None), pipe.bundle.tokenizer)
+        ids = tokenize_with_image(build_prompt(s.text, s.is_sentence, answer=s.answer), pipe.bundle.tokenizer)
+        full_ids.append(ids)
+        answer_starts.append(len(prompt_ids) - 1 + image_embeds.shape[1])  # expanded row of the first answer token
+    batch = expand_image_slots(full_ids, image_embeds.shape[1], tok.pad)
+    seg_rows = [seg_query_rows(ids[: int(n)], tok.seg) for ids, n in zip(batch.ids, batch.lengths)]
+    pred_rows = [torch.arange(a - 1, int(n) - 1) for a, n in zip(answer_starts, batch.lengths)]
+    rows, rows_valid = pad_rows([torch.cat([p, s]) for p, s in zip(pred_rows, seg_rows)])
+    device = image_embeds.device
+    keep = torch.cat([pipe.cluster(e, [s.sample_id]) for e, s in zip(encodings, samples)]) if pipe.strategy else None
+    inputs = DecoderInputs(embed_batch(model, batch, image_embeds), batch.valid.to(device), batch.is_image.to(device),
+                           rows.to(device), rows_valid.to(device), cluster_keep=keep)
+    out = pipe.runner.forward(inputs)
+    hidden = out.rows(inputs.query_rows)
+    ce_terms, bce, dice, num_masks = [], 0.0, 0.0, 0
+    for i, s in enumerate(samples):
+        n_pred = len(pred_rows[i])
+        logits = model.lm_head(hidden[i, :n_pred])
+        targets = batch.ids[i, pred_rows[i] + 1].to(device)
+        ce_terms.append(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        seg_hidden = hidden[i, n_pred:n_pred + len(seg_rows[i])]
+        gt = torch.as_tensor(s.gt_masks, dtype=torch.float32, device=device)
+        if gt.shape[0] != seg_hidden.shape[0]:
+            raise ValueError(f"sample {s.sample_id}: {seg_hidden.shape[0]} [SEG] tokens but {gt.shape[0]} masks")
+        low_res = decode_masks(model.sam, encodings[i].sam_embedding, model.seg_head(seg_hidden))
+        pred = sam_postprocess(low_res, encodings[i].resized_size, encodings[i].original_size)
+        k = gt.shape[0]
+        bce = bce + sigmoid_ce_loss(pred, gt, k) * k
+        dice = dice + dice_loss(pred, gt, k) * k
+        num_masks += k
+    ce = torch.stack(ce_terms).sum() / sum(len(p) for p in pred_rows)
+    bce = weights.bce * bce / (num_masks + 1e-8)
+    dice = weights.dice * dice / (num_masks + 1e-8)
+    total = weights.ce * ce + bce + dice
+    return {"loss": total, "ce_loss": ce, "mask_bce_loss": bce, "mask_dice_loss": dice}

@@ -1,0 +1,158 @@
+"""Wall-clock benchmark of the LLM forward: plain LISA vs an LVLM_CSP schedule, in one run.
+
+Random weights in a LLaMA shape (no download): ``--shape 7b`` is the real LLaMA-7B (use it on a
+GPU, bf16), ``--shape 13b`` LLaMA-13B, ``--shape cpu32`` a 32-layer LLaMA narrowed to fit a CPU.
+One sample: ``text`` tokens around N image tokens (teacher forcing, as in evaluation). Prints
+JSON: median ms of each, measured speedup, the FLOPs ratio from csp.accounting for the same
+dims, their quotient, and peak memory (CUDA only).
+
+    python scripts/benchmark.py --preset llava7b_224_p70 --shape cpu32
+    python scripts/benchmark.py --preset llava7b_224_p70 --shape 7b --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaModel
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from csp.accounting import ModelDims, static_row  # noqa: E402
+from csp.runner import DecoderInputs, StageRunner  # noqa: E402
+from csp.schedule import StageSchedule  # noqa: E402
+from model.builder import resolve_dtype  # noqa: E402
+from model.pipeline import Timer  # noqa: E402
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "cpu32": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=32, num_attention_heads=8),
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=32, num_attention_heads=4),
+}
+
+
+def load_schedule(args: argparse.Namespace) -> StageSchedule:
+    if args.schedule:
+        lc, nc, ls, np_ = (int(v) for v in args.schedule.split(","))
+        return StageSchedule(Lc=lc, Nc=nc, Ls=ls, Np=np_)
+    path = ROOT / "configs" / "schedule" / f"{args.preset}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"unknown preset {args.preset!r}: {path} does not exist")
+    return StageSchedule.from_mapping(yaml.safe_load(path.read_text()))
+
+
+def build_llm(shape: str, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+    config = LlamaConfig(vocab_size=32004, max_position_embeddings=4096, **SHAPES[shape])
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        torch.manual_seed(0)
+        return LlamaModel(config).to(dtype).eval()
+
+
+def sample_inputs(llm: LlamaModel, n_img: int, text: int, sys_tokens: int) -> DecoderInputs:
+    """One sequence ``sys | img | usr+out``; the query row is the token before the final [SEG]."""
+    length = text + n_img
+    device, dtype = llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype
+    embeds = torch.randn(1, length, llm.config.hidden_size, device=device, dtype=dtype)
+    is_image = torch.zeros(1, length, dtype=torch.bool, device=device)
+    is_image[0, sys_tokens:sys_tokens + n_img] = True
+    valid = torch.ones(1, length, dtype=torch.bool, device=device)
+    query = torch.tensor([[length - 4]], device=device)
+    return DecoderInputs(embeds, valid, is_image, query, torch.ones_like(query, dtype=torch.bool))
+
+
+def time_runner(runner: StageRunner, inputs: DecoderInputs, repeats: int, warmup: int) -> list[float]:
+    device = inputs.embeds.device
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            with Timer(device) as timer:
+                runner.forward(inputs)
+            if i >= warmup:
+                times.append(timer.ms)
+    return times
+
+
+def peak_mb(fn, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def run(args: argparse.Namespace) -> dict:
+    device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
+    torch.set_num_threads(args.threads) if args.threads else None
+    schedule = load_schedule(args)
+    llm = build_llm(args.shape, dtype, device)
+    n_img = args.image_tokens
+    schedule.validate(len(llm.layers), n_img)
+    inputs = sample_inputs(llm, n_img, args.text_tokens, args.sys_tokens)
+    inputs.cluster_keep = torch.arange(schedule.Nc, device=device)[None] * (n_img // schedule.Nc)
+    plain, csp = StageRunner(llm, None, n_img), StageRunner(llm, schedule, n_img)
+    plain_ms, csp_ms = [], []
+    for _ in range(args.rounds):  # interleave so drift affects both alike
+        plain_ms += time_runner(plain, inputs, args.repeats, args.warmup)
+        csp_ms += time_runner(csp, inputs, args.repeats, args.warmup)
+    dims = ModelDims.from_config(llm.config)
+    base_row = static_row(dims, None, n_img, args.text_tokens)
+    csp_row = static_row(dims, schedule, n_img, args.text_tokens)
+    speedup = statistics.median(plain_ms) / statistics.median(csp_ms)
+    flops_ratio = base_row["TFLOPs"] / csp_row["TFLOPs"]
+    return {
+        "shape": args.shape, "device": str(device), "dtype": str(dtype).split(".")[-1],
+        "schedule": {"Lc": schedule.Lc, "Nc": schedule.Nc, "Ls": schedule.Ls, "Np": schedule.Np},
+        "image_tokens": n_img, "text_tokens": args.text_tokens, "repeats": len(plain_ms),
+        "plain_ms_median": statistics.median(plain_ms), "csp_ms_median": statistics.median(csp_ms),
+        "plain_ms_all": plain_ms, "csp_ms_all": csp_ms,
+        "speedup": speedup, "tflops_plain": base_row["TFLOPs"], "tflops_csp": csp_row["TFLOPs"],
+        "flops_ratio": flops_ratio, "speedup_over_flops_ratio": speedup / flops_ratio,
+        "navg": csp_row["Navg"],
+        "peak_mb_plain": peak_mb(lambda: plain.forward(inputs), device),
+        "peak_mb_csp": peak_mb(lambda: csp.forward(inputs), device),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="llava7b_224_p70", help="a configs/schedule/<name>.yaml")
+    parser.add_argument("--schedule", help="explicit Lc,Nc,Ls,Np (overrides --preset)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--image-tokens", type=int, default=256)
+    parser.add_argument("--text-tokens", type=int, default=62)
+    parser.add_argument("--sys-tokens", type=int, default=36, help="text tokens before the image")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--output", help="also write the JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()

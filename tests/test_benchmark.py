@@ -1,0 +1,31 @@
+"""The benchmark runs and reports consistent numbers (no timing assertions: speed is measured
+by scripts/benchmark.py, not asserted in tests)."""
+
+from __future__ import annotations
+
+import json
+
+from csp.accounting import MODEL_DIMS, static_row
+from csp.schedule import StageSchedule
+from scripts.benchmark import main
+
+
+def test_benchmark_reports_json(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    report = main(["--shape", "tiny", "--repeats", "1", "--warmup", "0", "--rounds", "1", "--output", str(out)])
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed
+    assert report["schedule"] == {"Lc": 7, "Nc": 80, "Ls": 7, "Np": 8}
+    assert report["plain_ms_median"] > 0 and report["csp_ms_median"] > 0
+    assert report["speedup"] == report["plain_ms_median"] / report["csp_ms_median"]
+    # the FLOPs ratio is the accounting's, for the benchmark's own (tiny) dims
+    assert report["navg"] == 78.0
+    assert abs(report["flops_ratio"] - report["tflops_plain"] / report["tflops_csp"]) < 1e-12
+
+
+def test_benchmark_flops_ratio_for_7b_shape_matches_table6() -> None:
+    """The 7B shape the GPU benchmark uses has the paper's 4.12 -> 1.83 TFLOPs for p70 (within 3%)."""
+    dims = MODEL_DIMS["llama7b"]
+    base = static_row(dims, None, 256, 62)["TFLOPs"]
+    p70 = static_row(dims, StageSchedule(Lc=7, Nc=80, Ls=7, Np=8), 256, 62)["TFLOPs"]
+    assert abs(base / 4.12 - 1) < 0.03 and abs(p70 / 1.83 - 1) < 0.03
