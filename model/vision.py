@@ -31,6 +31,11 @@ class CLIPVisionTower(nn.Module):
         side = self.config.image_size // self.config.patch_size
         return side, side
 
+    @property
+    def encoder_layers(self) -> nn.ModuleList:
+        # transformers 5 flattens CLIPVisionModel (no ``vision_model`` wrapper); 4.x nests it.
+        return getattr(self.clip, "vision_model", self.clip).encoder.layers
+
     def forward(
         self, pixel_values: torch.Tensor, cls_attention_layer: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -43,7 +48,7 @@ class CLIPVisionTower(nn.Module):
         captured: dict[str, torch.Tensor] = {}
         handle = None
         if cls_attention_layer is not None:
-            layer = self.clip.vision_model.encoder.layers[cls_attention_layer]
+            layer = self.encoder_layers[cls_attention_layer]
             handle = layer.register_forward_pre_hook(
                 lambda module, args, kwargs: captured.__setitem__("row", cls_attention_row(module, args[0] if args else kwargs["hidden_states"])),
                 with_kwargs=True,
