@@ -1,0 +1,112 @@
+"""The schedule inside the full LISA model: chat against the pruned KV cache, runtime records vs
+the static calculator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from csp.accounting import ModelDims, TokenRecord, static_row, summarize_records
+from csp.runner import DecoderInputs
+from csp.schedule import StageSchedule
+from model.builder import build_tiny_lisa
+from model.inference import embed_batch, expand_image_slots, generate
+from model.pipeline import Query, SegmentationPipeline
+from model.prompt import build_prompt, tokenize_with_image
+
+
+@pytest.fixture(scope="module")
+def image() -> Image.Image:
+    return Image.fromarray((np.random.default_rng(3).random((90, 130, 3)) * 255).astype(np.uint8))
+
+
+def make_seg_likely(bundle, first_token: int) -> None:
+    """Give [SEG] the lm_head row of the token greedy decoding picks first, slightly scaled up,
+    so that the random model emits [SEG] where it would have emitted that token."""
+    head = bundle.model.lm_head.weight.data
+    head[bundle.token_ids.seg] = head[first_token] * 1.05
+
+
+@pytest.mark.parametrize("schedule", [
+    StageSchedule(Lc=2, Nc=48, Ls=2, Np=10),
+    StageSchedule(Lc=3, Nc=32, Ls=0, Np=8),
+    StageSchedule(Lc=0, Nc=1, Ls=2, Np=20),
+])
+def test_chat_with_schedule_equals_full_pass_ranked_by_last_prompt_row(schedule, image) -> None:
+    """Decoding against per-layer pruned caches == one scheduled pass over prompt + answer whose
+    pruning is ranked by the last prompt token (causally it sees exactly what prefill saw)."""
+    bundle = build_tiny_lisa(seed=4)
+    pipe = SegmentationPipeline(bundle, schedule)
+    tok = bundle.token_ids
+    texts = ["the red car", "a small dog near the table on the left"]
+    ids = [tokenize_with_image(build_prompt(t, False, answer=None), bundle.tokenizer) for t in texts]
+    enc = pipe.encode_image(image)
+    keep = pipe.cluster(enc, ["a", "b"])
+    embeds = enc.image_embeds.expand(2, -1, -1)
+    first = generate(bundle.model, pipe.runner, ids, embeds, tok.seg, tok.eos, tok.pad, max_new_tokens=1,
+                     cluster_keep=keep)
+    make_seg_likely(bundle, first.generated[0][0])
+    out = generate(bundle.model, pipe.runner, ids, embeds, tok.seg, tok.eos, tok.pad, max_new_tokens=6,
+                   cluster_keep=keep)
+    assert any(tok.seg in g for g in out.generated), "the test model must emit [SEG]"
+    full = [p + g for p, g in zip(ids, out.generated)]
+    batch = expand_image_slots(full, embeds.shape[1], tok.pad)
+    prompt_lengths = [len(p) - 1 + embeds.shape[1] for p in ids]
+    last = torch.tensor([[n - 1] for n in prompt_lengths])
+    with torch.no_grad():
+        ref = pipe.runner.forward(DecoderInputs(
+            embed_batch(bundle.model, batch, embeds), batch.valid, batch.is_image, last,
+            torch.ones_like(last, dtype=torch.bool), cluster_keep=keep,
+        ))
+    for i, gen in enumerate(out.generated):
+        rows = [prompt_lengths[i] - 1 + j for j, t in enumerate(gen) if t == tok.seg]
+        if not rows:
+            continue
+        positions = torch.zeros(2, len(rows), dtype=torch.long)  # row 0 exists in every sample
+        positions[i] = torch.tensor(rows)
+        expected = ref.rows(positions)[i]
+        torch.testing.assert_close(out.seg_hidden[i], expected, atol=1e-5, rtol=1e-5)
+    assert out.records[0].image_tokens == schedule.image_tokens_per_layer(6, 256)
+
+
+def test_runtime_records_agree_with_static_calculator(image) -> None:
+    bundle = build_tiny_lisa(seed=5)
+    schedule = StageSchedule(Lc=2, Nc=64, Ls=1, Np=16)
+    pipe = SegmentationPipeline(bundle, schedule)
+    queries = [Query("the red car", False, "a"), Query("what can hold a cup of something", True, "b")]
+    results = pipe.segment(image, queries)
+    dims = ModelDims.from_config(bundle.model.config)
+    for r, q in zip(results, queries):
+        prompt = tokenize_with_image(build_prompt(q.text, q.is_sentence), bundle.tokenizer)
+        text_tokens = len(prompt) - 1  # all but the image slot
+        static = static_row(dims, schedule, 256, text_tokens)
+        assert r.image_tokens == static["image_tokens"]
+        assert r.total_tokens == static["total_tokens"]
+        summary = summarize_records([TokenRecord(r.image_tokens, r.total_tokens)], dims)
+        assert summary["Navg"] == pytest.approx(static["Navg"])
+        assert summary["TFLOPs"] == pytest.approx(static["TFLOPs"])
+
+
+def test_degenerate_schedules_give_plain_lisa_masks(image) -> None:
+    bundle = build_tiny_lisa(seed=6)
+    queries = [Query("the red car", False, "a"), Query("the dog", False, "b")]
+    plain = SegmentationPipeline(bundle).segment(image, queries)
+    for schedule in (StageSchedule(Lc=3, Nc=256, Ls=1, Np=256), StageSchedule(Lc=0, Nc=9, Ls=6, Np=4)):
+        got = SegmentationPipeline(bundle, schedule).segment(image, queries)
+        for a, b in zip(plain, got):
+            assert np.array_equal(a.masks, b.masks)
+            assert torch.equal(a.seg_embeddings, b.seg_embeddings)
+
+
+def test_schedule_is_validated_against_the_model() -> None:
+    bundle = build_tiny_lisa(seed=0)
+    from csp.schedule import ScheduleError
+
+    with pytest.raises(ScheduleError, match="exceeds the model's 6 decoder layers"):
+        SegmentationPipeline(bundle, StageSchedule(Lc=5, Nc=10, Ls=2, Np=4))
+    with pytest.raises(ScheduleError, match="Nc = 300 exceeds"):
+        SegmentationPipeline(bundle, StageSchedule(Lc=2, Nc=300, Ls=2, Np=4))
+    with pytest.raises(ScheduleError, match="Lc \\+ Ls = 0"):
+        SegmentationPipeline(bundle, StageSchedule(Lc=0, Nc=10, Ls=0, Np=4))
