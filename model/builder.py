@@ -71,9 +71,13 @@ def tiny_llama_config(vocab_size: int, *, num_layers: int = 6, hidden_size: int 
 
 
 def build_tiny_lisa(seed: int = 0, *, num_layers: int = 6, hidden_size: int = 64, heads: int = 4,
-                    kv_heads: int | None = None, projector: str = "linear") -> LisaBundle:
-    """Real classes, tiny sizes, random weights (seeded); CLIP 224/14 so N = 256 as in the paper."""
-    tokenizer = build_tiny_tokenizer()
+                    kv_heads: int | None = None, projector: str = "linear",
+                    tokenizer: PreTrainedTokenizerBase | None = None) -> LisaBundle:
+    """Real classes, tiny sizes, random weights (seeded); CLIP 224/14 so N = 256 as in the paper.
+
+    ``tokenizer``: any tokenizer with LISA's added tokens (default: the tiny word-level one).
+    """
+    tokenizer = tokenizer or build_tiny_tokenizer()
     torch.manual_seed(seed)
     config = tiny_llama_config(len(tokenizer), num_layers=num_layers, hidden_size=hidden_size,
                                heads=heads, kv_heads=kv_heads, projector=projector)

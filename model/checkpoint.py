@@ -57,6 +57,15 @@ def read_lisa_config(ckpt_dir: Path) -> LlamaConfig:
     return config
 
 
+def load_tokenizer(ckpt_dir: Path, config: LlamaConfig) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, resolved through its LLaMA config.
+
+    Released LISA/LLaVA configs say ``model_type: llava``; left to itself AutoTokenizer then picks
+    a generic backend that splits text differently from the LlamaTokenizer the checkpoint names.
+    """
+    return AutoTokenizer.from_pretrained(ckpt_dir, config=config)
+
+
 def weight_files(ckpt_dir: Path) -> list[Path]:
     """Shard paths from the index (every shard must exist) or the single weights file."""
     for index_name, single in WEIGHT_LAYOUTS:
@@ -134,7 +143,7 @@ def load_lisa_checkpoint(ckpt_dir: str | Path, clip_dir: str | Path, *, dtype: t
     config = read_lisa_config(ckpt_dir)
     files = weight_files(ckpt_dir)
     tower = load_vision_tower(clip_dir, getattr(config, "mm_vision_select_layer", -2))
-    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+    tokenizer = load_tokenizer(ckpt_dir, config)
     model = _construct(config, tower, dtype, device)
     load_weights_strict(model, files, set(model.checkpoint_state_dict()))
     model.to(device=device, dtype=dtype)
@@ -206,7 +215,7 @@ def build_fresh_lisa(llava_dir: str | Path, clip_dir: str | Path, sam_path: str 
     config = read_lisa_config(llava_dir)
     config.sam_arch = getattr(config, "sam_arch", "vit_h")
     config.out_dim = getattr(config, "out_dim", 256)
-    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
+    tokenizer = load_tokenizer(llava_dir, config)
     add_lisa_tokens(tokenizer)
     old_vocab = config.vocab_size
     files = weight_files(llava_dir)
