@@ -83,14 +83,20 @@ def time_runner(runner: StageRunner, inputs: DecoderInputs, repeats: int, warmup
 
 
 def peak_mb(fn, device: torch.device) -> float | None:
+    """Peak CUDA memory of one forward above what the model and inputs hold (MiB).
+
+    None on CPU: the process RSS high-water mark is not a sound measure there (the allocator
+    reuses heap freed after model construction), so the benchmark does not pretend to have one.
+    """
     if device.type != "cuda":
         return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     with torch.no_grad():
         fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def run(args: argparse.Namespace) -> dict:
