@@ -83,6 +83,12 @@ class LISAForCausalLM(nn.Module):
         self.model = LisaModel(config, visual_model=visual_model)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.vision_tower = vision_tower
+        prompt_dim = visual_model.prompt_encoder.embed_dim
+        if prompt_dim != self.extras.out_dim:
+            raise ValueError(
+                f"config out_dim={self.extras.out_dim} (text_hidden_fcs output) does not match the SAM "
+                f"prompt embedding size {prompt_dim}"
+            )
         tower_dim = vision_tower.config.hidden_size
         if tower_dim != self.extras.mm_hidden_size:
             raise ValueError(

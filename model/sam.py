@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -131,7 +131,13 @@ def decode_masks(sam: Sam, image_embedding: torch.Tensor, prompts: torch.Tensor)
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Any PIL image (grayscale, RGBA, palette, EXIF-rotated) -> ``H x W x 3`` uint8 RGB."""
-    from PIL import ImageOps
+    """Any PIL image (grayscale, RGBA, palette, 16-bit, EXIF-rotated) -> ``H x W x 3`` uint8 RGB.
 
-    return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    16-bit grayscale is scaled to 8 bits by dropping the low byte, as ``cv2.imread`` (which LISA
+    uses) does, rather than clipped at 255 as PIL's ``convert`` would.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
