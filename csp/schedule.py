@@ -6,8 +6,9 @@ Lp = L - Lc - Ls layers see the top-Np tokens ranked by the [SEG] query's attent
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 class ScheduleError(ValueError):
@@ -92,7 +93,7 @@ class StageSchedule:
         return f"(Lc={self.Lc}, Nc={self.Nc}, Ls={self.Ls}, Np={self.Np}, {self.clustering})"
 
     @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "StageSchedule | None":
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> StageSchedule | None:
         """Build from a config mapping (Hydra ``schedule`` node); ``None`` means plain LISA."""
         if cfg is None:
             return None

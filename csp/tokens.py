@@ -28,12 +28,12 @@ class TokenState:
     is_image: torch.Tensor
 
     @classmethod
-    def full(cls, embeds: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor) -> "TokenState":
+    def full(cls, embeds: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor) -> TokenState:
         batch, length = valid.shape
         positions = torch.arange(length, device=embeds.device).expand(batch, length)
         return cls(embeds, positions * valid, valid, is_image & valid)
 
-    def select(self, keep: torch.Tensor) -> "TokenState":
+    def select(self, keep: torch.Tensor) -> TokenState:
         """Keep the tokens where ``keep`` (``B x T``) is True, in order, re-padded on the right."""
         keep = keep & self.valid
         counts = keep.sum(dim=1)
@@ -49,7 +49,7 @@ class TokenState:
             is_image=self.is_image.gather(1, order) & valid,
         )
 
-    def scatter_into(self, full: "TokenState") -> "TokenState":
+    def scatter_into(self, full: TokenState) -> TokenState:
         """``full`` with this state's hidden states written back at their original rows (eq. 7)."""
         hidden = full.hidden.clone()
         rows = self.valid.nonzero(as_tuple=True)

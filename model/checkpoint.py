@@ -10,8 +10,9 @@ tokenizer with LISA's added tokens. The CLIP tower comes from its own directory.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -107,7 +108,9 @@ def load_weights_strict(model: torch.nn.Module, files: list[Path], expected: set
                 continue
             target = params[key]
             if target.shape != tensor.shape:
-                raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
+                raise ValueError(
+                    f"shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}"
+                )
             with torch.no_grad():
                 target.copy_(tensor)
             seen.add(key)
@@ -119,7 +122,10 @@ def load_weights_strict(model: torch.nn.Module, files: list[Path], expected: set
         )
 
 
-def _construct(config: LlamaConfig, tower: CLIPVisionTower, dtype: torch.dtype, device: torch.device) -> LISAForCausalLM:
+def _construct(
+    config: LlamaConfig, tower: CLIPVisionTower, dtype: torch.dtype, device: torch.device
+) -> LISAForCausalLM:
+    """Build the architecture directly in ``dtype`` on ``device`` (weights are filled afterwards)."""
     arch = getattr(config, "sam_arch", "vit_h")
     if arch not in SAM_BUILDERS:
         raise ValueError(f"unknown sam_arch {arch!r}; expected one of {sorted(SAM_BUILDERS)}")
@@ -127,9 +133,7 @@ def _construct(config: LlamaConfig, tower: CLIPVisionTower, dtype: torch.dtype, 
     torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
     try:
         with torch.device(device):
-            sam = SAM_BUILDERS[arch]()
-            sam_args = {"visual_model": sam, "vision_tower": tower}
-            return LISAForCausalLM(config, **sam_args)
+            return LISAForCausalLM(config, visual_model=SAM_BUILDERS[arch](), vision_tower=tower)
     finally:
         torch.set_default_dtype(previous)
 
@@ -172,7 +176,8 @@ def save_lisa_checkpoint(bundle: LisaBundle, out_dir: str | Path, *, max_shard_b
             torch.save(shard, out_dir / name)
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (out_dir / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / index_name).write_text(json.dumps(index, indent=2))
     bundle.tokenizer.save_pretrained(out_dir)
     return out_dir
 
@@ -200,7 +205,8 @@ def add_lisa_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
     vocab = tokenizer.get_vocab()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
-    tokenizer.add_tokens([t for t in (IM_PATCH_TOKEN, IM_START_TOKEN, IM_END_TOKEN) if t not in vocab], special_tokens=True)
+    image_tokens = [t for t in (IM_PATCH_TOKEN, IM_START_TOKEN, IM_END_TOKEN) if t not in vocab]
+    tokenizer.add_tokens(image_tokens, special_tokens=True)
     if SEG_TOKEN not in vocab:
         tokenizer.add_tokens([SEG_TOKEN])
 
@@ -221,7 +227,8 @@ def build_fresh_lisa(llava_dir: str | Path, clip_dir: str | Path, sam_path: str 
     files = weight_files(llava_dir)
     tower = load_vision_tower(clip_dir, getattr(config, "mm_vision_select_layer", -2))
     model = _construct(config, tower, dtype, device)
-    expected = {k for k in model.checkpoint_state_dict() if not k.startswith(("model.visual_model.", "model.text_hidden_fcs."))}
+    new_parts = ("model.visual_model.", "model.text_hidden_fcs.")  # SAM from its .pth; heads start fresh
+    expected = {k for k in model.checkpoint_state_dict() if not k.startswith(new_parts)}
     load_weights_strict(model, files, expected, ignore_prefixes=("model.vision_tower.",))
     load_sam_checkpoint(model.sam, sam_path)
     _resize_token_rows(model, old_vocab, len(tokenizer))

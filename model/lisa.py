@@ -40,7 +40,7 @@ class LisaExtras:
     vision_tower: str = "openai/clip-vit-large-patch14"
 
     @classmethod
-    def from_config(cls, config: LlamaConfig) -> "LisaExtras":
+    def from_config(cls, config: LlamaConfig) -> LisaExtras:
         tower = getattr(config, "mm_vision_tower", None) or getattr(config, "vision_tower", None)
         return cls(
             mm_hidden_size=getattr(config, "mm_hidden_size", 1024),

@@ -32,7 +32,7 @@ class SpecialTokenIds:
     pad: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "SpecialTokenIds":
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpecialTokenIds:
         vocab = tokenizer.get_vocab()
         missing = [t for t in (SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN) if t not in vocab]
         if missing:

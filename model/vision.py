@@ -49,10 +49,10 @@ class CLIPVisionTower(nn.Module):
         handle = None
         if cls_attention_layer is not None:
             layer = self.encoder_layers[cls_attention_layer]
-            handle = layer.register_forward_pre_hook(
-                lambda module, args, kwargs: captured.__setitem__("row", cls_attention_row(module, args[0] if args else kwargs["hidden_states"])),
-                with_kwargs=True,
-            )
+            def probe(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                captured["row"] = cls_attention_row(module, args[0] if args else kwargs["hidden_states"])
+
+            handle = layer.register_forward_pre_hook(probe, with_kwargs=True)
         try:
             out = self.clip(pixel_values=pixel_values.to(self.clip.dtype), output_hidden_states=True)
         finally:

@@ -1,5 +1,9 @@
 """Clustering strategies; importing this package registers all of them."""
 
+from csp.strategies import (
+    seg_first,  # noqa: F401  (registers seg_first; ultralytics loads lazily)
+    simple,  # noqa: F401  (registers uniform, random, cls_attention)
+)
 from csp.strategies.base import (
     CLUSTERING_STRATEGIES,
     ClusteringInputs,
@@ -8,8 +12,6 @@ from csp.strategies.base import (
     register_strategy,
     topk_sorted,
 )
-from csp.strategies import simple  # noqa: F401  (registers uniform, random, cls_attention)
-from csp.strategies import seg_first  # noqa: F401  (registers seg_first; ultralytics loads lazily)
 
 __all__ = [
     "CLUSTERING_STRATEGIES",

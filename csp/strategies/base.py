@@ -7,8 +7,9 @@ classes so that configs, the runner and the tests all enumerate the same set.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from PIL import Image
