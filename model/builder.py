@@ -12,7 +12,10 @@ from typing import Any
 
 import torch
 from segment_anything.modeling import Sam
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from transformers import CLIPImageProcessor, CLIPVisionModel, LlamaConfig, PreTrainedTokenizerBase
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from model.lisa import LISAForCausalLM
 from model.prompt import SpecialTokenIds
@@ -50,6 +53,34 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def keep_fp32_buffers(model: torch.nn.Module) -> None:
+    """Undo what ``Module.to(dtype)`` does to buffers that must stay float32.
+
+    RoPE inverse frequencies are recomputed in float32 (in bf16 the angles at positions of a few
+    hundred are off by up to ~0.8 in cos), and SAM's random positional-encoding matrix is kept
+    float32 because segment-anything builds its coordinate grid in float32.
+    """
+    for module in model.modules():
+        if isinstance(module, LlamaRotaryEmbedding):
+            device = module.inv_freq.device
+            if module.rope_type == "default":
+                inv_freq, _ = module.compute_default_rope_parameters(module.config)
+            else:
+                inv_freq, _ = ROPE_INIT_FUNCTIONS[module.rope_type](module.config, device)
+            module.inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+            module.original_inv_freq = module.inv_freq.clone()
+        elif isinstance(module, PositionEmbeddingRandom):
+            matrix = module.positional_encoding_gaussian_matrix
+            module.positional_encoding_gaussian_matrix = matrix.float()
+
+
+def cast_model(model: torch.nn.Module, *, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+    """``model.to(device, dtype)`` with the float32 buffers kept float32 (see keep_fp32_buffers)."""
+    model.to(device=device, dtype=dtype)
+    keep_fp32_buffers(model)
+    return model
 
 
 def tiny_llama_config(vocab_size: int, *, num_layers: int = 6, hidden_size: int = 64, heads: int = 4,
@@ -108,11 +139,11 @@ def build_from_config(cfg: Mapping[str, Any]) -> LisaBundle:
     from model.checkpoint import build_fresh_lisa, check_model_paths, load_lisa_checkpoint
 
     kind = cfg.get("kind", "lisa")
-    dtype = resolve_dtype(cfg.get("dtype", "float32"))
+    dtype = resolve_dtype(cfg.get("dtype", "float32") or "float32")
     device = torch.device(cfg.get("device", "cpu"))
     if kind == "tiny":
         bundle = build_tiny_lisa(int(cfg.get("seed", 0)), num_layers=int(cfg.get("num_layers", 6)))
-        bundle.model.to(device=device, dtype=dtype)
+        cast_model(bundle.model, dtype=dtype, device=device)
         return bundle
     check_model_paths(cfg)
     if kind == "lisa":

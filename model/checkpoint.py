@@ -18,7 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
-from model.builder import SAM_BUILDERS, LisaBundle, load_vision_tower
+from transformers.initialization import no_init_weights
+
+from model.builder import SAM_BUILDERS, LisaBundle, cast_model, keep_fp32_buffers, load_vision_tower
 from model.lisa import LISAForCausalLM
 from model.prompt import IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, SEG_TOKEN, SpecialTokenIds
 from model.sam import load_sam_checkpoint
@@ -132,10 +134,14 @@ def _construct(
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
     try:
-        with torch.device(device):
-            return LISAForCausalLM(config, visual_model=SAM_BUILDERS[arch](), vision_tower=tower)
+        # Every weight is overwritten from the checkpoint (strictly), so skip random init: minutes
+        # of CPU time for 13B. The library's own scoped context manager does this.
+        with torch.device(device), no_init_weights():
+            model = LISAForCausalLM(config, visual_model=SAM_BUILDERS[arch](), vision_tower=tower)
     finally:
         torch.set_default_dtype(previous)
+    keep_fp32_buffers(model)
+    return model
 
 
 def load_lisa_checkpoint(ckpt_dir: str | Path, clip_dir: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -150,7 +156,7 @@ def load_lisa_checkpoint(ckpt_dir: str | Path, clip_dir: str | Path, *, dtype: t
     tokenizer = load_tokenizer(ckpt_dir, config)
     model = _construct(config, tower, dtype, device)
     load_weights_strict(model, files, set(model.checkpoint_state_dict()))
-    model.to(device=device, dtype=dtype)
+    cast_model(model, dtype=dtype, device=device)
     return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
 
 
@@ -231,8 +237,11 @@ def build_fresh_lisa(llava_dir: str | Path, clip_dir: str | Path, sam_path: str 
     expected = {k for k in model.checkpoint_state_dict() if not k.startswith(new_parts)}
     load_weights_strict(model, files, expected, ignore_prefixes=("model.vision_tower.",))
     load_sam_checkpoint(model.sam, sam_path)
+    for module in model.model.text_hidden_fcs.modules():  # new head: built without init above
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
     _resize_token_rows(model, old_vocab, len(tokenizer))
-    model.to(device=device, dtype=dtype)
+    cast_model(model, dtype=dtype, device=device)
     return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
 
 

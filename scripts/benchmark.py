@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 from csp.accounting import ModelDims, static_row  # noqa: E402
 from csp.runner import DecoderInputs, StageRunner  # noqa: E402
 from csp.schedule import StageSchedule  # noqa: E402
-from model.builder import resolve_dtype  # noqa: E402
+from model.builder import cast_model, resolve_dtype  # noqa: E402
 from model.pipeline import Timer  # noqa: E402
 
 SHAPES = {
@@ -55,7 +55,8 @@ def build_llm(shape: str, dtype: torch.dtype, device: torch.device) -> LlamaMode
     config._attn_implementation = "sdpa"
     with torch.device(device):
         torch.manual_seed(0)
-        return LlamaModel(config).to(dtype).eval()
+        llm = LlamaModel(config)
+    return cast_model(llm, dtype=dtype, device=device).eval()
 
 
 def sample_inputs(llm: LlamaModel, n_img: int, text: int, sys_tokens: int) -> DecoderInputs:
