@@ -29,6 +29,20 @@ class TrainingSample:
 
 
 @dataclass
+class TrainingLoss:
+    """The total loss, its parts, and the per-sample ``K x out_dim`` [SEG] prompt embeddings."""
+
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    mask_bce_loss: torch.Tensor
+    mask_dice_loss: torch.Tensor
+    seg_embeddings: list[torch.Tensor]
+
+    def scalars(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss")}
+
+
+@dataclass
 class LossWeights:
     ce: float = 1.0
     bce: float = 2.0
@@ -65,7 +79,7 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float, sca
 
 
 def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
-                  weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
+                  weights: LossWeights = LossWeights()) -> TrainingLoss:
     """Total loss and its parts for a batch; gradients reach only parameters that require them.
 
     The CLIP tower and SAM image encoder run without gradients (frozen in LISA).
@@ -84,24 +98,29 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
     batch = expand_image_slots(full_ids, image_embeds.shape[1], tok.pad)
     seg_rows = [seg_query_rows(ids[: int(n)], tok.seg) for ids, n in zip(batch.ids, batch.lengths)]
     pred_rows = [torch.arange(a - 1, int(n) - 1) for a, n in zip(answer_starts, batch.lengths)]
-    rows, rows_valid = pad_rows([torch.cat([p, s]) for p, s in zip(pred_rows, seg_rows)])
+    seg, seg_valid = pad_rows(seg_rows)
     device = image_embeds.device
     keep = torch.cat([pipe.cluster(e, [s.sample_id]) for e, s in zip(encodings, samples)]) if pipe.strategy else None
+    # Pruning is ranked by the [SEG] rows only, as in evaluation; text rows always survive, so the
+    # answer-prediction rows are read from the same final state afterwards.
     inputs = DecoderInputs(embed_batch(model, batch, image_embeds), batch.valid.to(device), batch.is_image.to(device),
-                           rows.to(device), rows_valid.to(device), cluster_keep=keep)
+                           seg.to(device), seg_valid.to(device), cluster_keep=keep)
     out = pipe.runner.forward(inputs)
-    hidden = out.rows(inputs.query_rows)
-    ce_terms, bce, dice, num_masks = [], 0.0, 0.0, 0
+    seg_states = out.rows(inputs.query_rows)
+    pred, _ = pad_rows(pred_rows)
+    pred_states = out.rows(pred.to(device))
+    ce_terms, bce, dice, num_masks, prompts = [], 0.0, 0.0, 0, []
     for i, s in enumerate(samples):
         n_pred = len(pred_rows[i])
-        logits = model.lm_head(hidden[i, :n_pred])
+        logits = model.lm_head(pred_states[i, :n_pred])
         targets = batch.ids[i, pred_rows[i] + 1].to(device)
         ce_terms.append(F.cross_entropy(logits.float(), targets, reduction="sum"))
-        seg_hidden = hidden[i, n_pred:n_pred + len(seg_rows[i])]
+        seg_hidden = seg_states[i, : len(seg_rows[i])]
         gt = torch.as_tensor(s.gt_masks, dtype=torch.float32, device=device)
         if gt.shape[0] != seg_hidden.shape[0]:
             raise ValueError(f"sample {s.sample_id}: {seg_hidden.shape[0]} [SEG] tokens but {gt.shape[0]} masks")
-        low_res = decode_masks(model.sam, encodings[i].sam_embedding, model.seg_head(seg_hidden))
+        prompts.append(model.seg_head(seg_hidden))
+        low_res = decode_masks(model.sam, encodings[i].sam_embedding, prompts[-1])
         pred = sam_postprocess(low_res, encodings[i].resized_size, encodings[i].original_size)
         k = gt.shape[0]
         bce = bce + sigmoid_ce_loss(pred, gt, k) * k
@@ -111,4 +130,4 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
     bce = weights.bce * bce / (num_masks + 1e-8)
     dice = weights.dice * dice / (num_masks + 1e-8)
     total = weights.ce * ce + bce + dice
-    return {"loss": total, "ce_loss": ce, "mask_bce_loss": bce, "mask_dice_loss": dice}
+    return TrainingLoss(loss=total, ce_loss=ce, mask_bce_loss=bce, mask_dice_loss=dice, seg_embeddings=prompts)

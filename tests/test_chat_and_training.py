@@ -211,7 +211,7 @@ def test_one_step_changes_only_trainable_parameters(samples: list[TrainingSample
     set_trainable(bundle.model, TRAINABLE)
     before = params(bundle.model)
     optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=1e-2)  # every parameter: freezing must hold
-    training_loss(pipe, samples)["loss"].backward()
+    training_loss(pipe, samples).loss.backward()
     with_grad = {n for n, p in bundle.model.named_parameters() if p.grad is not None}
     trainable = {n for n in before if n.startswith(tuple(TRAINABLE))}
     # multimask_output=False leaves SAM's IoU head out of the graph; everything else trainable gets a grad
@@ -231,11 +231,11 @@ def test_repeating_one_batch_lowers_the_loss(samples: list[TrainingSample]) -> N
     for _ in range(10):
         optimizer.zero_grad()
         parts = training_loss(pipe, samples)
-        parts["loss"].backward()
+        parts.loss.backward()
         optimizer.step()
-        history.append({k: v.item() for k, v in parts.items()})
+        history.append(parts.scalars())
     with torch.no_grad():
-        history.append({k: v.item() for k, v in training_loss(pipe, samples).items()})
+        history.append(training_loss(pipe, samples).scalars())
     first, last = history[0], history[-1]
     assert last["loss"] < first["loss"], history
     # only the mask terms can move (the LLM is frozen): they fall, the CE term stays put
@@ -321,7 +321,7 @@ def test_training_loss_parts_vs_independent_computation(tiny_bundle: LisaBundle,
     assert (LossWeights().ce, LossWeights().bce, LossWeights().dice) == (1.0, 2.0, 0.5)  # LISA's weights
     pipe = SegmentationPipeline(tiny_bundle)
     with torch.no_grad():
-        got = {k: v.item() for k, v in training_loss(pipe, samples, weights).items()}
+        got = training_loss(pipe, samples, weights).scalars()
     expected = independent_loss(pipe, samples, weights)
     assert got.keys() == expected.keys()
     for key in expected:

@@ -110,3 +110,19 @@ def test_schedule_is_validated_against_the_model() -> None:
         SegmentationPipeline(bundle, StageSchedule(Lc=2, Nc=300, Ls=2, Np=4))
     with pytest.raises(ScheduleError, match="Lc \\+ Ls = 0"):
         SegmentationPipeline(bundle, StageSchedule(Lc=0, Nc=10, Ls=0, Np=4))
+
+
+def test_training_prunes_like_evaluation(image) -> None:
+    """The mIoU* setting fine-tunes on a pruned LLaVA: training must rank tokens by the [SEG]
+    rows exactly as evaluation does, so the [SEG] prompts are the same."""
+    from model.training import TrainingSample, training_loss
+
+    bundle = build_tiny_lisa(seed=8)
+    pipe = SegmentationPipeline(bundle, StageSchedule(Lc=2, Nc=64, Ls=2, Np=8))
+    gt = np.zeros((1, image.height, image.width), dtype=bool)
+    gt[:, 10:40, 20:70] = True
+    sample = TrainingSample(image, "the red car", False, "[SEG].", gt, sample_id="a")
+    with torch.no_grad():
+        train = training_loss(pipe, [sample]).seg_embeddings[0]
+        evaluated = pipe.segment(image, [Query("the red car", False, "a")])[0].seg_embeddings
+    torch.testing.assert_close(train, evaluated, atol=1e-6, rtol=1e-6)
