@@ -53,6 +53,27 @@ class DecoderOutput:
         return self.state.hidden.gather(1, cols.unsqueeze(-1).expand(-1, -1, self.state.hidden.shape[-1]))
 
 
+class CachedKeyMasks:
+    """Which cached keys of each layer are real (not padding), for decoding.
+
+    Layers whose prefill had no padding need no mask at all (SDPA's fast path); for the others
+    the new token's key is appended each step. Decided once after prefill, so decoding adds no
+    host synchronisation per layer.
+    """
+
+    def __init__(self, layer_key_valid: list[torch.Tensor]):
+        self.valid: list[torch.Tensor | None] = [None if bool(v.all()) else v for v in layer_key_valid]
+
+    def step(self, layer: int) -> torch.Tensor | None:
+        """Append the new token's key and return the ``B x 1 x 1 x T`` mask (or None)."""
+        valid = self.valid[layer]
+        if valid is None:
+            return None
+        valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
+        self.valid[layer] = valid
+        return valid[:, None, None, :]
+
+
 def image_keep_mask(is_image: torch.Tensor, cluster_keep: torch.Tensor) -> torch.Tensor:
     """``B x T`` True on text rows and on the image rows listed in ``cluster_keep`` (``B x Nc``)."""
     image_rank = is_image.long().cumsum(dim=1) - 1  # index among the image tokens
@@ -119,20 +140,14 @@ class StageRunner:
         state.hidden = self.llm.norm(state.hidden)
         return DecoderOutput(state=state, records=_records(counts), layer_key_valid=key_valid)
 
-    def decode(
-        self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache, layer_key_valid: list[torch.Tensor]
-    ) -> torch.Tensor:
+    def decode(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache, keys: "CachedKeyMasks") -> torch.Tensor:
         """One generation step: ``B x 1 x d`` new-token embeddings at original ``B x 1`` positions.
 
-        Every layer attends to its own (possibly clustered or pruned) KV cache; the new token is
-        appended to each layer's key-validity list in place.
+        Every layer attends to its own (possibly clustered or pruned) KV cache.
         """
         rotary = self.llm.rotary_emb(hidden, position_ids=positions)
-        ones = torch.ones_like(positions, dtype=torch.bool)
         for idx, layer in enumerate(self.llm.layers):
-            layer_key_valid[idx] = torch.cat([layer_key_valid[idx], ones], dim=1)
-            keys = layer_key_valid[idx]
-            mask = None if bool(keys.all()) else keys[:, None, None, :]
+            mask = keys.step(idx)
             hidden = layer(
                 hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, position_embeddings=rotary,

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from csp.accounting import TokenRecord
-from csp.runner import DecoderInputs, StageRunner
+from csp.runner import CachedKeyMasks, DecoderInputs, StageRunner
 from model.lisa import LISAForCausalLM
 from model.prompt import IMAGE_PLACEHOLDER_ID, seg_query_rows
 
@@ -139,26 +139,25 @@ def generate(
     cache = DynamicCache(config=model.config)
     out = runner.forward(inputs, cache=cache)
     hidden = out.rows(inputs.query_rows)  # B x 1 x d
-    key_valid = out.layer_key_valid
+    keys = CachedKeyMasks(out.layer_key_valid)
     positions = last.to(device)
     size = len(token_ids)
     generated: list[list[int]] = [[] for _ in range(size)]
     seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(size)]
-    done = torch.zeros(size, dtype=torch.bool, device=device)
+    done = [False] * size
     for _ in range(max_new_tokens):
         next_ids = model.lm_head(hidden[:, -1]).argmax(dim=-1)
-        for i in range(size):
+        for i, token in enumerate(next_ids.tolist()):  # one host sync per step
             if done[i]:
                 continue
-            token = int(next_ids[i])
             generated[i].append(token)
+            done[i] = token == eos_id
             if token == seg_id:
                 seg_hidden[i].append(hidden[i, -1])
-        done |= next_ids == eos_id
-        if bool(done.all()):
+        if all(done):
             break
         positions = positions + 1
         embeds = model.model.embed_tokens(next_ids.unsqueeze(1))
-        hidden = runner.decode(embeds, positions, cache, key_valid)
+        hidden = runner.decode(embeds, positions, cache, keys)
     stacked = [torch.stack(h) if h else hidden.new_zeros(0, hidden.shape[-1]) for h in seg_hidden]
     return GenerationOutput(generated, stacked, [model.seg_head(h) for h in stacked], out.records)
