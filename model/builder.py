@@ -139,11 +139,11 @@ def build_from_config(cfg: Mapping[str, Any]) -> LisaBundle:
     from model.checkpoint import build_fresh_lisa, check_model_paths, load_lisa_checkpoint
 
     kind = cfg.get("kind", "lisa")
-    dtype = resolve_dtype(cfg.get("dtype", "float32") or "float32")
+    dtype = resolve_dtype(cfg["dtype"]) if cfg.get("dtype") else None  # None: the checkpoint's own
     device = torch.device(cfg.get("device", "cpu"))
     if kind == "tiny":
         bundle = build_tiny_lisa(int(cfg.get("seed", 0)), num_layers=int(cfg.get("num_layers", 6)))
-        cast_model(bundle.model, dtype=dtype, device=device)
+        cast_model(bundle.model, dtype=dtype or torch.float32, device=device)
         return bundle
     check_model_paths(cfg)
     if kind == "lisa":

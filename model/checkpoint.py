@@ -10,6 +10,7 @@ tokenizer with LISA's added tokens. The CLIP tower comes from its own directory.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,10 @@ def iter_state_dicts(files: list[Path]) -> Iterator[dict[str, torch.Tensor]]:
             yield torch.load(path, map_location="cpu", weights_only=True)
 
 
+#: Buffers that checkpoints saved by older transformers carry and that are recomputed, not loaded.
+RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
 def load_weights_strict(model: torch.nn.Module, files: list[Path], expected: set[str],
                         ignore_prefixes: tuple[str, ...] = ()) -> None:
     """Copy every tensor into ``model``; any missing or unexpected key is an error listing them."""
@@ -103,7 +108,7 @@ def load_weights_strict(model: torch.nn.Module, files: list[Path], expected: set
     seen, unexpected = set(), []
     for shard in iter_state_dicts(files):
         for key, tensor in shard.items():
-            if key.startswith(ignore_prefixes):
+            if key.startswith(ignore_prefixes) or key.endswith(RECOMPUTED_SUFFIXES):
                 continue
             if key not in expected:
                 unexpected.append(key)
@@ -144,15 +149,40 @@ def _construct(
     return model
 
 
-def load_lisa_checkpoint(ckpt_dir: str | Path, clip_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+def checkpoint_dtype(config: LlamaConfig) -> torch.dtype:
+    """The dtype the checkpoint was saved in (``torch_dtype``/``dtype`` in config.json), else float32."""
+    value = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    resolved = getattr(torch, str(value).replace("torch.", ""), None) if value else None
+    return resolved if isinstance(resolved, torch.dtype) else torch.float32
+
+
+def check_tower_resolution(config: LlamaConfig, tower: CLIPVisionTower, clip_dir: str | Path) -> None:
+    """A tower named ``...-336`` in the config must be a 336-pixel CLIP (N = 576), not 224."""
+    name = str(getattr(config, "mm_vision_tower", None) or getattr(config, "vision_tower", None) or "")
+    match = re.search(r"-(\d{3})$", name)
+    if match and int(match.group(1)) != tower.config.image_size:
+        raise ValueError(
+            f"the checkpoint was trained with vision tower {name!r} ({match.group(1)} px) but {clip_dir} "
+            f"is a {tower.config.image_size} px CLIP"
+        )
+
+
+def load_lisa_checkpoint(ckpt_dir: str | Path, clip_dir: str | Path, *, dtype: torch.dtype | None = None,
                          device: torch.device | str = "cpu") -> LisaBundle:
-    """A released LISA checkpoint (e.g. LISA-7B-v1) + its CLIP directory -> bundle."""
+    """A released LISA checkpoint (e.g. LISA-7B-v1) + its CLIP directory -> bundle.
+
+    ``dtype`` None: the checkpoint's own (bf16 for the released ones).
+    """
     ckpt_dir, device = Path(ckpt_dir), torch.device(device)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"LISA checkpoint directory not found: {ckpt_dir}")
     config = read_lisa_config(ckpt_dir)
+    dtype = dtype or checkpoint_dtype(config)
     files = weight_files(ckpt_dir)
     tower = load_vision_tower(clip_dir, getattr(config, "mm_vision_select_layer", -2))
+    check_tower_resolution(config, tower, clip_dir)
     tokenizer = load_tokenizer(ckpt_dir, config)
     model = _construct(config, tower, dtype, device)
     load_weights_strict(model, files, set(model.checkpoint_state_dict()))
@@ -218,7 +248,7 @@ def add_lisa_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def build_fresh_lisa(llava_dir: str | Path, clip_dir: str | Path, sam_path: str | Path, *,
-                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LisaBundle:
+                     dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> LisaBundle:
     """LISA before training: LLaVA weights + SAM ``.pth`` + new text_hidden_fcs and token rows.
 
     New embedding / lm_head rows (for added tokens) start at the mean of the existing rows.
@@ -227,11 +257,13 @@ def build_fresh_lisa(llava_dir: str | Path, clip_dir: str | Path, sam_path: str 
     config = read_lisa_config(llava_dir)
     config.sam_arch = getattr(config, "sam_arch", "vit_h")
     config.out_dim = getattr(config, "out_dim", 256)
+    dtype = dtype or checkpoint_dtype(config)
     tokenizer = load_tokenizer(llava_dir, config)
     add_lisa_tokens(tokenizer)
     old_vocab = config.vocab_size
     files = weight_files(llava_dir)
     tower = load_vision_tower(clip_dir, getattr(config, "mm_vision_select_layer", -2))
+    check_tower_resolution(config, tower, clip_dir)
     model = _construct(config, tower, dtype, device)
     new_parts = ("model.visual_model.", "model.text_hidden_fcs.")  # SAM from its .pth; heads start fresh
     expected = {k for k in model.checkpoint_state_dict() if not k.startswith(new_parts)}
