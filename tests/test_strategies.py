@@ -109,3 +109,18 @@ def test_cls_attention_row_matches_eager_attention() -> None:
         _, row = bundle.model.vision_tower(pixels, cls_attention_layer=-1)
     probs = out.attentions[-1][:, :, 0, 1:]
     torch.testing.assert_close(row, (probs / probs.sum(-1, keepdim=True)).mean(1), atol=1e-5, rtol=1e-4)
+
+
+def test_seg_first_segments_each_image_once() -> None:
+    calls = []
+
+    class CountingSegmenter(BoxSegmenter):
+        def __call__(self, image):
+            calls.append(image)
+            return super().__call__(image)
+
+    strategy = build_strategy("seg_first", segmenter=CountingSegmenter())
+    inputs = inputs_for(4)  # four queries about one image
+    picked = strategy.select(inputs, 32)
+    assert len(calls) == 1 and strategy.extra_cost()["segmenter_calls"] == 1.0
+    assert not torch.equal(picked[0], picked[1])  # still sampled per query

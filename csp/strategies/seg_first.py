@@ -368,9 +368,12 @@ class SegFirstStrategy(ClusteringStrategy):
         if rows * cols != inputs.num_tokens:
             raise ValueError(f"token grid {inputs.grid} does not hold the {inputs.num_tokens} image tokens")
         segmenter = self._get_segmenter(inputs.features.device)
+        detections: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # queries of one image share it
         out = []
         for image, sample_id in zip(inputs.images, inputs.sample_ids, strict=True):
-            masks, confidences = self._segment(segmenter, image)
+            if id(image) not in detections:
+                detections[id(image)] = self._segment(segmenter, image)
+            masks, confidences = detections[id(image)]
             out.append(self.select_one(masks, confidences, inputs, num_keep, sample_id))
         return torch.stack(out).to(inputs.features.device)
 
