@@ -13,7 +13,13 @@ from typing import Any
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
-from transformers import CLIPImageProcessor, CLIPVisionModel, LlamaConfig, PreTrainedTokenizerBase
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -129,6 +135,21 @@ def load_vision_tower(clip_dir: str | Path, select_layer: int = -2) -> CLIPVisio
     model = CLIPVisionModel.from_pretrained(clip_dir, attn_implementation="sdpa")
     processor = CLIPImageProcessor.from_pretrained(clip_dir)
     return CLIPVisionTower(model=model, processor=processor, select_layer=select_layer)
+
+
+def layers_and_image_tokens(cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """(decoder layers L, image tokens N) of the configured model, read from config files only,
+    so that a schedule can be validated before any weights are loaded."""
+    kind = cfg.get("kind", "lisa")
+    if kind == "tiny":
+        clip = tiny_clip_config()
+        return int(cfg.get("num_layers", 6)), (clip.image_size // clip.patch_size) ** 2
+    from model.checkpoint import check_model_paths, read_lisa_config
+
+    check_model_paths(cfg)
+    llm_dir = cfg["checkpoint"] if kind == "lisa" else cfg["llava"]
+    clip = CLIPVisionConfig.from_pretrained(cfg["vision_tower"])
+    return read_lisa_config(Path(llm_dir)).num_hidden_layers, (clip.image_size // clip.patch_size) ** 2
 
 
 def build_from_config(cfg: Mapping[str, Any]) -> LisaBundle:

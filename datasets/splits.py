@@ -1,0 +1,62 @@
+"""Split registry: split names as LISA users write them -> loaders.
+
+``refcoco|unc|val``, ``refcoco+|unc|testA``, ``refcocog|umd|test``, ``ReasonSeg|val``, ``RIO|common`` ...
+:data:`SPLIT_LOADERS` is the single list of valid splits; :func:`load_groups` is what evaluation uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from datasets.base import ImageGroup, Sample, UnknownSplitError, group_by_image
+from datasets.reason_seg import load_reason_seg
+from datasets.refer import load_refer
+from datasets.rio import load_rio
+
+SplitLoader = Callable[[Path], list[Sample]]
+
+
+def _registry() -> dict[str, SplitLoader]:
+    loaders: dict[str, SplitLoader] = {}
+    refer = {("refcoco", "unc"): ("val", "testA", "testB"), ("refcoco+", "unc"): ("val", "testA", "testB"),
+             ("refcocog", "umd"): ("val", "test")}
+    for (dataset, split_by), splits in refer.items():
+        for split in splits:
+            name = f"{dataset}|{split_by}|{split}"
+            loaders[name] = partial(load_refer, dataset=dataset, split_by=split_by, split=split, name=name)
+    for split in ("val", "test"):
+        loaders[f"ReasonSeg|{split}"] = partial(load_reason_seg, split=split, name=f"ReasonSeg|{split}")
+    for subset in ("common", "uncommon"):
+        loaders[f"RIO|{subset}"] = partial(load_rio, subset=subset, name=f"RIO|{subset}")
+    return loaders
+
+
+#: Every evaluation split, in the column order of the paper's Table 1.
+SPLIT_LOADERS: dict[str, SplitLoader] = _registry()
+
+
+def valid_splits() -> list[str]:
+    """Split names in Table 1's column order."""
+    return list(SPLIT_LOADERS)
+
+
+def check_split(name: str) -> None:
+    """Raise :class:`UnknownSplitError` listing the valid names if ``name`` is not one."""
+    if name not in SPLIT_LOADERS:
+        raise UnknownSplitError(f"unknown split {name!r}; valid splits: {', '.join(SPLIT_LOADERS)}")
+
+
+def load_split(name: str, dataset_dir: str | Path) -> list[Sample]:
+    """All samples of split ``name`` under ``dataset_dir`` (LISA's layout), in a deterministic order."""
+    check_split(name)
+    return SPLIT_LOADERS[name](Path(dataset_dir))
+
+
+def load_groups(name: str, dataset_dir: str | Path, max_samples: int | None = None) -> list[ImageGroup]:
+    """Samples of ``name`` grouped by image; ``max_samples`` keeps the first samples in split order."""
+    samples = load_split(name, dataset_dir)
+    if max_samples is not None:
+        samples = samples[: int(max_samples)]
+    return group_by_image(samples)

@@ -1,0 +1,110 @@
+"""Evaluate one setting (a pipeline) over image groups, one record per sample.
+
+The image is opened once per group and the group's queries go to ``pipe.segment`` together
+(chunks of ``queries_per_batch`` if set; each chunk encodes the image again). A missing or
+unreadable image, an unusable annotation, or a ground truth whose size differs from the image
+makes that sample a ``failed`` record with the reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from csp.accounting import ModelDims, TokenRecord
+from datasets.base import AnnotationError, ImageGroup, Sample
+from evaluation.metrics import intersection_union, sample_iou
+from evaluation.records import Record
+from model.pipeline import Query
+
+
+class Pipeline(Protocol):
+    """What evaluation needs from ``model.pipeline.SegmentationPipeline``."""
+
+    @property
+    def dims(self) -> ModelDims: ...
+
+    def segment(self, image: Image.Image, queries: list[Any]) -> list[Any]: ...
+
+
+@dataclass
+class SampleOutcome:
+    """A record and, for ok samples, what an overlay needs (image, ``H x W`` prediction and GT)."""
+
+    record: Record
+    image: Image.Image | None = None
+    pred: np.ndarray | None = None
+    gt: np.ndarray | None = None
+
+
+class SampleFailedError(RuntimeError):
+    """Raised with ``strict=true`` at the first failed sample."""
+
+
+def open_image(path: Any) -> Image.Image:
+    """The image as RGB, fully decoded (so that a truncated file fails here)."""
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def failed_record(sample: Sample, reason: str) -> Record:
+    return {"split": sample.split, "sample_id": sample.sample_id, "image": str(sample.image_path),
+            "text": sample.text, "status": "failed", "reason": reason}
+
+
+def ok_record(sample: Sample, gt: np.ndarray, result: Any, dims: ModelDims) -> Record:
+    """Record of one finished query: I/U and the per-layer token accounting of the runner."""
+    pred = np.asarray(result.mask, dtype=bool)
+    intersection, union = intersection_union(pred, gt)
+    tokens = TokenRecord(list(result.image_tokens), list(result.total_tokens)).summarize(dims)
+    return {"split": sample.split, "sample_id": sample.sample_id, "image": str(sample.image_path),
+            "text": sample.text, "status": "ok", "reason": None, "intersection": intersection, "union": union,
+            "iou": sample_iou(intersection, union), "navg": tokens["Navg"], "tflops": tokens["TFLOPs"],
+            "image_tokens": list(result.image_tokens), "llm_ms": float(result.llm_ms)}
+
+
+def evaluate_group(pipe: Pipeline, group: ImageGroup, *, skip: set[tuple[str, str]] = frozenset(),
+                   queries_per_batch: int | None = None) -> Iterator[SampleOutcome]:
+    """Outcomes for the samples of ``group`` not in ``skip``, as they finish."""
+    todo = [s for s in group.samples if (s.split, s.sample_id) not in skip]
+    if not todo:
+        return
+    try:
+        image = open_image(group.image_path)
+    except Exception as exc:  # missing, unreadable or truncated image: every sample of it fails
+        for sample in todo:
+            yield SampleOutcome(failed_record(sample, f"cannot read image {group.image_path}: {exc!r}"))
+        return
+    ready: list[tuple[Sample, np.ndarray]] = []
+    for sample in todo:
+        try:
+            gt = sample.gt_mask()
+        except AnnotationError as exc:
+            yield SampleOutcome(failed_record(sample, str(exc)))
+            continue
+        if gt.shape != (image.height, image.width):
+            reason = f"ground truth is {gt.shape[0]}x{gt.shape[1]} but image {group.image_path} is " \
+                     f"{image.height}x{image.width}"
+            yield SampleOutcome(failed_record(sample, reason))
+            continue
+        ready.append((sample, gt))
+    for chunk in _chunks(ready, queries_per_batch):
+        queries = [Query(text=s.text, is_sentence=s.is_sentence, sample_id=s.sample_id) for s, _ in chunk]
+        results = pipe.segment(image, queries)
+        by_id = {r.sample_id: r for r in results}
+        for sample, gt in chunk:
+            result = by_id[sample.sample_id]
+            yield SampleOutcome(ok_record(sample, gt, result, pipe.dims), image, np.asarray(result.mask, bool), gt)
+
+
+def _chunks(items: Sequence[Any], size: int | None) -> Iterator[Sequence[Any]]:
+    if not items:
+        return
+    step = len(items) if not size else int(size)
+    for start in range(0, len(items), step):
+        yield items[start: start + step]
