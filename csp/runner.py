@@ -140,7 +140,7 @@ class StageRunner:
         state.hidden = self.llm.norm(state.hidden)
         return DecoderOutput(state=state, records=_records(counts), layer_key_valid=key_valid)
 
-    def decode(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache, keys: "CachedKeyMasks") -> torch.Tensor:
+    def decode(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache, keys: CachedKeyMasks) -> torch.Tensor:
         """One generation step: ``B x 1 x d`` new-token embeddings at original ``B x 1`` positions.
 
         Every layer attends to its own (possibly clustered or pruned) KV cache.

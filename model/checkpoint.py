@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
-
 from transformers.initialization import no_init_weights
 
 from model.builder import SAM_BUILDERS, LisaBundle, cast_model, keep_fp32_buffers, load_vision_tower
