@@ -33,7 +33,7 @@ class StageSchedule:
     Ls: int
     Np: int
     clustering: str = "uniform"
-    clustering_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    clustering_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("Lc", "Nc", "Ls", "Np"):
@@ -83,6 +83,7 @@ class StageSchedule:
 
         With Ls = 0 the pruning stage ranks the Nc clustered tokens, so it keeps min(Np, Nc).
         """
+        self.validate(num_layers, num_image_tokens)
         L, N = num_layers, num_image_tokens
         clustered = min(self.Nc, N) if self.clusters(N) else N
         before_pruning = N if self.Ls > 0 else clustered

@@ -41,7 +41,7 @@ class QueryResult:
     image_tokens: list[int]
     total_tokens: list[int]
     llm_ms: float
-    masks: np.ndarray = field(repr=False, default=None)  # K x H x W, one per [SEG]
+    masks: np.ndarray | None = field(repr=False, default=None)  # K x H x W, one per [SEG]
     seg_embeddings: torch.Tensor | None = field(repr=False, default=None)
 
 
