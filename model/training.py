@@ -39,7 +39,7 @@ class TrainingLoss:
     seg_embeddings: list[torch.Tensor]
 
     def scalars(self) -> dict[str, float]:
-        return {k: float(getattr(self, k)) for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss")}
+        return {k: float(getattr(self, k).detach()) for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss")}
 
 
 @dataclass
