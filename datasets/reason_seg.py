@@ -69,7 +69,7 @@ def _sample(image_path: Path, name: str) -> Sample:
         return _failed(image_path, name, f"{name} {sample_id}: annotation {json_path} not found")
     except (AnnotationError, KeyError, ValueError, UnicodeDecodeError) as exc:
         return _failed(image_path, name, f"{name} {sample_id}: malformed annotation {json_path}: {exc!r}")
-    return Sample(split=name, sample_id=sample_id, image_path=image_path, text=texts[0],
+    return Sample(split=name, sample_id=sample_id, image_path=image_path, text=texts[0].strip(),
                   is_sentence=bool(is_sentence), mask_source=partial(labelme_mask, shapes, image_path))
 
 
@@ -78,10 +78,17 @@ def _failed(image_path: Path, name: str, reason: str) -> Sample:
                   load_error=reason)
 
 
+#: EXIF orientation tag and the orientations that swap width and height (rotations by 90/270).
+ORIENTATION_TAG = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
 def labelme_mask(shapes: list[dict[str, Any]], image_path: Path) -> np.ndarray:
     """``H x W`` uint8 ground truth of LabelMe ``shapes`` at the size of ``image_path``."""
     with Image.open(image_path) as image:
         width, height = image.size
+        if image.getexif().get(ORIENTATION_TAG) in TRANSPOSING_ORIENTATIONS:
+            width, height = height, width  # annotated in the upright (EXIF-applied) frame, as cv2 reads it
     return paint_shapes(shapes, height, width)
 
 

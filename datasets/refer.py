@@ -77,7 +77,7 @@ def _ref_samples(ref: dict, index: int, images: dict, anns: dict, image_dir: Pat
         reason = error or (None if isinstance(text, str) else f"{name} ref {ref_id}: sentence {k} has no 'sent'")
         source = None if reason else partial(refer_mask, ann, int(info["height"]), int(info["width"]))
         samples.append(Sample(split=name, sample_id=f"ref{ref_id}_s{k}", image_path=image_path,
-                              text=text if isinstance(text, str) else "", is_sentence=False,
+                              text=text.strip().lower() if isinstance(text, str) else "", is_sentence=False,
                               mask_source=source, load_error=reason))
     return samples
 
@@ -95,10 +95,11 @@ def coco_segmentation_mask(segmentation: Any, height: int, width: int) -> np.nda
     if isinstance(segmentation, list) and all(isinstance(v, (int, float)) for v in segmentation):
         segmentation = [segmentation]  # one flat polygon
     if isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation):
-        for poly in segmentation:
-            if len(poly) < 6 or len(poly) % 2:
-                raise AnnotationError(f"polygon needs an even number >= 6 of coordinates, got {len(poly)}")
-        rles = coco_mask.frPyObjects(segmentation, height, width)
+        # Degenerate polygons (< 3 points) cover no area; drop them instead of failing the sample.
+        polygons = [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            return np.zeros((height, width), dtype=np.uint8)
+        rles = coco_mask.frPyObjects(polygons, height, width)
     elif isinstance(segmentation, dict):
         rles = [_rle(segmentation, height, width)]
     elif isinstance(segmentation, list) and all(isinstance(p, dict) for p in segmentation):
@@ -132,7 +133,7 @@ def _read_pickle(path: Path) -> list:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_bytes())
     except Exception as exc:
         raise DatasetLayoutError(f"{path}: cannot parse the COCO instances JSON ({exc!r})") from exc
     if not isinstance(data, dict):

@@ -40,7 +40,7 @@ def load_rio(dataset_dir: Path, *, subset: str, name: str) -> list[Sample]:
     image_dir = Path(dataset_dir) / RIO_IMAGE_DIR
     require_paths(name, RIO_LAYOUT, Path(dataset_dir), json_path, image_dir)
     try:
-        entries = json.loads(json_path.read_text())
+        entries = json.loads(json_path.read_bytes())
     except Exception as exc:
         raise DatasetLayoutError(f"{json_path}: cannot parse the RIO JSON ({exc!r})") from exc
     if not isinstance(entries, list):
@@ -67,7 +67,7 @@ def _entry_samples(entry: Any, index: int, image_dir: Path, name: str) -> list[S
         reason = None if isinstance(text, str) else f"{name} entry {index}: expression {k} is not a string"
         samples.append(Sample(
             split=name, sample_id=f"{index}_t{task_id}_e{k}", image_path=image_path,
-            text=text if isinstance(text, str) else "", is_sentence=True,
+            text=text.strip() if isinstance(text, str) else "", is_sentence=True,
             mask_source=None if reason else partial(rio_mask, entry), load_error=reason,
         ))
     return samples

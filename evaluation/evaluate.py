@@ -55,6 +55,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     schedule = StageSchedule.from_mapping(schedule_cfg)
     baseline = cfg.get("baseline")
     baseline_giou = read_baseline(baseline) if baseline not in (None, SAME_RUN) else None
+    if baseline_giou is not None and (missing := [s for s in splits if s not in baseline_giou]):
+        raise ValueError(f"baseline {baseline} has no gIoU for the configured splits {missing}; "
+                         f"it has {sorted(baseline_giou)}")
     _check_model_paths(cfg.model)
     if schedule is not None:
         from model.builder import layers_and_image_tokens
@@ -109,9 +112,11 @@ def evaluate_setting(pipe: Pipeline, groups: Sequence[ImageGroup], splits: Seque
     ``results.jsonl`` in ``out_dir``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.is_main and not opts.resume:
+    if ctx.is_main and opts.resume:
+        rec.repair_all(out_dir)
+    elif ctx.is_main:
         rec.clear_results(out_dir)
-    barrier(ctx)
+    barrier(ctx)  # every rank reads the (repaired) files only after this
     skip = rec.finished_keys(out_dir) if opts.resume else set()
     if opts.resume and ctx.is_main:
         log.info("resume: %d finished samples in %s", len(skip), out_dir)

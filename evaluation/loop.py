@@ -20,6 +20,7 @@ from datasets.base import AnnotationError, ImageGroup, Sample
 from evaluation.metrics import intersection_union, sample_iou
 from evaluation.records import Record
 from model.pipeline import Query
+from model.sam import to_rgb_array
 
 
 class Pipeline(Protocol):
@@ -46,10 +47,11 @@ class SampleFailedError(RuntimeError):
 
 
 def open_image(path: Any) -> Image.Image:
-    """The image as RGB, fully decoded (so that a truncated file fails here)."""
+    """The image as RGB, fully decoded (so that a truncated file fails here), upright as cv2 reads
+    it (EXIF orientation applied) and 16-bit scaled as cv2 does (model.sam.to_rgb_array)."""
     with Image.open(path) as image:
         image.load()
-        return image.convert("RGB")
+        return Image.fromarray(to_rgb_array(image))
 
 
 def failed_record(sample: Sample, reason: str) -> Record:
@@ -57,15 +59,16 @@ def failed_record(sample: Sample, reason: str) -> Record:
             "text": sample.text, "status": "failed", "reason": reason}
 
 
-def ok_record(sample: Sample, gt: np.ndarray, result: Any, dims: ModelDims) -> Record:
-    """Record of one finished query: I/U and the per-layer token accounting of the runner."""
+def ok_record(sample: Sample, gt: np.ndarray, result: Any, dims: ModelDims, batch_size: int = 1) -> Record:
+    """Record of one finished query: I/U, the per-layer token accounting of the runner, and the LLM
+    time (``llm_ms`` is the batch's time over ``batch_size``, the queries run together)."""
     pred = np.asarray(result.mask, dtype=bool)
     intersection, union = intersection_union(pred, gt)
     tokens = TokenRecord(list(result.image_tokens), list(result.total_tokens)).summarize(dims)
     return {"split": sample.split, "sample_id": sample.sample_id, "image": str(sample.image_path),
             "text": sample.text, "status": "ok", "reason": None, "intersection": intersection, "union": union,
             "iou": sample_iou(intersection, union), "navg": tokens["Navg"], "tflops": tokens["TFLOPs"],
-            "image_tokens": list(result.image_tokens), "llm_ms": float(result.llm_ms)}
+            "image_tokens": list(result.image_tokens), "llm_ms": float(result.llm_ms), "batch_size": batch_size}
 
 
 def evaluate_group(pipe: Pipeline, group: ImageGroup, *, skip: set[tuple[str, str]] = frozenset(),
@@ -99,7 +102,8 @@ def evaluate_group(pipe: Pipeline, group: ImageGroup, *, skip: set[tuple[str, st
         by_id = {r.sample_id: r for r in results}
         for sample, gt in chunk:
             result = by_id[sample.sample_id]
-            yield SampleOutcome(ok_record(sample, gt, result, pipe.dims), image, np.asarray(result.mask, bool), gt)
+            record = ok_record(sample, gt, result, pipe.dims, batch_size=len(chunk))
+            yield SampleOutcome(record, image, np.asarray(result.mask, bool), gt)
 
 
 def _chunks(items: Sequence[Any], size: int | None) -> Iterator[Sequence[Any]]:

@@ -53,12 +53,26 @@ def read_records(path: Path) -> list[Record]:
 
 
 def repair_tail(path: Path) -> None:
-    """Cut a torn last line so that appended records start on a line of their own."""
+    """Make appended records start on a line of their own after a killed writer: a last line that
+    is a complete record gets its newline (read_records already counts it as finished), a torn
+    one is cut."""
     if not path.is_file():
         return
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        complete = isinstance(json.loads(data[start:]), dict)
+    except ValueError:
+        complete = False
+    path.write_bytes(data + b"\n" if complete else data[:start])
+
+
+def repair_all(out_dir: Path) -> None:
+    """Repair every rank file of ``out_dir`` (one process, before any rank reads them)."""
+    for path in sorted(out_dir.glob(RANK_GLOB)):
+        repair_tail(path)
 
 
 def finished_keys(out_dir: Path) -> set[Key]:

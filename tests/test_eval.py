@@ -337,3 +337,27 @@ def test_killed_and_resumed_run_equals_uninterrupted(reference_run: Path, tmp_pa
     run_eval(SMALL + ["resume=true"], run_dir)
     assert len(rank_file.read_text().splitlines()) == total  # finished samples were not evaluated again
     assert comparable(run_dir) == comparable(reference_run)
+
+
+def test_repair_keeps_a_complete_last_record_and_cuts_a_torn_one(tmp_path: Path) -> None:
+    from evaluation.records import finished_keys, read_records, repair_all
+
+    complete = tmp_path / "results.rank0.jsonl"
+    torn = tmp_path / "results.rank1.jsonl"
+    a = '{"split": "s", "sample_id": "a", "status": "ok"}'
+    b = '{"split": "s", "sample_id": "b", "status": "ok"}'
+    complete.write_text(f"{a}\n{b}")  # killed before the newline of a finished record
+    torn.write_text(f'{a.replace(chr(97) + chr(34), "c" + chr(34))}\n{b[:20]}')  # killed mid-record
+    before = finished_keys(tmp_path)
+    repair_all(tmp_path)
+    assert finished_keys(tmp_path) == before == {("s", "a"), ("s", "b"), ("s", "c")}
+    assert complete.read_text() == f"{a}\n{b}\n"
+    assert [r["sample_id"] for r in read_records(torn)] == ["c"] and torn.read_text().endswith("\n")
+
+
+def test_baseline_missing_a_configured_split_fails_before_evaluating(tmp_path: Path) -> None:
+    baseline = tmp_path / "metrics.json"
+    baseline.write_text(json.dumps({"splits": {"ReasonSeg|test": {"gIoU": 0.5}}}))
+    cfg = compose_cfg(SMALL[:2] + [f"output_dir={tmp_path}", f"baseline={baseline}"])
+    with pytest.raises(ValueError, match=r"no gIoU for the configured splits \['ReasonSeg\|val'\]"):
+        evaluate(cfg)
