@@ -6,6 +6,7 @@ classes so that configs, the runner and the tests all enumerate the same set.
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,16 @@ def build_strategy(name: str, **kwargs: object) -> ClusteringStrategy:
         return CLUSTERING_STRATEGIES[name](**kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments {kwargs} for clustering strategy {name!r}: {err}") from err
+
+
+def uniform_indices(num_tokens: int, num_keep: int) -> torch.Tensor:
+    """Eq. 2: ``S[i] = i * floor(N / Nc)``, i = 0..Nc-1."""
+    return torch.arange(num_keep, dtype=torch.long) * (num_tokens // num_keep)
+
+
+def sample_generator(seed: int, sample_id: str) -> torch.Generator:
+    """A generator seeded by (seed, sample id): per-sample randomness that reproduces across runs."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{sample_id}".encode()))
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

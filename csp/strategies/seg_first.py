@@ -46,7 +46,6 @@ import math
 import os
 import time
 import warnings
-import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +56,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from csp.strategies.base import ClusteringInputs, ClusteringStrategy, register_strategy
+from csp.strategies.base import (
+    ClusteringInputs,
+    ClusteringStrategy,
+    register_strategy,
+    sample_generator,
+    uniform_indices,
+)
 
 #: Masks resampled per chunk, to bound the float copy of large images.
 _MASK_CHUNK = 16
@@ -266,12 +271,6 @@ def eq4_counts(areas: torch.Tensor, num_keep: int) -> list[int]:
     return [max(1, math.floor(num_keep * float(a) / total)) for a in areas]
 
 
-def uniform_indices(num_tokens: int, num_keep: int) -> list[int]:
-    """Eq. 2: ``i * floor(N / Nc)``, i = 0..Nc-1."""
-    stride = num_tokens // num_keep
-    return [i * stride for i in range(num_keep)]
-
-
 def sample_union(token_sets: list[torch.Tensor], counts: list[int], num_keep: int, gen: torch.Generator) -> list[int]:
     """Eq. 5 in list order (the caller sorts by confidence): union of random samples, cut at Nc."""
     chosen: list[int] = []
@@ -291,7 +290,7 @@ def top_up(chosen: list[int], num_tokens: int, num_keep: int) -> list[int]:
     """Fill ``chosen`` to Nc with uniform-grid tokens, then any token in index order."""
     seen = set(chosen)
     out = list(chosen)
-    for token in [*uniform_indices(num_tokens, num_keep), *range(num_tokens)]:
+    for token in [*uniform_indices(num_tokens, num_keep).tolist(), *range(num_tokens)]:
         if len(out) == num_keep:
             break
         if token not in seen:
@@ -358,7 +357,7 @@ class SegFirstStrategy(ClusteringStrategy):
         chosen: list[int] = []
         if visible.numel():
             token_sets = instance_token_sets(token_coverage(coverage[visible], inputs.grid))
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{sample_id}".encode()))
+            gen = sample_generator(self.seed, sample_id)
             chosen = sample_union(token_sets, eq4_counts(areas[visible], num_keep), num_keep, gen)
         return torch.tensor(sorted(top_up(chosen, inputs.num_tokens, num_keep)), dtype=torch.long)
 

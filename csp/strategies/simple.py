@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import torch
 
-from csp.strategies.base import ClusteringInputs, ClusteringStrategy, register_strategy, topk_sorted
+from csp.strategies.base import (
+    ClusteringInputs,
+    ClusteringStrategy,
+    register_strategy,
+    sample_generator,
+    topk_sorted,
+    uniform_indices,
+)
 
 
 @register_strategy("uniform")
@@ -16,8 +22,7 @@ class UniformStrategy(ClusteringStrategy):
     """S[i] = i * floor(N / Nc), i = 0..Nc-1 (eq. 2)."""
 
     def select(self, inputs: ClusteringInputs, num_keep: int) -> torch.Tensor:
-        stride = inputs.num_tokens // num_keep
-        row = torch.arange(num_keep, dtype=torch.long) * stride
+        row = uniform_indices(inputs.num_tokens, num_keep)
         return row.unsqueeze(0).expand(inputs.batch_size, -1).to(inputs.features.device)
 
 
@@ -31,7 +36,7 @@ class RandomStrategy(ClusteringStrategy):
     def select(self, inputs: ClusteringInputs, num_keep: int) -> torch.Tensor:
         rows = []
         for sample_id in inputs.sample_ids:
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{sample_id}".encode()))
+            gen = sample_generator(self.seed, sample_id)
             rows.append(torch.randperm(inputs.num_tokens, generator=gen)[:num_keep].sort().values)
         return torch.stack(rows).to(inputs.features.device)
 
