@@ -73,6 +73,19 @@ def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, valid
 
 
+def decoder_inputs(model: LISAForCausalLM, batch: ExpandedBatch, image_embeds: torch.Tensor,
+                   query_rows: list[torch.Tensor], cluster_keep: torch.Tensor | None) -> DecoderInputs:
+    """The runner's input for ``batch``: layer-0 embeddings, masks, and the rows (one 1-D tensor per
+    sample) whose attention ranks image tokens for pruning; all on the image embeddings' device."""
+    device = image_embeds.device
+    rows, rows_valid = pad_rows(query_rows)
+    return DecoderInputs(
+        embeds=embed_batch(model, batch, image_embeds), valid=batch.valid.to(device),
+        is_image=batch.is_image.to(device), query_rows=rows.to(device), query_valid=rows_valid.to(device),
+        cluster_keep=cluster_keep,
+    )
+
+
 @dataclass
 class TeacherForcedOutput:
     """Per sample: ``K_i x out_dim`` prompt embeddings and its per-layer token record."""
@@ -95,13 +108,7 @@ def teacher_forced(
     for i, q in enumerate(query):
         if len(q) == 0:
             raise ValueError(f"prompt {i} has no [SEG] token: teacher-forced segmentation needs one per mask")
-    rows, rows_valid = pad_rows(query)
-    device = image_embeds.device
-    inputs = DecoderInputs(
-        embeds=embed_batch(model, batch, image_embeds), valid=batch.valid.to(device),
-        is_image=batch.is_image.to(device), query_rows=rows.to(device), query_valid=rows_valid.to(device),
-        cluster_keep=cluster_keep,
-    )
+    inputs = decoder_inputs(model, batch, image_embeds, query, cluster_keep)
     out = runner.forward(inputs)
     hidden = out.rows(inputs.query_rows)
     seg_hidden = [hidden[i, : len(q)] for i, q in enumerate(query)]
@@ -130,12 +137,8 @@ def generate(
     """
     batch = expand_image_slots(token_ids, image_embeds.shape[1], pad_id)
     device = image_embeds.device
-    last = (batch.lengths - 1).unsqueeze(1)
-    inputs = DecoderInputs(
-        embeds=embed_batch(model, batch, image_embeds), valid=batch.valid.to(device),
-        is_image=batch.is_image.to(device), query_rows=last.to(device),
-        query_valid=torch.ones_like(last, dtype=torch.bool, device=device), cluster_keep=cluster_keep,
-    )
+    last = (batch.lengths - 1).unsqueeze(1)  # B x 1: the last prompt token ranks at prefill
+    inputs = decoder_inputs(model, batch, image_embeds, list(last), cluster_keep)
     cache = DynamicCache(config=model.config)
     out = runner.forward(inputs, cache=cache)
     hidden = out.rows(inputs.query_rows)  # B x 1 x d

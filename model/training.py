@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from csp.runner import DecoderInputs
-from model.inference import embed_batch, expand_image_slots, pad_rows
+from model.inference import decoder_inputs, expand_image_slots, pad_rows
 from model.pipeline import SegmentationPipeline
 from model.prompt import build_prompt, seg_query_rows, tokenize_with_image
 from model.sam import decode_masks, sam_postprocess
@@ -98,13 +97,11 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
     batch = expand_image_slots(full_ids, image_embeds.shape[1], tok.pad)
     seg_rows = [seg_query_rows(ids[: int(n)], tok.seg) for ids, n in zip(batch.ids, batch.lengths)]
     pred_rows = [torch.arange(a - 1, int(n) - 1) for a, n in zip(answer_starts, batch.lengths)]
-    seg, seg_valid = pad_rows(seg_rows)
     device = image_embeds.device
     keep = torch.cat([pipe.cluster(e, [s.sample_id]) for e, s in zip(encodings, samples)]) if pipe.strategy else None
     # Pruning is ranked by the [SEG] rows only, as in evaluation; text rows always survive, so the
     # answer-prediction rows are read from the same final state afterwards.
-    inputs = DecoderInputs(embed_batch(model, batch, image_embeds), batch.valid.to(device), batch.is_image.to(device),
-                           seg.to(device), seg_valid.to(device), cluster_keep=keep)
+    inputs = decoder_inputs(model, batch, image_embeds, seg_rows, keep)
     out = pipe.runner.forward(inputs)
     seg_states = out.rows(inputs.query_rows)
     pred, _ = pad_rows(pred_rows)
