@@ -119,16 +119,16 @@ class StageRunner:
             state = full.select(image_keep_mask(full.is_image, inputs.cluster_keep))
         scatter_at, score_at = self._scatter_layer(), self._score_layer()
         counts, key_valid = [], []
-        mask, rotary = self._prepare(state)
+        mask, rotary, stage_counts = self._prepare(state)
         for idx, layer in enumerate(self.llm.layers):
             if idx == scatter_at:
                 state = state.scatter_into(full)
-                mask, rotary = self._prepare(state)
+                mask, rotary, stage_counts = self._prepare(state)
             scores = None
             if idx == score_at:
                 cols = state.rows_of(inputs.query_rows * inputs.query_valid)
                 scores = seg_attention_scores(layer, state.hidden, rotary, state.valid, cols, inputs.query_valid)
-            counts.append(state.counts())
+            counts.append(stage_counts)
             key_valid.append(state.valid)
             state.hidden = layer(
                 state.hidden, attention_mask=mask, position_ids=state.positions,
@@ -136,7 +136,7 @@ class StageRunner:
             )
             if scores is not None:
                 state = state.select(~state.is_image | top_image_tokens(scores, state.is_image, self.schedule.Np))
-                mask, rotary = self._prepare(state)
+                mask, rotary, stage_counts = self._prepare(state)
         state.hidden = self.llm.norm(state.hidden)
         return DecoderOutput(state=state, records=_records(counts), layer_key_valid=key_valid)
 
@@ -154,8 +154,12 @@ class StageRunner:
             )
         return self.llm.norm(hidden)
 
-    def _prepare(self, state: TokenState) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-        return attention_mask(state.valid), self.llm.rotary_emb(state.hidden, position_ids=state.positions)
+    def _prepare(
+        self, state: TokenState
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """What every layer of a stage shares: mask, rotary (cos, sin) and the token counts."""
+        rotary = self.llm.rotary_emb(state.hidden, position_ids=state.positions)
+        return attention_mask(state.valid), rotary, state.counts()
 
 
 def _records(counts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[TokenRecord]:
