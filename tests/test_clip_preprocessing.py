@@ -79,3 +79,14 @@ def test_pipeline_feeds_clip_the_pil_pixels(tiny_bundle, saved_tiny_checkpoint) 
         features, _ = tower(expected)
     got = SegmentationPipeline(tiny_bundle).encode_image(image).clip_features
     torch.testing.assert_close(got, features, atol=1e-5, rtol=0)
+
+
+def test_tower_takes_layer_minus_two_without_cls(tiny_bundle) -> None:
+    """LLaVA's feature_select: ``hidden_states[mm_vision_select_layer = -2][:, 1:]`` (CLS dropped)."""
+    tower = tiny_bundle.model.vision_tower
+    pixels = torch.from_numpy(reference_pixels(random_pil_image(30, 50, seed=3), 224))[None]
+    with torch.no_grad():
+        hidden = tower.clip(pixel_values=pixels, output_hidden_states=True).hidden_states
+        features, _ = tower(pixels)
+    assert tower.select_layer == -2 and features.shape == (1, tower.num_patches, tower.config.hidden_size)
+    assert torch.equal(features, hidden[len(hidden) - 2][:, 1:])
