@@ -1,5 +1,9 @@
-"""Referring expressions reach the prompt as LISA's refer_seg reader leaves them: stripped and
-lower-cased (``sent.strip().lower()``); ReasonSeg and RIO queries only stripped."""
+"""Data conventions LISA's readers follow (and the one documented deviation).
+
+Referring expressions reach the prompt stripped and lower-cased (LISA's refer_seg reader:
+``sent.strip().lower()``); ReasonSeg queries only stripped. Overlapping polygons of one COCO
+annotation: LISA sums the decoded masks (2 where they overlap, dropped from its target), this
+project takes their union (DESIGN.md: frPyObjects + decode + merge)."""
 
 from __future__ import annotations
 
@@ -7,8 +11,11 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
+
 from datasets import load_split
-from tests.test_datasets import write_reason_seg_fixture, write_refer_fixture
+from datasets.refer import refer_mask
+from tests.test_datasets import draw, rect_poly, write_reason_seg_fixture, write_refer_fixture
 
 
 def test_refer_expressions_are_stripped_and_lower_cased(tmp_path: Path) -> None:
@@ -28,3 +35,11 @@ def test_reason_seg_query_is_stripped_not_lower_cased(tmp_path: Path) -> None:
     anno_file.write_text(json.dumps(anno))
     by_id = {s.sample_id: s.text for s in load_split("ReasonSeg|val", tmp_path)}
     assert by_id["a_image"] == "What Holds The Cup?"
+
+
+def test_overlapping_polygons_of_one_annotation_give_their_union() -> None:
+    ann = {"segmentation": [rect_poly(2, 3, 12, 10), rect_poly(8, 6, 16, 14)]}
+    expected = draw(20, 24, [((2, 3, 11, 9), 1), ((8, 6, 15, 13), 1)])  # same edge rule as test_datasets
+    mask = refer_mask(ann, 20, 24)
+    assert mask.max() == 1
+    np.testing.assert_array_equal(mask, expected)
