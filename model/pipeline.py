@@ -19,7 +19,7 @@ from csp.schedule import StageSchedule
 from csp.strategies import ClusteringInputs, ClusteringStrategy, build_strategy
 from model.builder import LisaBundle
 from model.inference import generate, teacher_forced
-from model.prompt import build_prompt, tokenize_with_image
+from model.prompt import DEFAULT_ANSWER, build_prompt, chat_prompt, tokenize_with_image
 from model.sam import decode_masks, sam_postprocess, sam_preprocess, to_rgb_array
 
 
@@ -112,6 +112,20 @@ class SegmentationPipeline:
         return self.model.vision_tower.num_patches
 
     @property
+    def use_im_start_end(self) -> bool:
+        """The checkpoint's ``mm_use_im_start_end``: whether ``<im_start>``/``<im_end>`` frame the image."""
+        return self.model.extras.mm_use_im_start_end
+
+    def prompt_ids(self, text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSWER) -> list[int]:
+        """Token ids of LISA's validation/training prompt for this checkpoint (image slot included)."""
+        prompt = build_prompt(text, is_sentence, answer=answer, use_im_start_end=self.use_im_start_end)
+        return tokenize_with_image(prompt, self.bundle.tokenizer)
+
+    def chat_ids(self, text: str) -> list[int]:
+        """Token ids of LISA's chat prompt (chat.py) for ``text`` as typed, ending at ``ASSISTANT:``."""
+        return tokenize_with_image(chat_prompt(text, use_im_start_end=self.use_im_start_end), self.bundle.tokenizer)
+
+    @property
     def dims(self) -> ModelDims:
         return ModelDims.from_config(self.model.config)
 
@@ -156,7 +170,7 @@ class SegmentationPipeline:
     def segment(self, image: Image.Image, queries: list[Query]) -> list[QueryResult]:
         """Teacher-forced LISA evaluation (answer ``[SEG].``) for all queries of one image."""
         enc = self.encode_image(image)
-        ids = [tokenize_with_image(build_prompt(q.text, q.is_sentence), self.bundle.tokenizer) for q in queries]
+        ids = [self.prompt_ids(q.text, q.is_sentence) for q in queries]
         sample_ids = [q.sample_id for q in queries]
         tok = self.bundle.token_ids
         keep = self.cluster(enc, sample_ids)  # outside the timer: a detector's cost is reported apart
@@ -173,11 +187,15 @@ class SegmentationPipeline:
         return results
 
     @torch.no_grad()
-    def chat(self, image: Image.Image, text: str, *, is_sentence: bool = True, max_new_tokens: int = 32,
+    def chat(self, image: Image.Image, text: str, *, max_new_tokens: int = 32,
              sample_id: str = "chat") -> ChatResult:
-        """Generate an answer with the KV cache; one mask per generated [SEG]."""
+        """Generate an answer with the KV cache; one mask per generated [SEG].
+
+        ``text`` is sent as typed, as LISA's chat.py does: to ask for a mask, say so (e.g.
+        ``model.prompt.with_mask_request(text)`` appends " Please output segmentation mask.").
+        """
         enc = self.encode_image(image)
-        ids = [tokenize_with_image(build_prompt(text, is_sentence, answer=None), self.bundle.tokenizer)]
+        ids = [self.chat_ids(text)]
         tok = self.bundle.token_ids
         out = generate(self.model, self.runner, ids, enc.image_embeds, tok.seg, tok.eos, tok.pad,
                        max_new_tokens=max_new_tokens, cluster_keep=self.cluster(enc, [sample_id]))
