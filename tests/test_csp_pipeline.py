@@ -133,3 +133,28 @@ def test_training_prunes_like_evaluation(image) -> None:
         train = training_loss(pipe, [sample]).seg_embeddings[0]
         evaluated = pipe.segment(image, [Query("the red car", False, "a")])[0].seg_embeddings
     torch.testing.assert_close(train, evaluated, atol=1e-6, rtol=1e-6)
+
+
+def test_image_encoded_once_whatever_queries_per_batch(image) -> None:
+    """CLIP and SAM's image encoder run once per image for 1 or several queries per LLM batch;
+    the results equal separate calls on each chunk (the behaviour before)."""
+    bundle = build_tiny_lisa(seed=6)
+    pipe = SegmentationPipeline(bundle, StageSchedule(Lc=2, Nc=64, Ls=1, Np=16, clustering="cls_attention"))
+    queries = [Query("the red car", False, "a"), Query("the dog", False, "b"), Query("what is left?", True, "c")]
+    calls = {"clip": 0, "sam": 0}
+    hooks = [bundle.model.vision_tower.register_forward_hook(lambda *_: calls.__setitem__("clip", calls["clip"] + 1)),
+             bundle.model.sam.image_encoder.register_forward_hook(lambda *_: calls.__setitem__("sam", calls["sam"] + 1))]
+    try:
+        for per_batch in (1, 2):
+            calls.update(clip=0, sam=0)
+            got = pipe.segment(image, queries, queries_per_batch=per_batch)
+            assert calls == {"clip": 1, "sam": 1}, (per_batch, calls)
+            step = per_batch or len(queries)
+            assert [r.batch_size for r in got] == [min(step, len(queries) - i // step * step) for i in range(3)]
+            separate = [r for i in range(0, 3, step) for r in pipe.segment(image, queries[i: i + step])]
+            for a, b in zip(got, separate, strict=True):
+                assert a.sample_id == b.sample_id and np.array_equal(a.masks, b.masks)
+                assert torch.equal(a.seg_embeddings, b.seg_embeddings) and a.image_tokens == b.image_tokens
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -133,6 +133,7 @@ class FakeResult:
     image_tokens: list[int]
     total_tokens: list[int]
     llm_ms: float
+    batch_size: int = 1
 
 
 class FakePipeline:
@@ -144,13 +145,18 @@ class FakePipeline:
         self.calls: list[int] = []
         self.fail_after = fail_after
 
-    def segment(self, image: Image.Image, queries: list) -> list[FakeResult]:
+    def segment(self, image: Image.Image, queries: list, *, queries_per_batch: int | None = None) -> list[FakeResult]:
         if self.fail_after is not None and sum(self.calls) >= self.fail_after:
             raise KeyboardInterrupt("injected interruption")
-        self.calls.append(len(queries))
+        step = queries_per_batch or len(queries)
         mask = np.zeros((image.height, image.width), dtype=bool)
         mask[:, : image.width // 2] = True
-        return [FakeResult(q.sample_id, mask, [4, 2], [10, 8], 1.0) for q in queries]
+        out = []
+        for start in range(0, len(queries), step):
+            chunk = queries[start: start + step]
+            self.calls.append(len(chunk))
+            out += [FakeResult(q.sample_id, mask, [4, 2], [10, 8], 1.0, len(chunk)) for q in chunk]
+        return out
 
 
 def _groups(root: Path, splits: list[str]) -> list:
