@@ -142,8 +142,11 @@ def test_image_encoded_once_whatever_queries_per_batch(image) -> None:
     pipe = SegmentationPipeline(bundle, StageSchedule(Lc=2, Nc=64, Ls=1, Np=16, clustering="cls_attention"))
     queries = [Query("the red car", False, "a"), Query("the dog", False, "b"), Query("what is left?", True, "c")]
     calls = {"clip": 0, "sam": 0}
-    hooks = [bundle.model.vision_tower.register_forward_hook(lambda *_: calls.__setitem__("clip", calls["clip"] + 1)),
-             bundle.model.sam.image_encoder.register_forward_hook(lambda *_: calls.__setitem__("sam", calls["sam"] + 1))]
+    def counter(name: str):
+        return lambda *_: calls.__setitem__(name, calls[name] + 1)
+
+    hooks = [bundle.model.vision_tower.register_forward_hook(counter("clip")),
+             bundle.model.sam.image_encoder.register_forward_hook(counter("sam"))]
     try:
         for per_batch in (1, 2):
             calls.update(clip=0, sam=0)
