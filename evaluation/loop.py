@@ -77,6 +77,10 @@ def evaluate_group(pipe: Pipeline, group: ImageGroup, *, skip: set[tuple[str, st
                    queries_per_batch: int | None = None) -> Iterator[SampleOutcome]:
     """Outcomes for the samples of ``group`` not in ``skip``, as they finish."""
     todo = [s for s in group.samples if (s.split, s.sample_id) not in skip]
+    for sample in todo:  # unusable before the image is even opened (e.g. no image file of a readable kind)
+        if sample.load_error is not None:
+            yield SampleOutcome(failed_record(sample, sample.load_error))
+    todo = [s for s in todo if s.load_error is None]
     if not todo:
         return
     try:

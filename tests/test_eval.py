@@ -208,7 +208,8 @@ def test_loop_metrics_equal_independent_computation(tmp_path: Path) -> None:
             ious.append(i / u if u else 1.0)
             inter, union = inter + i, union + u
     split = metrics["splits"]["refcoco|unc|val"]
-    assert split["evaluated"] == split["samples"] == len(ious) and split["failed"] == 0 and split["gIoU"] == pytest.approx(np.mean(ious))
+    assert split["evaluated"] == split["samples"] == len(ious) and split["failed"] == 0
+    assert split["gIoU"] == pytest.approx(np.mean(ious))
     assert split["cIoU"] == pytest.approx(inter / union)
     assert metrics["summary"]["Navg"] == pytest.approx(3.0)  # (4 + 2) / 2
     flops = sum(2 * (4 * n * 64 + 2 * n * n * 8 + 3 * n * 8 * 16) for n in (10, 8)) / 1e12
