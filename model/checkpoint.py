@@ -219,6 +219,16 @@ def load_lisa_checkpoint(ckpt_dir: str | Path, clip_dir: str | Path, *, dtype: t
     return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
 
 
+def save_clip_dir(bundle: LisaBundle, clip_dir: str | Path) -> Path:
+    """The bundle's CLIP tower and image processor as a Hugging Face CLIP directory (what
+    ``model.vision_tower`` / ``load_lisa_checkpoint``'s CLIP argument expect); e.g. for the tiny LISA."""
+    clip_dir = Path(clip_dir)
+    tower = bundle.model.vision_tower
+    tower.clip.save_pretrained(clip_dir)
+    tower.processor.save_pretrained(clip_dir)
+    return clip_dir
+
+
 def save_lisa_checkpoint(bundle: LisaBundle, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3,
                          safe: bool = True) -> Path:
     """Write ``bundle`` in LISA's Hugging Face layout (config, sharded weights + index, tokenizer)."""

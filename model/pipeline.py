@@ -43,6 +43,7 @@ class QueryResult:
     llm_ms: float
     masks: np.ndarray | None = field(repr=False, default=None)  # K x H x W, one per [SEG]
     seg_embeddings: torch.Tensor | None = field(repr=False, default=None)
+    batch_size: int = 1  # queries that ran through the LLM together (llm_ms is their time / batch_size)
 
 
 @dataclass
@@ -167,13 +168,31 @@ class SegmentationPipeline:
         return (logits > 0).cpu().numpy()
 
     @torch.no_grad()
-    def segment(self, image: Image.Image, queries: list[Query]) -> list[QueryResult]:
-        """Teacher-forced LISA evaluation (answer ``[SEG].``) for all queries of one image."""
+    def segment(self, image: Image.Image, queries: list[Query], *,
+                queries_per_batch: int | None = None) -> list[QueryResult]:
+        """Teacher-forced LISA evaluation (answer ``[SEG].``) for all queries of one image.
+
+        The image encoders (CLIP, SAM's ViT) and the clustering strategy run once for the image;
+        the LLM runs the queries in chunks of ``queries_per_batch`` (None: all at once).
+        """
         enc = self.encode_image(image)
-        ids = [self.prompt_ids(q.text, q.is_sentence) for q in queries]
         sample_ids = [q.sample_id for q in queries]
-        tok = self.bundle.token_ids
         keep = self.cluster(enc, sample_ids)  # outside the timer: a detector's cost is reported apart
+        step = len(queries) if not queries_per_batch else int(queries_per_batch)
+        if step < 1:
+            raise ValueError(f"queries_per_batch must be >= 1 or None, got {queries_per_batch!r}")
+        results = []
+        for start in range(0, len(queries), step):
+            chunk = queries[start: start + step]
+            chunk_keep = None if keep is None else keep[start: start + step]
+            results += self._segment_encoded(enc, chunk, chunk_keep)
+        return results
+
+    def _segment_encoded(self, enc: ImageEncoding, queries: list[Query],
+                         keep: torch.Tensor | None) -> list[QueryResult]:
+        """One LLM batch over an encoded image; ``keep``: ``B x Nc`` clustered indices or None."""
+        ids = [self.prompt_ids(q.text, q.is_sentence) for q in queries]
+        tok = self.bundle.token_ids
         with Timer(self.bundle.device) as timer:
             out = teacher_forced(self.model, self.runner, ids, enc.image_embeds.expand(len(queries), -1, -1),
                                  tok.seg, tok.pad, cluster_keep=keep)
@@ -183,6 +202,7 @@ class SegmentationPipeline:
             results.append(QueryResult(
                 sample_id=query.sample_id, mask=masks[0], masks=masks, image_tokens=record.image_tokens,
                 total_tokens=record.total_tokens, llm_ms=timer.ms / len(queries), seg_embeddings=emb,
+                batch_size=len(queries),
             ))
         return results
 
