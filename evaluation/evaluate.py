@@ -163,7 +163,11 @@ def check_run_dir(out_dir: Path, setting: Mapping[str, Any], *, resume: bool, ov
             what = "records but no " + MANIFEST if holds else "no run (no " + MANIFEST + ")"
             raise RunDirectoryError(f"resume=true but {out_dir} holds {what}: pass the old run's directory "
                                     "(hydra.run.dir=<dir> or output_dir=<dir>), or drop resume=true")
-        recorded = json.loads(manifest.read_text())
+        try:
+            recorded = json.loads(manifest.read_text())
+        except ValueError as exc:
+            raise RunDirectoryError(f"resume=true but {manifest} is not readable JSON ({exc}); cannot check that "
+                                    "the run was produced by the same setting") from exc
         if diffs := setting_differences(recorded, setting):
             raise RunDirectoryError(
                 f"resume=true but {out_dir} was produced by a different setting (recorded vs now): "
