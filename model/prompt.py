@@ -20,6 +20,21 @@ SEG_TOKEN = "[SEG]"
 IMAGE_PLACEHOLDER_ID = -200
 DEFAULT_ANSWER = "[SEG]."
 
+# LISA's training templates (utils/utils.py of dvlab-research/LISA), without their leading
+# "<image>\n", which build_prompt places. Short phrases fill {class_name}, sentences {sent}.
+SHORT_QUESTION_LIST = (
+    "Can you segment the {class_name} in this image?",
+    "Please segment the {class_name} in this image.",
+    "What is {class_name} in this image? Please respond with segmentation mask.",
+    "What is {class_name} in this image? Please output segmentation mask.",
+)
+LONG_QUESTION_LIST = (
+    "{sent} Please respond with segmentation mask.",
+    "{sent} Please output segmentation mask.",
+)
+ANSWER_LIST = ("It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].",
+               "[SEG].")
+
 
 @dataclass(frozen=True)
 class SpecialTokenIds:
@@ -49,20 +64,27 @@ class SpecialTokenIds:
         )
 
 
-def user_message(text: str, is_sentence: bool) -> str:
-    """LISA's validation query: sentences verbatim, short phrases in the 'What is' template."""
+def user_message(text: str, is_sentence: bool, template: str | None = None) -> str:
+    """LISA's validation query: sentences verbatim, short phrases in the 'What is' template.
+
+    ``template``: one of LISA's training templates instead (``{class_name}`` / ``{sent}`` filled).
+    """
+    if template is not None:
+        return template.format(class_name=text, sent=text)
     if is_sentence:
         return f"{text} Please output segmentation mask."
     return f"What is {text} in this image? Please output segmentation mask."
 
 
-def build_prompt(text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSWER) -> str:
+def build_prompt(text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSWER,
+                 question_template: str | None = None) -> str:
     """The llava_v1 conversation: ``{system} USER: <im_start><image><im_end>\\n {q} ASSISTANT: {a}</s>``.
 
-    With ``answer=None`` the prompt ends at ``ASSISTANT:`` (for generation).
+    With ``answer=None`` the prompt ends at ``ASSISTANT:`` (for generation). ``question_template``:
+    a training template for the question (see :func:`user_message`).
     """
     image = IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN
-    prompt = f"{SYSTEM_PROMPT} USER: {image}\n {user_message(text, is_sentence)} ASSISTANT:"
+    prompt = f"{SYSTEM_PROMPT} USER: {image}\n {user_message(text, is_sentence, question_template)} ASSISTANT:"
     if answer is None:
         return prompt
     return f"{prompt} {answer}</s>"
