@@ -59,6 +59,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"baseline {baseline} has no gIoU for the configured splits {missing}; "
                          f"it has {sorted(baseline_giou)}")
     _check_model_paths(cfg.model)
+    mask_decoder = cfg.model.get("mask_decoder")
+    if mask_decoder and not Path(str(mask_decoder)).is_file():
+        raise FileNotFoundError(f"model.mask_decoder={str(mask_decoder)!r}: no such file (expected the "
+                                "mask_decoder.safetensors written by train_ds.py mode=decoder)")
     if schedule is not None:
         from model.builder import layers_and_image_tokens
 
@@ -75,21 +79,31 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
               "queries_per_batch": cfg.get("queries_per_batch")}
     model_info = {"model": cfg.model.get("name"), "dataset_dir": str(dataset_dir)}
     results: dict[str, Any] = {"baseline": None}
-    if schedule is None or baseline == SAME_RUN:
-        plain = SegmentationPipeline(bundle, schedule=None)
+    # The method row: the schedule and/or a fine-tuned mask decoder (mIoU*); plain LISA otherwise.
+    has_method = schedule is not None or bool(mask_decoder)
+    if not has_method or baseline == SAME_RUN:
+        plain = SegmentationPipeline(bundle, schedule=None)  # released mask decoder: loaded below, after this
         name = f"LISA ({cfg.model.get('name')})"
-        base_dir = out_dir if schedule is None else out_dir / "baseline"
+        base_dir = out_dir if not has_method else out_dir / "baseline"
         opts = SettingOptions(name=name, extra={**model_info, "schedule": None}, **common)
         base_ref = None if baseline == SAME_RUN else baseline_giou
         metrics = evaluate_setting(plain, groups, splits, base_dir, ctx, opts, baseline_giou=base_ref, logger=logger)
         if baseline == SAME_RUN:
             baseline_giou = giou_by_split(metrics)
             metrics = _zero_drop(metrics, base_dir, ctx)
-        results["baseline" if schedule is not None else "method"] = metrics
-    if schedule is not None:
+        results["baseline" if has_method else "method"] = metrics
+    if has_method:
+        if mask_decoder:
+            from model.finetuned import load_mask_decoder
+
+            load_mask_decoder(bundle.model, mask_decoder, schedule=schedule_cfg)
+            model_info = {**model_info, "mask_decoder": str(mask_decoder)}
         pipe = SegmentationPipeline(bundle, schedule=schedule)
-        schedule.validate(pipe.num_layers, pipe.num_image_tokens)
-        opts = SettingOptions(name=str(cfg.get("name") or schedule.describe()),
+        if schedule is not None:
+            schedule.validate(pipe.num_layers, pipe.num_image_tokens)
+        name = str(cfg.get("name") or (schedule.describe() if schedule is not None else cfg.model.get("name")))
+        # mIoU*: the paper's label for accuracy after fine-tuning only SAM's mask decoder (Table 6)
+        opts = SettingOptions(name=name + (" (mIoU*)" if mask_decoder else ""),
                               extra={**model_info, "schedule": schedule_cfg}, **common)
         results["method"] = evaluate_setting(pipe, groups, splits, out_dir, ctx, opts,
                                              baseline_giou=baseline_giou, logger=logger)

@@ -89,8 +89,8 @@ def load_mask_decoder(model: torch.nn.Module, path: str | Path, *, schedule: Map
     decoder = dict(model.named_parameters())
     expected = {k[len(MASK_DECODER_PREFIX):] for k in decoder if k.startswith(MASK_DECODER_PREFIX)}
     if set(state) != expected:
-        raise KeyError(f"{path}: keys differ from the model's mask decoder: missing {sorted(expected - set(state))[:10]}"
-                       f", unexpected {sorted(set(state) - expected)[:10]}")
+        raise KeyError(f"{path}: keys differ from the model's mask decoder: missing "
+                       f"{sorted(expected - set(state))[:10]}, unexpected {sorted(set(state) - expected)[:10]}")
     for key, tensor in state.items():  # every shape first: a mismatch leaves the model untouched
         target = decoder[MASK_DECODER_PREFIX + key]
         if target.shape != tensor.shape:

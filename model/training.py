@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.inference import decoder_inputs, expand_image_slots, pad_rows
-from model.pipeline import SegmentationPipeline
+from model.pipeline import ImageEncoding, SegmentationPipeline
 from model.prompt import build_prompt, seg_query_rows, tokenize_with_image
 from model.sam import decode_masks, sam_postprocess
 
@@ -129,15 +129,20 @@ def decoder_loss(sam: torch.nn.Module, features: list[DecoderFeatures], gt_masks
 
 
 def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
-                  weights: LossWeights = LossWeights()) -> TrainingLoss:
+                  weights: LossWeights = LossWeights(), encodings: dict[int, ImageEncoding] | None = None
+                  ) -> TrainingLoss:
     """Total loss and its parts for a batch; gradients reach only parameters that require them.
 
-    The CLIP tower and SAM image encoder run without gradients (frozen in LISA).
+    The CLIP tower and SAM image encoder run without gradients (frozen in LISA), so their outputs
+    may come precomputed: ``encodings`` maps ``id(sample.image)`` to the image's encoding (its
+    ``image_embeds`` are not used: the projector runs here, it may be trainable).
     """
     model, tok = pipe.model, pipe.bundle.token_ids
     with torch.no_grad():  # conversations about one image (LISA: up to 3) share its encoding
-        unique = {id(s.image): s.image for s in samples}
-        encoded = {key: pipe.encode_image(image) for key, image in unique.items()}
+        encoded = dict(encodings or {})
+        for s in samples:
+            if id(s.image) not in encoded:
+                encoded[id(s.image)] = pipe.encode_image(s.image)
         encodings = [encoded[id(s.image)] for s in samples]
     features = torch.cat([e.clip_features for e in encodings])
     image_embeds = model.project_images(features)

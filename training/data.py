@@ -14,12 +14,14 @@ number of draws per source) is all a resumed run needs to continue with the same
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from datasets.base import AnnotationError, ImageGroup
 from datasets.splits import check_split, load_groups
@@ -131,12 +133,12 @@ def item_rng(seed: int, draw: int) -> random.Random:
     return random.Random(f"{seed}:{draw}")
 
 
-def conversations(group: ImageGroup, *, samples_per_image: int, style: PromptStyle, rng: random.Random
-                  ) -> list[TrainingSample]:
+def conversations(group: ImageGroup, *, samples_per_image: int, style: PromptStyle, rng: random.Random,
+                  image: Image.Image | None = None) -> list[TrainingSample]:
     """Up to ``samples_per_image`` queries of ``group`` (sampled without replacement, in split order
     when all fit) as training conversations sharing one image. Ground truth: pixels == 1 (ReasonSeg's
-    ignore label counts as background, as in LISA's training set)."""
-    image = open_image(group.image_path)
+    ignore label counts as background, as in LISA's training set). ``image``: the opened image."""
+    image = image if image is not None else open_image(group.image_path)
     chosen = list(group.samples)
     if len(chosen) > samples_per_image:
         chosen = sorted(rng.sample(chosen, samples_per_image), key=group.samples.index)
@@ -158,3 +160,25 @@ def conversations(group: ImageGroup, *, samples_per_image: int, style: PromptSty
                                   gt_masks=(gt == 1)[None].astype(np.float32), sample_id=sample.sample_id,
                                   question_template=question))
     return out
+
+
+class EncodingCache:
+    """Opened images and their frozen-encoder outputs (CLIP features, SAM image embedding), most
+    recently used first. The CLIP tower and SAM's image encoder never train (they run without
+    gradients), so an image's encoding is the same at every step and later epochs skip them."""
+
+    def __init__(self, encode: Callable[[Image.Image], Any], size: int):
+        self.encode, self.size = encode, int(size)
+        self._items: OrderedDict[Path, tuple[Image.Image, Any]] = OrderedDict()
+
+    def get(self, path: Path) -> tuple[Image.Image, Any]:
+        if path in self._items:
+            self._items.move_to_end(path)
+            return self._items[path]
+        image = open_image(path)
+        item = (image, self.encode(image))
+        if self.size > 0:
+            self._items[path] = item
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return item

@@ -40,7 +40,15 @@ from evaluation.evaluate import (
     prepare_dataset_dir,
 )
 from training import checkpointing as ckpt
-from training.data import DataOrder, PromptStyle, Source, conversations, item_rng, load_sources
+from training.data import (
+    DataOrder,
+    EncodingCache,
+    PromptStyle,
+    Source,
+    conversations,
+    item_rng,
+    load_sources,
+)
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +231,8 @@ class Runner:
                  trainable: Trainable, sources: list[Source], fingerprint: str, schedule_cfg: Any):
         self.cfg, self.ctx, self.out_dir, self.bundle, self.pipe = cfg, ctx, out_dir, bundle, pipe
         self.model = bundle.model
-        self.trainable, self.sources, self.fingerprint, self.schedule_cfg = trainable, sources, fingerprint, schedule_cfg
+        self.trainable, self.sources, self.fingerprint = trainable, sources, fingerprint
+        self.schedule_cfg = schedule_cfg
         self.t = cfg.trainer
         self.mode = str(cfg.mode.name)
         self.style = PromptStyle(str(cfg.mode.get("prompts", "lisa")))
@@ -241,6 +250,7 @@ class Runner:
         else:
             self.optimizer, self.scheduler = build_optimizer(params, self.t)
         self.cache = None
+        self.encodings = EncodingCache(pipe.encode_image, int(self.t.get("encoding_cache", 0) or 0))
         self.logger = None
         if cfg.get("logger") is not None and ctx.is_main:
             from evaluation.wandb_logger import WandbLogger
@@ -283,7 +293,7 @@ class Runner:
     def prepare_cache(self) -> None:
         if self.mode != "decoder" or not self.cfg.mode.get("cache", True):
             return
-        from model.finetuned import upstream_fingerprint, schedule_json
+        from model.finetuned import schedule_json, upstream_fingerprint
         from training.cache import DecoderCache, group_features
 
         root = self.cfg.mode.get("cache_dir") or self.out_dir / "decoder_cache"
@@ -331,14 +341,16 @@ class Runner:
                 gts += [torch.as_tensor(c.gt_masks) for c in convs]
                 ids += [f"{source.split}:{c.sample_id}" for c in convs]
             return decoder_loss(self.model.sam, feats, gts, weights), ids
-        samples, ids = [], []
+        samples, ids, encodings = [], [], {}
         for source, index, draw in items:
-            convs = conversations(source.groups[index], samples_per_image=spi, style=self.style,
-                                  rng=item_rng(self.seed, draw))
-            samples += convs
-            ids += [f"{source.split}:{c.sample_id}" for c in convs]
+            group = source.groups[index]
+            image, enc = self.encodings.get(group.image_path)
+            encodings[id(image)] = enc
+            samples += conversations(group, samples_per_image=spi, style=self.style, rng=item_rng(self.seed, draw),
+                                     image=image)
+            ids += [f"{source.split}:{s.sample_id}" for s in samples[len(ids):]]
         with autocast(self.t, self.bundle.device):
-            return training_loss(self.pipe, samples, weights), ids
+            return training_loss(self.pipe, samples, weights, encodings), ids
 
     def train_mode(self) -> None:
         self.model.train()
