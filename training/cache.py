@@ -37,13 +37,15 @@ CACHE_VERSION = 1
 
 
 @torch.no_grad()
-def group_features(pipe: SegmentationPipeline, group: ImageGroup) -> tuple[dict[str, torch.Tensor], Any]:
+def group_features(pipe: SegmentationPipeline, group: ImageGroup,
+                   encoded: tuple[Any, Any] | None = None) -> tuple[dict[str, torch.Tensor], Any]:
     """Decoder inputs of every query of ``group``: ``({sample_id: K x out_dim}, encoding)``.
 
     All queries of the image run as one teacher-forced batch with the evaluation prompt, exactly
     as evaluation runs them, so the decoder is fine-tuned on the embeddings it will be given.
+    ``encoded``: the (image, encoding) pair when already computed (frozen encoders).
     """
-    enc = pipe.encode_image(open_image(group.image_path))
+    enc = encoded[1] if encoded is not None else pipe.encode_image(open_image(group.image_path))
     tok = pipe.bundle.token_ids
     ids = [tokenize_with_image(build_prompt(s.text, s.is_sentence), pipe.bundle.tokenizer) for s in group.samples]
     keep = pipe.cluster(enc, [s.sample_id for s in group.samples])

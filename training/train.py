@@ -336,7 +336,7 @@ class Runner:
                 if self.cache is not None:
                     feats += self.cache.get(group, index, chosen, self.bundle.device)
                 else:
-                    prompts, enc = group_features(self.pipe, group)
+                    prompts, enc = group_features(self.pipe, group, self.encodings.get(group.image_path))
                     feats += features_for(prompts, enc, chosen)
                 gts += [torch.as_tensor(c.gt_masks) for c in convs]
                 ids += [f"{source.split}:{c.sample_id}" for c in convs]
@@ -365,6 +365,7 @@ class Runner:
         log_path = self.out_dir / "train_log.jsonl"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         val_every, save_every = int(self.cfg.val.every or 0), int(self.t.save_every or 0)
+        stop_at = self.state.step + int(self.t.stop_after) if self.t.get("stop_after") else None
         while self.state.step < steps:
             step = self.state.step
             self.train_mode()
@@ -409,8 +410,12 @@ class Runner:
             last = self.state.step == steps
             if val_groups and val_every and (self.state.step % val_every == 0 or last):
                 self.validate(val_groups, val_splits)
-            if (save_every and self.state.step % save_every == 0) or last:
+            if (save_every and self.state.step % save_every == 0) or last or self.state.step == stop_at:
                 self.save()
+            if self.state.step == stop_at and not last:  # a time-limited job: resume later from here
+                bar.close()
+                log.info("stopped at step %d (trainer.stop_after); resume: trainer.resume=true", self.state.step)
+                return {"step": self.state.step, "history": self.state.history, "val": self.state.val, "outputs": {}}
         bar.close()
         outputs = self.finish()
         if self.logger is not None:
