@@ -1,8 +1,8 @@
-"""train_ds.py / training: the three modes on the tiny model and the miniature train split.
+"""train_ds.py / training: the three modes on the tiny model (3 layers) and miniature train splits.
 
-The miniature refcoco train split is one image with 2 refs x 2 sentences; runs use one image per
-micro-batch, so every step sees the same image (a repeated batch when all 4 sentences are drawn
-with the evaluation prompt).
+The training runs use miniature data with one query per image: the refcoco train split is one
+image and one sentence, so every step sees the same sample (a repeated batch in decoder mode,
+whose prompt is fixed).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
-from datasets import DatasetLayoutError, UnknownSplitError, write_miniature
+from datasets import DatasetLayoutError, MiniatureSpec, UnknownSplitError, write_miniature
 from datasets.splits import check_split, load_groups
 from evaluation.loop import open_image
 from model.builder import build_tiny_lisa
@@ -34,8 +34,10 @@ from training.lora import apply_lora, merge_lora
 from training.train import NonFiniteLossError, Runner, deepspeed_config, train, warmup_decay
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEDULE = ["schedule=llava7b_224_p70", "schedule.Lc=2", "schedule.Nc=64", "schedule.Ls=1", "schedule.Np=16"]
-SCHEDULE_DICT = {"Lc": 2, "Nc": 64, "Ls": 1, "Np": 16, "clustering": "uniform", "clustering_kwargs": {}}
+#: The tiny model with 3 decoder layers (fast), and a schedule for it: cluster 1 layer, scatter 1, prune 1.
+LAYERS = 3
+SCHEDULE = ["schedule=llava7b_224_p70", "schedule.Lc=1", "schedule.Nc=64", "schedule.Ls=1", "schedule.Np=16"]
+SCHEDULE_DICT = {"Lc": 1, "Nc": 64, "Ls": 1, "Np": 16, "clustering": "uniform", "clustering_kwargs": {}}
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
@@ -45,7 +47,15 @@ def compose_train(overrides: list[str]) -> DictConfig:
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_miniature(tmp_path_factory.mktemp("mini"))
+    """Miniature data with one query per image: every step sees the same (single) training sample."""
+    spec = MiniatureSpec(images_per_split=1, refs_per_image=1, sentences_per_ref=1)
+    return write_miniature(tmp_path_factory.mktemp("mini"), spec)
+
+
+@pytest.fixture(scope="module")
+def mini_rich(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default miniature data: the train image has 2 refs x 2 sentences."""
+    return write_miniature(tmp_path_factory.mktemp("mini_rich"))
 
 
 def fast(mini: Path, out: Path, *extra: str) -> DictConfig:
@@ -54,11 +64,16 @@ def fast(mini: Path, out: Path, *extra: str) -> DictConfig:
         f"dataset_dir={mini}", f"output_dir={out}", "train_data=refcoco", "train_data.val_splits=[]",
         "trainer.steps=3", "trainer.batch_size=1", "trainer.grad_accumulation=1", "trainer.samples_per_image=2",
         "trainer.warmup_steps=0", "trainer.lr=0.01", "trainer.precision=fp32", "trainer.progress_bar=false",
-        "trainer.save_released=false", "trainer.encoding_cache=4", "val.every=0", *extra])
+        "trainer.save_released=false", "trainer.encoding_cache=4", "val.every=0", f"model.num_layers={LAYERS}",
+        *extra])
+
+
+def tiny(seed: int = 0) -> object:
+    return build_tiny_lisa(seed=seed, num_layers=LAYERS)
 
 
 def initial_params() -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in build_tiny_lisa(seed=0).model.checkpoint_state_dict().items()}
+    return {k: v.detach().clone() for k, v in tiny().model.checkpoint_state_dict().items()}
 
 
 def changed_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
@@ -131,8 +146,8 @@ def test_split_names_any_refer_dataset() -> None:
             check_split(bad)
 
 
-def test_conversations_use_lisa_templates(mini: Path) -> None:
-    group = load_groups("refcoco|unc|train", mini)[0]
+def test_conversations_use_lisa_templates(mini_rich: Path) -> None:
+    group = load_groups("refcoco|unc|train", mini_rich)[0]
     convs = conversations(group, samples_per_image=3, style=PromptStyle("lisa"), rng=item_rng(0, 0))
     assert len(convs) == 3 and len({id(c.image) for c in convs}) == 1
     for conv in convs:
@@ -196,8 +211,13 @@ def test_cache_of_another_model_or_schedule_is_an_error(tmp_path: Path) -> None:
 def test_full_mode_trains_all_but_frozen_and_writes_released_checkpoint(mini: Path, tmp_path: Path) -> None:
     before = initial_params()
     result = train(fast(mini, tmp_path / "run", "mode=full", "trainer.save_released=true", "trainer.steps=2",
+                        "train_data.val_splits=[refcoco|unc|val]", "val.every=2", "val.max_samples_per_split=1",
+                        "logger=wandb", "logger.mode=offline", f"logger.dir={tmp_path / 'wandb'}",
                         "mode.freeze=[vision_tower.,model.visual_model.image_encoder.,model.mm_projector]"))
     assert [h["step"] for h in result["history"]] == [1, 2]
+    assert [v["step"] for v in result["val"]] == [2] and 0.0 <= result["val"][0]["refcoco|unc|val/gIoU"] <= 1.0
+    assert (tmp_path / "run" / "val" / "step_0000002" / "metrics.json").is_file()
+    assert list((tmp_path / "wandb").rglob("*.wandb"))  # the offline run was written
     out = result["outputs"]
     bundle = load_lisa_checkpoint(out["checkpoint"], out["vision_tower"])
     after = {k: v.detach() for k, v in bundle.model.checkpoint_state_dict().items()}
@@ -237,14 +257,60 @@ def test_lisa_mode_lora_only_trainable_change_and_resume_equals_uninterrupted(mi
     changed = changed_keys(before, after)
     allowed = ("lm_head.", "model.embed_tokens.", "model.visual_model.mask_decoder.", "model.text_hidden_fcs.")
     lora = {k for k in changed if k.startswith("model.layers.")}
-    assert lora == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(6) for p in "qv"}
+    assert lora == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(LAYERS) for p in "qv"}
     assert changed - lora and all(k.startswith(allowed) for k in changed - lora)
     # a checkpoint of another recipe is refused, never mixed
     with pytest.raises(ValueError, match="fingerprint"):
         train(fast(mini, tmp_path / "split", *args, "trainer.resume=true", "mode.lora.r=4"))
 
 
-def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(mini: Path, tmp_path: Path,
+DECODER_ARGS = ["mode=decoder", *SCHEDULE]
+
+
+@pytest.fixture(scope="module")
+def decoder_runs(mini: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """Decoder mode from the cache and without it (recomputing the frozen features every step)."""
+    tmp_path = tmp_path_factory.mktemp("decoder")
+    cached = train(fast(mini, tmp_path / "cached", *DECODER_ARGS))
+    live = train(fast(mini, tmp_path / "live", *DECODER_ARGS, "mode.cache=false"))
+    return tmp_path, cached, live
+
+
+def test_decoder_mode_cache_equals_live_loss_falls_and_eval_reloads(mini: Path, decoder_runs: tuple) -> None:
+    tmp_path, cached, live = decoder_runs
+    assert (tmp_path / "cached" / "decoder_cache" / "meta.json").is_file()
+    assert not (tmp_path / "live" / "decoder_cache").exists()
+    losses = [h["loss"] for h in cached["history"]]
+    assert losses == pytest.approx([h["loss"] for h in live["history"]], rel=1e-6, abs=1e-7)
+    assert losses[-1] < losses[0] and all(h["ce_loss"] == 0.0 for h in cached["history"])
+    # only the mask decoder changed; it reloads into the frozen model and changes the masks
+    decoder_file = Path(cached["outputs"]["mask_decoder"])
+    trained = load_file(str(decoder_file))
+    base = tiny()
+    original = {k[len(MASK_DECODER_PREFIX):]: v.clone() for k, v in base.model.named_parameters()
+                if k.startswith(MASK_DECODER_PREFIX)}
+    assert any(not torch.equal(original[k], trained[k]) for k in trained)
+    saved = load_file(str(ckpt.latest_checkpoint(tmp_path / "cached" / "checkpoints") / "trainable.safetensors"))
+    assert saved and all(k.startswith(MASK_DECODER_PREFIX) for k in saved)
+    from csp.schedule import StageSchedule
+
+    pipe = SegmentationPipeline(base, schedule=StageSchedule.from_mapping(SCHEDULE_DICT))
+    group = load_groups("refcoco|unc|train", mini)[0]
+    image = open_image(group.image_path)
+    queries = [Query(s.text, s.is_sentence, s.sample_id) for s in group.samples]
+    enc = pipe.encode_image(image)
+    prompts = [r.seg_embeddings for r in pipe.segment(image, queries)]
+    logits_before = [pipe.masks_for(enc, p) for p in prompts]
+    with pytest.raises(ValueError, match="schedule"):
+        load_mask_decoder(base.model, decoder_file, schedule=None)
+    with pytest.raises(ValueError, match="another model"):
+        load_mask_decoder(tiny(seed=1).model, decoder_file, schedule=SCHEDULE_DICT)
+    load_mask_decoder(base.model, decoder_file, schedule=SCHEDULE_DICT)
+    logits_after = [pipe.masks_for(enc, p) for p in prompts]
+    assert any((a != b).any() for a, b in zip(logits_before, logits_after))
+
+
+def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(mini: Path, tmp_path: Path, decoder_runs: tuple,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     real = Runner.micro_loss
 
@@ -257,7 +323,8 @@ def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(mini: Path, tmp_pa
     monkeypatch.setattr(Runner, "micro_loss", poisoned)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError) as err:
-        train(fast(mini, run, "mode=decoder", "trainer.steps=4", "trainer.save_every=1"))
+        train(fast(mini, run, *DECODER_ARGS, "trainer.steps=4", "trainer.save_every=1",
+                   f"mode.cache_dir={decoder_runs[0] / 'cached' / 'decoder_cache'}"))
     message = str(err.value)
     assert "step 2" in message and "refcoco|unc|train:ref" in message and "step_0000002" in message
     last = ckpt.latest_checkpoint(run / "checkpoints")
@@ -267,47 +334,11 @@ def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(mini: Path, tmp_pa
     assert load_file(str(last / "trainable.safetensors"))
 
 
-def test_decoder_mode_cache_equals_live_loss_falls_and_eval_reloads(mini: Path, tmp_path: Path) -> None:
-    args = ["mode=decoder", "trainer.samples_per_image=4", *SCHEDULE]  # all 4 sentences: a repeated batch
-    cached = train(fast(mini, tmp_path / "cached", *args))
-    live = train(fast(mini, tmp_path / "live", *args, "mode.cache=false"))
-    assert (tmp_path / "cached" / "decoder_cache" / "meta.json").is_file()
-    assert not (tmp_path / "live" / "decoder_cache").exists()
-    losses = [h["loss"] for h in cached["history"]]
-    assert losses == pytest.approx([h["loss"] for h in live["history"]], rel=1e-6, abs=1e-7)
-    assert losses[-1] < losses[0] and all(h["ce_loss"] == 0.0 for h in cached["history"])
-    # only the mask decoder changed; it reloads into the frozen model and changes the masks
-    decoder_file = Path(cached["outputs"]["mask_decoder"])
-    trained = load_file(str(decoder_file))
-    base = build_tiny_lisa(seed=0)
-    original = {k[len(MASK_DECODER_PREFIX):]: v.clone() for k, v in base.model.named_parameters()
-                if k.startswith(MASK_DECODER_PREFIX)}
-    assert any(not torch.equal(original[k], trained[k]) for k in trained)
-    saved = load_file(str(ckpt.latest_checkpoint(tmp_path / "cached" / "checkpoints") / "trainable.safetensors"))
-    assert saved and all(k.startswith(MASK_DECODER_PREFIX) for k in saved)
-    from csp.schedule import StageSchedule
-
-    pipe = SegmentationPipeline(base, schedule=StageSchedule.from_mapping(SCHEDULE_DICT))
-    group = load_groups("refcoco|unc|train", mini)[0]
-    image = open_image(group.image_path)
-    queries = [Query(s.text, s.is_sentence, s.sample_id) for s in group.samples[:2]]
-    enc = pipe.encode_image(image)
-    prompts = [r.seg_embeddings for r in pipe.segment(image, queries)]
-    logits_before = [pipe.masks_for(enc, p) for p in prompts]
-    with pytest.raises(ValueError, match="schedule"):
-        load_mask_decoder(base.model, decoder_file, schedule=None)
-    with pytest.raises(ValueError, match="another model"):
-        load_mask_decoder(build_tiny_lisa(seed=1).model, decoder_file, schedule=SCHEDULE_DICT)
-    load_mask_decoder(base.model, decoder_file, schedule=SCHEDULE_DICT)
-    logits_after = [pipe.masks_for(enc, p) for p in prompts]
-    assert any((a != b).any() for a, b in zip(logits_before, logits_after))
-
-
 def test_eval_labels_finetuned_decoder_rows(mini: Path, tmp_path: Path) -> None:
     from evaluation.evaluate import evaluate
     from model.finetuned import save_mask_decoder
 
-    bundle = build_tiny_lisa(seed=0)
+    bundle = tiny()
     with torch.no_grad():
         for name, param in bundle.model.named_parameters():
             if name.startswith(MASK_DECODER_PREFIX):
@@ -316,7 +347,8 @@ def test_eval_labels_finetuned_decoder_rows(mini: Path, tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[
             "+exp=demo", f"dataset_dir={mini}", "miniature=null", f"output_dir={tmp_path / 'eval'}",
-            "data.splits=[refcoco|unc|val]", "max_samples_per_split=2", f"model.mask_decoder={path}"])
+            "data.splits=[refcoco|unc|val]", "max_samples_per_split=1", f"model.mask_decoder={path}",
+            f"model.num_layers={LAYERS}", *SCHEDULE[1:]])
     results = evaluate(cfg)
     method, base = results["method"], results["baseline"]
     assert method["name"].endswith("(mIoU*)") and method["summary"]["mIoU*"]
@@ -329,7 +361,7 @@ def test_eval_labels_finetuned_decoder_rows(mini: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- LoRA merge
 
 def test_lora_merge_equals_unmerged_and_reloads(tmp_path: Path) -> None:
-    bundle = build_tiny_lisa(seed=4)
+    bundle = build_tiny_lisa(seed=4, num_layers=LAYERS)
     model = bundle.model
     wrapper = apply_lora(model, {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]})
     with torch.no_grad():  # lora_B starts at 0 (a no-op adapter): make it matter
