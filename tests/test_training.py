@@ -402,3 +402,32 @@ def open_image_from_array():  # noqa: ANN201 - a PIL image
     from tests.conftest import random_pil_image
 
     return random_pil_image(48, 64, seed=3)
+
+
+# ---------------------------------------------------------------- the Table 6 protocol script
+
+def test_finetune_script_runs_one_decoder_per_column_and_its_commands_compose(tmp_path: Path) -> None:
+    import os
+    import shlex
+    import subprocess
+
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out")}
+    lines = subprocess.run(["bash", str(REPO / "scripts" / "finetune_mask_decoder.sh"), "trainer.steps=7"], env=env,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    commands = [shlex.split(line[2:]) for line in lines if line.startswith("+ ")]
+    trains = [c for c in commands if c[1] == "train_ds.py"]
+    evals = [c for c in commands if c[1] == "eval_ds.py"]
+    columns = ["baseline", "p65", "p70", "p75", "p80", "p85", "p90"]
+    assert len(trains) == 7 and len(evals) == 8  # plain LISA once, then one evaluation per column
+    for column, train_cmd, eval_cmd in zip(columns, trains, evals[1:]):
+        overrides = [a for a in train_cmd[2:] if not a.startswith("hydra.")]
+        cfg = compose_train(overrides)
+        assert cfg.mode.name == "decoder" and cfg.trainer.steps == 7 and cfg.model.name == "llava7b_224"
+        expected = None if column == "baseline" else f"llava7b_224_{column}"
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            ecfg = compose(config_name="eval", overrides=[a for a in eval_cmd[2:] if not a.startswith("hydra.")])
+        assert (cfg.schedule is None) == (expected is None) and (ecfg.schedule is None) == (expected is None)
+        if expected is not None:
+            assert dict(cfg.schedule) == dict(ecfg.schedule)  # the decoder is evaluated under its own schedule
+        assert ecfg.model.mask_decoder.startswith(str(tmp_path / "out" / column / "train"))
+        assert ecfg.baseline == str(tmp_path / "out" / "plain" / "metrics.json")

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,7 @@ def deepspeed_config(t: DictConfig, world_size: int) -> dict[str, Any]:
 @dataclass
 class RunState:
     step: int = 0
+    cache_build_s: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     val: list[dict[str, Any]] = field(default_factory=list)
 
@@ -303,10 +305,12 @@ class Runner:
         todo = [(g, i) for s in self.sources for i, g in enumerate(s.groups) if not self.cache.has(g, i)]
         todo = todo[self.ctx.rank::self.ctx.world_size]
         self.model.eval()
+        start = time.perf_counter()
         for group, index in progress(todo, "decoder cache", self.ctx.is_main and bool(self.t.progress_bar)):
             prompts, enc = group_features(self.pipe, group)
             self.cache.put(group, index, prompts, enc)
         barrier(self.ctx)
+        self.state.cache_build_s = time.perf_counter() - start
 
     # -- one micro-batch ------------------------------------------------------------------------------
     def next_items(self) -> list[tuple[Source, int, int]]:
@@ -366,6 +370,7 @@ class Runner:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         val_every, save_every = int(self.cfg.val.every or 0), int(self.t.save_every or 0)
         stop_at = self.state.step + int(self.t.stop_after) if self.t.get("stop_after") else None
+        start = time.perf_counter()
         while self.state.step < steps:
             step = self.state.step
             self.train_mode()
@@ -397,7 +402,8 @@ class Runner:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.state.step = step + 1
-            record = {"step": self.state.step, "lr": lr, "grad_norm": grad_norm, **parts_sum}
+            record = {"step": self.state.step, "lr": lr, "grad_norm": grad_norm, **parts_sum,
+                      "elapsed_s": time.perf_counter() - start}  # since this invocation's loop began
             self.state.history.append(record)
             if self.ctx.is_main:
                 with open(log_path, "a") as handle:
@@ -420,7 +426,8 @@ class Runner:
         outputs = self.finish()
         if self.logger is not None:
             self.logger.finish()
-        return {"step": self.state.step, "history": self.state.history, "val": self.state.val, "outputs": outputs}
+        return {"step": self.state.step, "history": self.state.history, "val": self.state.val, "outputs": outputs,
+                "cache_build_s": self.state.cache_build_s}
 
     def validate(self, val_groups: list[Any], val_splits: list[str]) -> dict[str, Any]:
         """gIoU / cIoU on the validation splits through evaluation's own loop (all ranks share it)."""
