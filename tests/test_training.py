@@ -271,7 +271,7 @@ DECODER_ARGS = ["mode=decoder", *SCHEDULE]
 def decoder_runs(mini: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     """Decoder mode from the cache and without it (recomputing the frozen features every step)."""
     tmp_path = tmp_path_factory.mktemp("decoder")
-    cached = train(fast(mini, tmp_path / "cached", *DECODER_ARGS))
+    cached = train(fast(mini, tmp_path / "cached", *DECODER_ARGS, "trainer.save_released=true"))
     live = train(fast(mini, tmp_path / "live", *DECODER_ARGS, "mode.cache=false"))
     return tmp_path, cached, live
 
@@ -292,6 +292,11 @@ def test_decoder_mode_cache_equals_live_loss_falls_and_eval_reloads(mini: Path, 
     assert any(not torch.equal(original[k], trained[k]) for k in trained)
     saved = load_file(str(ckpt.latest_checkpoint(tmp_path / "cached" / "checkpoints") / "trainable.safetensors"))
     assert saved and all(k.startswith(MASK_DECODER_PREFIX) for k in saved)
+    out = cached["outputs"]
+    after = {k: v.detach() for k, v in load_lisa_checkpoint(out["checkpoint"], out["vision_tower"])
+             .model.checkpoint_state_dict().items()}
+    changed = changed_keys(initial_params(), after)
+    assert changed and all(k.startswith(MASK_DECODER_PREFIX) for k in changed)
     from csp.schedule import StageSchedule
 
     pipe = SegmentationPipeline(base, schedule=StageSchedule.from_mapping(SCHEDULE_DICT))

@@ -52,6 +52,20 @@ def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], path: str = "s") -
     raise TypeError(f"cannot store {type(obj).__name__} at {path} in a checkpoint (JSON/safetensors only)")
 
 
+def storable_items(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``state`` that :func:`flatten_state` can store. DeepSpeed's ZeRO optimizer
+    state also holds helper objects (its loss scaler, fragment addresses) that it rebuilds itself
+    when an entry is absent; the tensors and numbers it needs to resume are kept."""
+    kept = {}
+    for key, value in state.items():
+        try:
+            flatten_state(value, {})
+        except TypeError:
+            continue
+        kept[key] = value
+    return kept
+
+
 def unflatten_state(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     """Inverse of :func:`flatten_state`."""
     if isinstance(obj, dict):

@@ -249,6 +249,9 @@ class Runner:
 
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=self.model, model_parameters=params, config=deepspeed_config(self.t, ctx.world_size))
+            from model.builder import keep_fp32_buffers
+
+            keep_fp32_buffers(self.model)  # DeepSpeed's bf16 cast also hits RoPE / SAM buffers that must stay fp32
         else:
             self.optimizer, self.scheduler = build_optimizer(params, self.t)
         self.cache = None
@@ -280,7 +283,8 @@ class Runner:
         if self.engine is None:
             self.optimizer.load_state_dict(loaded["optimizer"])
         else:
-            self.optimizer.load_state_dict([loaded["optimizer"]], load_optimizer_states=True)
+            # ZeRO-2: every rank reads its own partition file; DeepSpeed indexes the list by dp rank
+            self.optimizer.load_state_dict([loaded["optimizer"]] * self.ctx.world_size, load_optimizer_states=True)
         self.scheduler.load_state_dict(state["scheduler"])
         self.order = DataOrder.from_state(state["data_order"], self.order.sizes, self.order.rates)
         ckpt.restore_rng(loaded["rng"])
@@ -383,15 +387,15 @@ class Runner:
                     raise NonFiniteLossError(
                         f"loss is {value} at step {step} (micro-batch {micro}, samples {ids}); nothing of this step "
                         f"was saved; last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
-                if self.engine is not None:
+                if self.engine is not None:  # DeepSpeed scales by 1/accumulation and steps at the boundary
                     self.engine.backward(parts.loss)
+                    self.engine.step()
                 else:
                     (parts.loss / accum).backward()
                 for key, val in parts.scalars().items():
                     parts_sum[key] = parts_sum.get(key, 0.0) + val / accum
             lr = float(self.optimizer.param_groups[0]["lr"])
-            if self.engine is not None:
-                self.engine.step()  # DeepSpeed clips, steps and schedules at the accumulation boundary
+            if self.engine is not None:  # it clipped, stepped and scheduled at the last micro-batch
                 grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
             else:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float(self.t.grad_clip)))
@@ -459,6 +463,7 @@ class Runner:
         optimizer_state = self.optimizer.state_dict()
         path = None
         if self.engine is not None:  # each rank its ZeRO partition; rank 0 the rest
+            optimizer_state = ckpt.storable_items(optimizer_state)
             path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, trainable=self.trainable_state(), state=state,
                                         optimizer_state=optimizer_state, cfg=self.cfg, fingerprint=self.fingerprint,
                                         keep=self.t.get("keep_checkpoints"), rank_suffix=self._rank_suffix())
