@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,7 @@ def test_empty_split_and_bad_config(mini: Path, tmp_path: Path) -> None:
     with open(root / "refer_seg" / "emptyref" / "refs(unc).p", "wb") as handle:
         pickle.dump([], handle)
     (root / "refer_seg" / "emptyref" / "instances.json").write_text('{"images": [], "annotations": []}')
+    shutil.copytree(mini / "refer_seg" / "refcoco", root / "refer_seg" / "refcoco")  # a non-empty training split
     with pytest.raises(EmptyTrainingSetError, match=r"emptyref\|unc\|train"):
         load_sources([{"split": "emptyref|unc|train", "rate": 1}], root)
     with pytest.raises(EmptyTrainingSetError, match="empty"):
@@ -180,6 +182,9 @@ def test_empty_split_and_bad_config(mini: Path, tmp_path: Path) -> None:
         load_sources([{"split": "nothere|unc|train"}], root)
     with pytest.raises(ValueError, match="rate"):
         load_sources([{"split": "refcoco|unc|train", "rate": 0}], mini)
+    with pytest.raises(EmptyTrainingSetError, match=r"validation splits \['emptyref\|unc\|val'\]"):
+        train(fast(root, tmp_path / "v", "train_data.val_splits=[emptyref|unc|val]",
+                   "train_data.sources=[{split: refcoco|unc|train}]"))
     with pytest.raises(ValueError, match="mode.name"):
         train(fast(mini, tmp_path / "a", "mode.name=nope"))
     with pytest.raises(ValueError, match=r"trainer.steps=0"):

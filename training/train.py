@@ -43,6 +43,7 @@ from evaluation.evaluate import (
 from training import checkpointing as ckpt
 from training.data import (
     DataOrder,
+    EmptyTrainingSetError,
     EncodingCache,
     PromptStyle,
     Source,
@@ -206,6 +207,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     sources = load_sources(list(cfg.train_data.sources), dataset_dir)
     val_splits = [str(s) for s in (cfg.train_data.get("val_splits") or [])]
     val_groups = load_all_groups(val_splits, dataset_dir, cfg.val.get("max_samples_per_split"))
+    empty = [split for split in val_splits if not any(g.split == split for g in val_groups)]
+    if empty:
+        raise EmptyTrainingSetError(f"validation splits {empty} under {dataset_dir} have no samples")
 
     seed = int(cfg.seed)
     torch.manual_seed(seed)
