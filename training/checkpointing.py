@@ -104,7 +104,7 @@ def step_dir_name(step: int) -> str:
 
 def save_checkpoint(root: Path, step: int, *, trainable: Mapping[str, torch.Tensor], state: Mapping[str, Any],
                     optimizer_state: Any, cfg: DictConfig, fingerprint: str, keep: int | None = None,
-                    rank_suffix: str = "") -> Path:
+                    rank_suffix: str = "", write_latest: bool = True) -> Path:
     """Write checkpoint ``step`` under ``root`` (atomically) and point ``latest.json`` at it.
 
     ``optimizer_state``: any nested state (torch's ``Optimizer.state_dict()``, a DeepSpeed
@@ -128,12 +128,27 @@ def save_checkpoint(root: Path, step: int, *, trainable: Mapping[str, torch.Tens
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    _write_json_atomic(root / LATEST, {"step": step, "dir": final.name})
+    if write_latest:
+        mark_latest(root, step)
     if keep:
         old = sorted(p for p in root.glob("step_*") if p.is_dir() and p != final)
         for path in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(path)
     return final
+
+
+def save_rank_files(path: Path, optimizer_state: Any, rank_suffix: str) -> None:
+    """Another rank's optimizer partition and RNG state, into checkpoint ``path`` written by rank 0."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten_state(optimizer_state, tensors)
+    save_file(tensors, str(path / f"optimizer{rank_suffix}.safetensors"))
+    (path / f"optimizer{rank_suffix}.json").write_text(json.dumps(skeleton))
+    save_file(rng_tensors(), str(path / f"rng{rank_suffix}.safetensors"))
+
+
+def mark_latest(root: Path, step: int) -> None:
+    """Point ``latest.json`` at step ``step`` (atomically: the old pointer stays valid until then)."""
+    _write_json_atomic(root / LATEST, {"step": step, "dir": step_dir_name(step)})
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

@@ -466,11 +466,20 @@ class Runner:
                  "history": self.state.history, "val": self.state.val, "trainable": self.trainable.names}
         optimizer_state = self.optimizer.state_dict()
         path = None
-        if self.engine is not None:  # each rank its ZeRO partition; rank 0 the rest
+        if self.engine is not None:  # ZeRO-2: rank 0 writes the checkpoint, every other rank its partition
             optimizer_state = ckpt.storable_items(optimizer_state)
-            path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, trainable=self.trainable_state(), state=state,
-                                        optimizer_state=optimizer_state, cfg=self.cfg, fingerprint=self.fingerprint,
-                                        keep=self.t.get("keep_checkpoints"), rank_suffix=self._rank_suffix())
+            if self.ctx.is_main:
+                path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, trainable=self.trainable_state(),
+                                            state=state, optimizer_state=optimizer_state, cfg=self.cfg,
+                                            fingerprint=self.fingerprint, rank_suffix=self._rank_suffix(),
+                                            write_latest=False)
+            barrier(self.ctx)
+            if not self.ctx.is_main:
+                ckpt.save_rank_files(self.ckpt_root / ckpt.step_dir_name(self.state.step), optimizer_state,
+                                     self._rank_suffix())
+            barrier(self.ctx)
+            if self.ctx.is_main:  # only now is the checkpoint complete on every rank
+                ckpt.mark_latest(self.ckpt_root, self.state.step)
         elif self.ctx.is_main:
             path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, trainable=self.trainable_state(), state=state,
                                         optimizer_state=optimizer_state, cfg=self.cfg, fingerprint=self.fingerprint,
