@@ -1,6 +1,7 @@
-"""``evaluate(cfg)``: one model, plain LISA and/or one LVLM_CSP schedule, on the configured splits.
+"""``evaluate(cfg)``: one model, plain LISA and/or one method (an LVLM_CSP schedule or any registered
+method, ``configs/method``), on the configured splits.
 
-Order of checks (fail before anything expensive): split names, the schedule's keys, the baseline
+Order of checks (fail before anything expensive): split names, the method's / schedule's keys, the baseline
 file, the model paths, then the data sets (layout errors), then the model is loaded. Outputs in
 the run directory: ``metrics.json``, ``table.txt`` (the printed rows), ``results.jsonl`` (merged)
 and ``results.rank<r>.jsonl`` (append-only, for resume); with ``baseline: same_run`` the plain model's files go to
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from csp.methods import Method, build_method
+from csp.methods.lvlm_csp import LvlmCsp
 from csp.schedule import StageSchedule
 from datasets.base import ImageGroup
 from datasets.miniature import MiniatureSpec, write_miniature
@@ -51,18 +54,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     splits = [str(s) for s in cfg.data.splits]
     for split in splits:
         check_split(split)
-    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") is not None else None
-    schedule = StageSchedule.from_mapping(schedule_cfg)
+    method, method_info = resolve_method(cfg)
     baseline = cfg.get("baseline")
     baseline_giou = read_baseline(baseline) if baseline not in (None, SAME_RUN) else None
     if baseline_giou is not None and (missing := [s for s in splits if s not in baseline_giou]):
         raise ValueError(f"baseline {baseline} has no gIoU for the configured splits {missing}; "
                          f"it has {sorted(baseline_giou)}")
     _check_model_paths(cfg.model)
-    if schedule is not None:
+    if method is not None:
         from model.builder import layers_and_image_tokens
 
-        schedule.validate(*layers_and_image_tokens(cfg.model))  # before any data or weights are read
+        method.validate(*layers_and_image_tokens(cfg.model))  # before any data or weights are read
     dataset_dir = prepare_dataset_dir(cfg, out_dir, ctx)
     groups = load_all_groups(splits, dataset_dir, cfg.get("max_samples_per_split"))
 
@@ -75,22 +77,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
               "queries_per_batch": cfg.get("queries_per_batch")}
     model_info = {"model": cfg.model.get("name"), "dataset_dir": str(dataset_dir)}
     results: dict[str, Any] = {"baseline": None}
-    if schedule is None or baseline == SAME_RUN:
+    if method is None or baseline == SAME_RUN:
         plain = SegmentationPipeline(bundle, schedule=None)
         name = f"LISA ({cfg.model.get('name')})"
-        base_dir = out_dir if schedule is None else out_dir / "baseline"
-        opts = SettingOptions(name=name, extra={**model_info, "schedule": None}, **common)
+        base_dir = out_dir if method is None else out_dir / "baseline"
+        opts = SettingOptions(name=name, extra={**model_info, "method": None, "schedule": None}, **common)
         base_ref = None if baseline == SAME_RUN else baseline_giou
         metrics = evaluate_setting(plain, groups, splits, base_dir, ctx, opts, baseline_giou=base_ref, logger=logger)
         if baseline == SAME_RUN:
             baseline_giou = giou_by_split(metrics)
             metrics = _zero_drop(metrics, base_dir, ctx)
-        results["baseline" if schedule is not None else "method"] = metrics
-    if schedule is not None:
-        pipe = SegmentationPipeline(bundle, schedule=schedule)
-        schedule.validate(pipe.num_layers, pipe.num_image_tokens)
-        opts = SettingOptions(name=str(cfg.get("name") or schedule.describe()),
-                              extra={**model_info, "schedule": schedule_cfg}, **common)
+        results["baseline" if method is not None else "method"] = metrics
+    if method is not None:
+        pipe = SegmentationPipeline(bundle, method=method)
+        opts = SettingOptions(name=str(cfg.get("name") or method.describe()),
+                              extra={**model_info, **method_info}, **common)
         results["method"] = evaluate_setting(pipe, groups, splits, out_dir, ctx, opts,
                                              baseline_giou=baseline_giou, logger=logger)
     if ctx.is_main:
@@ -101,6 +102,31 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if logger is not None:
         logger.finish()
     return results
+
+
+def resolve_method(cfg: DictConfig) -> tuple[Method | None, dict[str, Any]]:
+    """The configured method and what metrics.json records about it.
+
+    ``schedule`` is LVLM_CSP's config: with ``method`` null (or ``method=csp``) a schedule means CSP;
+    any other ``method`` takes its parameters from its own node and needs ``schedule: null``.
+    """
+    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") is not None else None
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") is not None else None
+    if method_cfg is None or method_cfg.get("name") == "csp":
+        params = {k: v for k, v in (method_cfg or {}).items() if k != "name"}
+        if params and schedule_cfg is not None:
+            raise ValueError(f"method=csp has parameters {sorted(params)} and a schedule is set too; give "
+                             "CSP's (Lc, Nc, Ls, Np) in one place (schedule=<preset> or schedule.Lc=...)")
+        schedule_cfg = schedule_cfg if schedule_cfg is not None else (params or None)
+        if method_cfg is not None and schedule_cfg is None:
+            raise ValueError("method=csp needs a schedule: schedule=<configs/schedule preset>")
+        schedule = StageSchedule.from_mapping(schedule_cfg)
+        info = {"method": "csp" if schedule is not None else None, "schedule": schedule_cfg}
+        return (None if schedule is None else LvlmCsp(schedule)), info
+    if schedule_cfg is not None:
+        raise ValueError(f"method={method_cfg.get('name')} but a CSP schedule is set too; schedule is "
+                         "LVLM_CSP's config: set schedule=null with another method")
+    return build_method(method_cfg), {"method": method_cfg, "schedule": None}
 
 
 def evaluate_setting(pipe: Pipeline, groups: Sequence[ImageGroup], splits: Sequence[str], out_dir: Path,
