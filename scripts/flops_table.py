@@ -144,8 +144,9 @@ def method_row(name: str, model_name: str, cfg: dict[str, Any], text_tokens: int
     method = build_method(cfg)
     method.validate(dims.num_layers, n)
     schedule = method.schedule if isinstance(method, LvlmCsp) else None
+    fields = ("Lc", "Nc", "Ls", "Np", "clustering")
     row = {"name": name, "method": method.name, "model": model, "N": n,
-           **{f: getattr(schedule, f) if schedule is not None else None for f in ("Lc", "Nc", "Ls", "Np", "clustering")},
+           **{f: getattr(schedule, f) if schedule is not None else None for f in fields},
            "Navg": None, "Navg_floor": None, "TFLOPs": None, "data_dependent": method.data_dependent(),
            "params": {k: v for k, v in cfg.items() if k != "name"}}
     counts = method.image_tokens_per_layer(dims.num_layers, n)
