@@ -35,9 +35,9 @@ from csp.accounting import ModelDims, counts_row, static_row  # noqa: E402
 from csp.methods import Method, build_method  # noqa: E402
 from csp.runner import DecoderInputs, StageRunner  # noqa: E402
 from csp.schedule import StageSchedule  # noqa: E402
-from scripts.flops_table import load_method_presets  # noqa: E402
 from model.builder import cast_model, resolve_dtype  # noqa: E402
 from model.pipeline import Timer  # noqa: E402
+from scripts.flops_table import load_method_presets  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),

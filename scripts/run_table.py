@@ -84,7 +84,7 @@ def settings(table: int, root: Path, overrides: list[str]) -> list[tuple[str, Di
     models = {OmegaConf.to_yaml(cfg.model) for _, cfg in out}
     if len(models) != 1:
         raise ValueError(f"table {table}: the settings compose to different models; override model.* for all")
-    for label, cfg in out[1:]:
+    for _, cfg in out[1:]:
         method, _ = resolve_method(cfg)
         if method is None:
             raise ValueError(f"{cfg.name}: the preset configures no method")
