@@ -99,7 +99,7 @@ def test_degenerate_schedules_give_plain_lisa_masks(image) -> None:
     plain = SegmentationPipeline(bundle).segment(image, queries)
     for schedule in (StageSchedule(Lc=3, Nc=256, Ls=1, Np=256), StageSchedule(Lc=0, Nc=9, Ls=4, Np=256)):
         pipe = SegmentationPipeline(bundle, schedule)
-        pipe.runner = StageRunner(bundle.model.model, schedule, 256, force_stages=True)
+        pipe.runner = StageRunner(bundle.model.model, schedule, 256, always_move_tokens=True)
         pipe.strategy = build_strategy("uniform")  # Nc = N: eq. 2 keeps every index
         got = pipe.segment(image, queries)
         for a, b in zip(plain, got):
