@@ -191,7 +191,10 @@ class SegmentationPipeline:
             crop_size=tower.config.image_size, images=[enc.image] * size, sample_ids=sample_ids,
             cls_attention=None if enc.cls_attention is None else enc.cls_attention.expand(size, -1),
         )
-        return self.method.select_input(inputs)
+        keep = self.method.select_input(inputs)
+        if keep is None:  # a forced input stage that keeps every token (StageRunner(always_move_tokens=True))
+            keep = torch.arange(inputs.num_tokens, device=enc.clip_features.device).expand(size, -1)
+        return keep
 
     def masks_for(self, enc: ImageEncoding, prompts: torch.Tensor) -> np.ndarray:
         """``K x out_dim`` prompt embeddings -> ``K x H x W`` bool masks at the original size."""
