@@ -52,7 +52,7 @@ class Feather(Method):
     def data_dependent(self) -> str | None:
         return "stage 1 keeps top-k UNION a uniform grid: its count depends on their overlap per sample"
 
-    def count_range(self, num_layers: int, num_image_tokens: int) -> tuple[list[int], list[int]]:
+    def count_range(self, num_layers: int, num_image_tokens: int) -> tuple[list[int], list[int]] | None:
         """Per-layer image tokens with the least and the most overlap (bounds of the data-dependent count)."""
         side = math.isqrt(num_image_tokens)
         grid = math.ceil(side / self.stride) ** 2

@@ -149,3 +149,12 @@ class PruMergePlus(PruMerge):
 
     def data_dependent(self) -> str | None:
         return "the uniform samples that are not already kept: the count depends on their overlap per image"
+
+    def count_range(self, num_layers: int, num_image_tokens: int) -> tuple[list[int], list[int]] | None:
+        """Per-layer image tokens with full and with no overlap (fixed ``keep`` only; +1 extra token)."""
+        if self.keep == "iqr":
+            return None
+        n, k = num_image_tokens, int(self.keep)
+        stride = self.stride if self.stride is not None else max(1, (n // k) // 3)
+        uniform = len(range(0, n - 1, stride))
+        return [max(k, uniform) + 1] * num_layers, [min(n, k + uniform) + 1] * num_layers
