@@ -20,7 +20,7 @@ from csp.scorers import QueryAttention, ScoreContext, TextSimilarity, sparsevlm_
 from csp.tokens import TokenState
 from model.builder import LisaBundle
 from model.inference import generate, teacher_forced
-from model.pipeline import Query, SegmentationPipeline
+from model.pipeline import ImageEncoding, Query, SegmentationPipeline
 from model.prompt import build_prompt, tokenize_with_image
 from tests.reference_csp import reference_forward, rms_norm, rope
 from tests.test_csp_oracle import random_batch, tiny_llm
@@ -122,13 +122,21 @@ def check_kept_and_counts(out, num_layers: int, static: list[int] | None) -> Non
         assert record.total_tokens[0] > record.image_tokens[0]
 
 
+@pytest.fixture(scope="module")
+def plain_encoding(tiny_bundle: LisaBundle, make_image) -> ImageEncoding:
+    """The image encoded once for every method that needs nothing of CLIP beyond its features."""
+    return SegmentationPipeline(tiny_bundle).encode_image(make_image(40, 52, seed=3))
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_runs_in_evaluation_and_chat(name: str, tiny_bundle: LisaBundle, make_image) -> None:
+def test_every_method_runs_in_evaluation_and_chat(name: str, tiny_bundle: LisaBundle, make_image,
+                                                  plain_encoding: ImageEncoding) -> None:
     """Teacher forcing (evaluation) and KV-cache generation (chat), three prompts of different lengths
-    in one batch; the image is encoded once (pipeline.segment is run for every method by the table test)."""
+    in one batch (pipeline.segment is run for every method by the table test)."""
     method = build_method({"name": name, **PIPELINE_CONFIGS[name]})
     pipe = SegmentationPipeline(tiny_bundle, method=method)
-    enc = pipe.encode_image(make_image(40, 52, seed=3))
+    own_encoding = type(method).reduce_images is not Method.reduce_images or method.cls_attention_layer is not None
+    enc = pipe.encode_image(make_image(40, 52, seed=3)) if own_encoding else plain_encoding
     tok, tokenizer = tiny_bundle.token_ids, tiny_bundle.tokenizer
     full = [tokenize_with_image(build_prompt(q.text, q.is_sentence), tokenizer) for q in QUERIES]
     prompts = [tokenize_with_image(build_prompt(q.text, q.is_sentence, answer=None), tokenizer) for q in QUERIES]
