@@ -359,3 +359,34 @@ def test_simignore_keeps_the_image_tokens_most_similar_to_the_text() -> None:
     assert isinstance(first, Prune) and first.layer == 0
     kept = first.keep.keep(scores, state.is_image, state.source)
     assert kept[0].nonzero().flatten().tolist() == [1, 3]
+
+
+# -- presets: the paper's Navg -----------------------------------------------------------------------
+#: The paper's (Navg, TFLOPs) of every method row of Tables 1-3, copied from the paper.
+PAPER_ROWS = {
+    "table1_prumerge": (75, 1.79), "table1_prumerge_plus": (95, 2.04), "table1_visionzip": (80, 1.85),
+    "table1_fastv": (76, 1.80), "table1_simignore": (76, 1.80), "table1_sparsevlm": (76, 1.80),
+    "table1_pyramiddrop": (81, 1.87), "table1_feather": (85, 1.92), "table1_csp": (73, 1.76),
+    "table2_prumerge_p70": (172, 3.04), "table2_prumerge_p80": (115, 2.30), "table2_prumerge_p90": (58, 1.57),
+    "table2_visionzip_p70": (176, 3.01), "table2_visionzip_p80": (115, 2.30), "table2_visionzip_p90": (60, 1.59),
+    "table2_fastv_p70": (176, 3.10), "table2_fastv_p80": (111, 2.25), "table2_fastv_p90": (64, 1.64),
+    "table2_pyramiddrop_p70": (180, 3.14), "table2_pyramiddrop_p80": (114, 2.29),
+    "table2_pyramiddrop_p90": (68, 1.70), "table2_csp_p70": (170, 3.01), "table2_csp_p80": (115, 2.30),
+    "table2_csp_p90": (66, 1.67), "table3_prumerge": (75, 3.49), "table3_visionzip": (80, 3.62),
+    "table3_fastv": (73, 3.45), "table3_csp": (74.8, 3.37),
+}
+
+
+def test_every_table_preset_has_the_papers_navg() -> None:
+    from scripts.flops_table import build_rows
+
+    rows = {r["name"]: r for r in build_rows() if r["name"].startswith("table") and "_" in r["name"]}
+    assert sorted(rows) == sorted(PAPER_ROWS)
+    for name, (navg, tflops) in PAPER_ROWS.items():
+        row = rows[name]
+        if row["data_dependent"] is None:
+            assert round(row["Navg"], 1 if name == "table3_csp" else 0) == navg, name
+            assert abs(row["TFLOPs"] / tflops - 1) < 0.05, name  # the paper's text length is not given
+        else:  # PruMerge+ and FEATHER: the paper's value lies within the rule's bounds
+            low, high = row["Navg_range"]
+            assert low <= navg <= high, name
