@@ -14,7 +14,7 @@ from transformers import Cache, LlamaModel
 from csp.accounting import TokenRecord
 from csp.schedule import StageSchedule
 from csp.scoring import seg_attention_scores, top_image_tokens
-from csp.tokens import TokenState, attention_mask
+from csp.tokens import KeptImageTokens, TokenState, attention_mask
 
 
 @dataclass
@@ -41,11 +41,16 @@ class DecoderInputs:
 
 @dataclass
 class DecoderOutput:
-    """Final-norm hidden states of the tokens active in the last layer, plus what ran where."""
+    """Final-norm hidden states of the tokens active in the last layer, plus what ran where.
+
+    ``kept_image_tokens``: one entry for the image tokens entering layer 0, then one each time
+    the active image set changes (scattering, pruning); indices stay on the device.
+    """
 
     state: TokenState
     records: list[TokenRecord]
     layer_key_valid: list[torch.Tensor] = field(default_factory=list)
+    kept_image_tokens: list[KeptImageTokens] = field(default_factory=list)
 
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states at original rows ``B x Q`` -> ``B x Q x d``."""
@@ -119,11 +124,17 @@ class StageRunner:
             state = full.select(image_keep_mask(full.is_image, inputs.cluster_keep))
         scatter_at, score_at = self._scatter_layer(), self._score_layer()
         counts, key_valid = [], []
+        first_image_row = full.is_image.to(torch.uint8).argmax(dim=1)
+        width = self.schedule.Nc if self._clusters() else self.num_image_tokens
+        kept = [KeptImageTokens("clustering" if self._clusters() else "input", 0,
+                                state.image_indices(first_image_row, width))]
         mask, rotary, stage_counts = self._prepare(state)
         for idx, layer in enumerate(self.llm.layers):
             if idx == scatter_at:
                 state = state.scatter_into(full)
                 mask, rotary, stage_counts = self._prepare(state)
+                width = self.num_image_tokens
+                kept.append(KeptImageTokens("scattering", idx, state.image_indices(first_image_row, width)))
             scores = None
             if idx == score_at:
                 cols = state.rows_of(inputs.query_rows * inputs.query_valid)
@@ -137,8 +148,11 @@ class StageRunner:
             if scores is not None:
                 state = state.select(~state.is_image | top_image_tokens(scores, state.is_image, self.schedule.Np))
                 mask, rotary, stage_counts = self._prepare(state)
+                width = min(self.schedule.Np, width)  # Ls = 0 ranks the Nc clustered tokens
+                kept.append(KeptImageTokens("pruning", idx + 1, state.image_indices(first_image_row, width)))
         state.hidden = self.llm.norm(state.hidden)
-        return DecoderOutput(state=state, records=_records(counts), layer_key_valid=key_valid)
+        return DecoderOutput(state=state, records=_records(counts), layer_key_valid=key_valid,
+                             kept_image_tokens=kept)
 
     def decode(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache, keys: CachedKeyMasks) -> torch.Tensor:
         """One generation step: ``B x 1 x d`` new-token embeddings at original ``B x 1`` positions.

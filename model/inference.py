@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from csp.accounting import TokenRecord
 from csp.runner import CachedKeyMasks, DecoderInputs, StageRunner
+from csp.tokens import KeptImageTokens
 from model.lisa import LISAForCausalLM
 from model.prompt import IMAGE_PLACEHOLDER_ID, seg_query_rows
 
@@ -88,11 +89,13 @@ def decoder_inputs(model: LISAForCausalLM, batch: ExpandedBatch, image_embeds: t
 
 @dataclass
 class TeacherForcedOutput:
-    """Per sample: ``K_i x out_dim`` prompt embeddings and its per-layer token record."""
+    """Per sample: ``K_i x out_dim`` prompt embeddings and its per-layer token record; for the
+    batch: the runner's kept image tokens per stage (``B x K`` each, on the device)."""
 
     seg_embeddings: list[torch.Tensor]
     records: list[TokenRecord]
     seg_hidden: list[torch.Tensor]
+    kept_image_tokens: list[KeptImageTokens] = field(default_factory=list)
 
 
 def teacher_forced(
@@ -112,17 +115,20 @@ def teacher_forced(
     out = runner.forward(inputs)
     hidden = out.rows(inputs.query_rows)
     seg_hidden = [hidden[i, : len(q)] for i, q in enumerate(query)]
-    return TeacherForcedOutput([model.seg_head(h) for h in seg_hidden], out.records, seg_hidden)
+    return TeacherForcedOutput([model.seg_head(h) for h in seg_hidden], out.records, seg_hidden,
+                               out.kept_image_tokens)
 
 
 @dataclass
 class GenerationOutput:
-    """Per sample: generated ids (without the prompt), [SEG] hidden states and embeddings."""
+    """Per sample: generated ids (without the prompt), [SEG] hidden states and embeddings; the
+    prefill's kept image tokens per stage (``B x K`` each)."""
 
     generated: list[list[int]]
     seg_hidden: list[torch.Tensor]
     seg_embeddings: list[torch.Tensor]
     records: list[TokenRecord]
+    kept_image_tokens: list[KeptImageTokens] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -163,4 +169,5 @@ def generate(
         embeds = model.model.embed_tokens(next_ids.unsqueeze(1))
         hidden = runner.decode(embeds, positions, cache, keys)
     stacked = [torch.stack(h) if h else hidden.new_zeros(0, hidden.shape[-1]) for h in seg_hidden]
-    return GenerationOutput(generated, stacked, [model.seg_head(h) for h in stacked], out.records)
+    return GenerationOutput(generated, stacked, [model.seg_head(h) for h in stacked], out.records,
+                            out.kept_image_tokens)

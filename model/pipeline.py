@@ -17,6 +17,7 @@ from csp.accounting import ModelDims
 from csp.runner import StageRunner
 from csp.schedule import StageSchedule
 from csp.strategies import ClusteringInputs, ClusteringStrategy, build_strategy
+from csp.tokens import KeptImageTokens
 from model.builder import LisaBundle
 from model.inference import generate, teacher_forced
 from model.prompt import build_prompt, tokenize_with_image
@@ -43,6 +44,7 @@ class QueryResult:
     llm_ms: float
     masks: np.ndarray | None = field(repr=False, default=None)  # K x H x W, one per [SEG]
     seg_embeddings: torch.Tensor | None = field(repr=False, default=None)
+    kept_tokens: list[KeptImageTokens] = field(repr=False, default_factory=list)  # 1 x K each, per stage
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ChatResult:
     seg_embeddings: torch.Tensor
     image_tokens: list[int]
     total_tokens: list[int]
+    kept_tokens: list[KeptImageTokens] = field(repr=False, default_factory=list)  # 1 x K each, per stage
 
 
 @dataclass
@@ -164,11 +167,12 @@ class SegmentationPipeline:
             out = teacher_forced(self.model, self.runner, ids, enc.image_embeds.expand(len(queries), -1, -1),
                                  tok.seg, tok.pad, cluster_keep=keep)
         results = []
-        for query, emb, record in zip(queries, out.seg_embeddings, out.records):
+        for i, (query, emb, record) in enumerate(zip(queries, out.seg_embeddings, out.records)):
             masks = self.masks_for(enc, emb)
             results.append(QueryResult(
                 sample_id=query.sample_id, mask=masks[0], masks=masks, image_tokens=record.image_tokens,
                 total_tokens=record.total_tokens, llm_ms=timer.ms / len(queries), seg_embeddings=emb,
+                kept_tokens=[k.sample(i) for k in out.kept_image_tokens],
             ))
         return results
 
@@ -184,4 +188,4 @@ class SegmentationPipeline:
         text_out = self.bundle.tokenizer.decode(out.generated[0], skip_special_tokens=False)
         record = out.records[0]
         return ChatResult(text_out, self.masks_for(enc, out.seg_embeddings[0]), out.seg_embeddings[0],
-                          record.image_tokens, record.total_tokens)
+                          record.image_tokens, record.total_tokens, kept_tokens=out.kept_image_tokens)
