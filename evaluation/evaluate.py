@@ -41,6 +41,8 @@ class SettingOptions:
     strict: bool = False
     queries_per_batch: int | None = None
     extra: Mapping[str, Any] | None = None
+    vis_samples: int = 0  # token maps of the first N samples of each split (vis.num_samples)
+    vis_max_side: int | None = 448
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -71,8 +73,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     bundle = build_from_config(cfg.model)
     logger = make_logger(cfg, out_dir, ctx)
+    vis = cfg.get("vis") or {}
     common = {"resume": bool(cfg.get("resume", False)), "strict": bool(cfg.get("strict", False)),
-              "queries_per_batch": cfg.get("queries_per_batch")}
+              "queries_per_batch": cfg.get("queries_per_batch"), "vis_samples": int(vis.get("num_samples") or 0),
+              "vis_max_side": vis.get("max_side", 448)}
     model_info = {"model": cfg.model.get("name"), "dataset_dir": str(dataset_dir)}
     results: dict[str, Any] = {"baseline": None}
     if schedule is None or baseline == SAME_RUN:
@@ -118,6 +122,11 @@ def evaluate_setting(pipe: Pipeline, groups: Sequence[ImageGroup], splits: Seque
         rec.clear_results(out_dir)
     barrier(ctx)  # every rank reads the (repaired) files only after this
     skip = rec.finished_keys(out_dir) if opts.resume else set()
+    maps = None
+    if opts.vis_samples > 0:
+        from visualize.eval_maps import TokenMapWriter, first_samples
+
+        maps = TokenMapWriter(pipe, first_samples(groups, opts.vis_samples), out_dir, max_side=opts.vis_max_side)
     if opts.resume and ctx.is_main:
         log.info("resume: %d finished samples in %s", len(skip), out_dir)
         if not skip:
@@ -130,6 +139,10 @@ def evaluate_setting(pipe: Pipeline, groups: Sequence[ImageGroup], splits: Seque
                     on_outcome(outcome)
                 if logger is not None and ctx.is_main and logger.wants(outcome):
                     logger.add_overlay(outcome)
+                if maps is not None and maps.wants(outcome):
+                    _, tmap = maps.write(outcome)
+                    if logger is not None and ctx.is_main:
+                        logger.add_token_map(outcome, tmap.figure())
                 if opts.strict and outcome.record["status"] != "ok":
                     raise SampleFailedError(f"strict=true: {outcome.record['split']} "
                                             f"{outcome.record['sample_id']} failed: {outcome.record['reason']}")

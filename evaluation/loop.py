@@ -34,12 +34,14 @@ class Pipeline(Protocol):
 
 @dataclass
 class SampleOutcome:
-    """A record and, for ok samples, what an overlay needs (image, ``H x W`` prediction and GT)."""
+    """A record and, for ok samples, what an overlay needs (image, ``H x W`` prediction and GT)
+    and, when the pipeline reports them, the kept image tokens per stage (token maps)."""
 
     record: Record
     image: Image.Image | None = None
     pred: np.ndarray | None = None
     gt: np.ndarray | None = None
+    kept: list[Any] | None = None
 
 
 class SampleFailedError(RuntimeError):
@@ -103,7 +105,8 @@ def evaluate_group(pipe: Pipeline, group: ImageGroup, *, skip: set[tuple[str, st
         for sample, gt in chunk:
             result = by_id[sample.sample_id]
             record = ok_record(sample, gt, result, pipe.dims, batch_size=len(chunk))
-            yield SampleOutcome(record, image, np.asarray(result.mask, bool), gt)
+            yield SampleOutcome(record, image, np.asarray(result.mask, bool), gt,
+                                getattr(result, "kept_tokens", None) or None)
 
 
 def _chunks(items: Sequence[Any], size: int | None) -> Iterator[Sequence[Any]]:

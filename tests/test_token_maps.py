@@ -237,3 +237,49 @@ def test_chat_cli_rejects_bad_input_before_loading(tmp_path: Path) -> None:
     # Table 6 presets assume 32 layers: the 6-layer tiny model rejects them with the schedule's own message
     with pytest.raises(ValueError, match="exceeds the model's 6 decoder layers"):
         chat.main(["--preset", "llava7b_224_p70", "--image", str(image), "--query", "q"])
+
+
+# ---------------------------------------------------------------- token maps from evaluation
+
+def test_eval_writes_token_maps_of_the_first_samples_and_logs_them(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from datasets import load_groups
+    from evaluation.evaluate import evaluate
+    from visualize.eval_maps import first_samples, safe_name
+    from visualize.token_maps import new_token_map
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[
+            "+exp=demo", "data=reasonseg", "baseline=null", "max_samples_per_split=2", "vis.num_samples=1",
+            "vis.max_side=200", f"output_dir={tmp_path / 'run'}", "logger=wandb", f"logger.dir={tmp_path / 'wb'}"])
+    evaluate(cfg)
+    mini = tmp_path / "run" / "miniature"
+    groups = [g for split in cfg.data.splits for g in load_groups(split, mini, 2)]
+    targets = first_samples(groups, 1)
+    assert {split for split, _ in targets} == {"ReasonSeg|val", "ReasonSeg|test"} and len(targets) == 2
+    written = sorted((tmp_path / "run" / "token_maps").rglob("*.png"))
+    assert written == sorted(tmp_path / "run" / "token_maps" / safe_name(s) / f"{safe_name(i)}.png" for s, i in targets)
+    by_id = {(s.split, s.sample_id): (g, s) for g in groups for s in g.samples}
+    for split, sample_id in targets:
+        group, _ = by_id[(split, sample_id)]
+        image = Image.open(group.image_path).convert("RGB")
+        geo = TokenGeometry(image.height, image.width, 224, GRID)
+        tmap = new_token_map(image, geo, max_side=200)  # the same base picture and scale as evaluation's
+        tmap.panels = [None] * 4  # clustering, scattering, pruning, mask
+        png = tmp_path / "run" / "token_maps" / safe_name(split) / f"{safe_name(sample_id)}.png"
+        figure = np.asarray(Image.open(png))
+        h, w = tmap.base.shape[:2]
+        kept = []
+        for x, y in tmap.panel_origins()[:3]:
+            states = cell_states(figure[y:y + h, x:x + w, :3], tmap.base, geo.token_pixel_boxes(tmap.scale))
+            kept.append([t for t, s in enumerate(states) if s == "kept"])
+        # demo schedule (Lc, Nc, Ls, Np) = (2, 64, 1, 16), uniform clustering: eq. 2 picks i * 4
+        assert kept[0] == [4 * i for i in range(64)] and kept[1] == list(range(N)) and len(kept[2]) == 16
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    logged = [p for p in runs[0].rglob("*.png") if "token_maps" in p.name]
+    assert len(runs) == 1 and len(logged) == 2
