@@ -1,6 +1,6 @@
 """Schedule search: every returned setting meets the target by the evaluation's calculator
-(csp.accounting.static_row), the enumeration and the ranking follow the documented rules, and a
-small calibration run on the tiny model + miniature data returns a Pareto front."""
+(csp.accounting.static_row), the enumeration and the ranking follow the documented rules. The
+calibration run (tiny model + miniature data) is in tests/test_plots.py, whose plots use its runs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 
 from csp.accounting import ModelDims, static_row
 from csp.schedule import StageSchedule
-from csp.search import MODEL_SHAPES, Candidate, Target, heuristic_key, pareto_front, search
-from csp.sweeps import grid_points, load_sweep
+from csp.search import MODEL_SHAPES, Target, heuristic_key, pareto_front, search
 from scripts import search_schedule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,32 +72,6 @@ def test_ranking_follows_the_documented_heuristics() -> None:
 def test_pareto_front_by_hand() -> None:
     points = [(1.0, 0.5, "a"), (2.0, 0.4, "b"), (2.0, 0.6, "c"), (3.0, 0.6, "d"), (0.5, 0.2, "e"), (4.0, 0.7, "f")]
     assert [p[2] for p in pareto_front(points)] == ["e", "a", "c", "f"]
-
-
-def test_calibration_on_the_tiny_model_returns_a_pareto_front(tmp_path: Path) -> None:
-    out = search_schedule.main([
-        "--model", "tiny", "--reduction", "0.7", "--top", "2", "--calibrate", "--out-dir", str(tmp_path / "s"),
-        "--base", "+exp=demo", "--base", "baseline=null", "--base", "data=reasonseg",
-        "--base", "max_samples_per_split=1", "--base", f"miniature.dir={tmp_path / 'mini'}",
-        "--sweep", str(tmp_path / "sweep.yaml")])
-    top: list[Candidate] = out["candidates"]
-    assert len(top) == 2 and all(c.metrics is not None for c in top)
-    dims, tokens = MODEL_SHAPES["tiny"]
-    for cand in top:
-        summary = cand.metrics["summary"]
-        assert summary["count"] == 2 and summary["gIoU_mean"] is not None  # one sample per ReasonSeg split
-        # measured image tokens per layer = the schedule's (Nc, Np exact): the same Navg as the calculator
-        assert summary["Navg"] == pytest.approx(static_row(dims, cand.schedule, tokens)["Navg"])
-        assert (tmp_path / "s" / "calibration" / cand.label / "metrics.json").is_file()
-    front = out["front"]
-    assert front and all(any(f is c for c in top) for f in front)
-    costs = [c.metrics["summary"]["TFLOPs"] for c in front]
-    assert costs == sorted(costs)
-    table = (tmp_path / "s" / "table.md").read_text()
-    assert "| Pareto |" in table and table.count("| yes |") == len(front)
-    sweep = load_sweep(tmp_path / "sweep.yaml")
-    assert [p["schedule"] for p in grid_points(sweep)] == [
-        f"{{Lc:{c.schedule.Lc},Nc:{c.schedule.Nc},Ls:{c.schedule.Ls},Np:{c.schedule.Np}}}" for c in top]
 
 
 def test_search_cli_checks_its_arguments() -> None:
