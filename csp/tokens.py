@@ -33,10 +33,6 @@ class KeptImageTokens:
     indices: torch.Tensor
     num_extra: int = 0
 
-    def sample(self, i: int) -> KeptImageTokens:
-        """Entry ``i`` of the batch as a ``1 x K`` entry (a view; no copy, no host sync)."""
-        return KeptImageTokens(self.stage, self.first_layer, self.indices[i : i + 1], self.num_extra)
-
 
 @dataclass
 class TokenState:

@@ -7,7 +7,7 @@ as one batch through the (optionally scheduled) decoder.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -172,7 +172,7 @@ class SegmentationPipeline:
             results.append(QueryResult(
                 sample_id=query.sample_id, mask=masks[0], masks=masks, image_tokens=record.image_tokens,
                 total_tokens=record.total_tokens, llm_ms=timer.ms / len(queries), seg_embeddings=emb,
-                kept_tokens=[k.sample(i) for k in out.kept_image_tokens],
+                kept_tokens=[replace(k, indices=k.indices[i:i + 1]) for k in out.kept_image_tokens],
             ))
         return results
 

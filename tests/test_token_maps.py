@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from csp.schedule import StageSchedule
-from csp.tokens import PAD_INDEX, KeptImageTokens
+from csp.tokens import KeptImageTokens
 from model.builder import LisaBundle
 from model.geometry import TokenGeometry, clip_crop_geometry
 from model.pipeline import Query, SegmentationPipeline
@@ -120,7 +120,7 @@ def test_runner_kept_tokens_are_what_the_layers_ran_on(bundle: LisaBundle, make_
             assert isinstance(entry, KeptImageTokens) and entry.num_extra == 0
             assert entry.indices.shape == (1, width) and entry.indices.dtype == torch.long
             row = entry.indices[0].tolist()
-            assert PAD_INDEX not in row and row == sorted(set(row)) and 0 <= row[0] and row[-1] < N
+            assert -1 not in row and row == sorted(set(row)) and 0 <= row[0] and row[-1] < N
             assert row == image_tokens_seen(seen[first][0][b], first_row)
             # the record of that layer counts the same tokens
             assert result.image_tokens[first] == width
