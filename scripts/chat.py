@@ -56,7 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="LISA checkpoint directory (default: assets/toy_lisa if present, else tiny random LISA)")
     parser.add_argument("--vision-tower", "--vision_tower", dest="vision_tower", default=None,
                         help="CLIP directory (default: <version>/clip for the toy model)")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
+                        help="default: bf16 on GPU (LISA's default), fp32 on CPU")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--preset", default=None, help="configs/exp or configs/schedule name (default: plain LISA)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -85,8 +86,9 @@ def default_checkpoint() -> tuple[Path, Path] | None:
 
 def load_bundle(args: argparse.Namespace) -> LisaBundle:
     """``--version`` (released or toy checkpoint), else the toy, else the tiny random LISA."""
-    dtype = resolve_dtype(PRECISIONS[args.precision])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = resolve_dtype(PRECISIONS[precision])
     checkpoint, clip_dir = (Path(args.version), None) if args.version else (default_checkpoint() or (None, None))
     if checkpoint is None:
         bundle = build_tiny_lisa(args.seed)

@@ -214,15 +214,27 @@ def test_chat_cli_runs_on_the_tiny_model(tmp_path: Path, monkeypatch: pytest.Mon
     image = tmp_path / "photo.jpg"
     rgb_image(64, 80).save(image)
     out_dir = tmp_path / "out"
-    [result] = chat.main(["--preset", "demo", "--override", "schedule.Np=8", "--image", str(image),
-                          "--query", "what is on the left?", "--out-dir", str(out_dir), "--max-new-tokens", "3",
+    [result] = chat.main(["--preset", "demo", "--override", "schedule.Np=8", "--image", str(image), "--precision",
+                          "bf16", "--query", "what is on the left?", "--out-dir", str(out_dir), "--max-new-tokens", "3",
                           "--strategies", "none"])
     assert result.token_map == out_dir / "photo_token_map.png" and result.token_map.is_file()
     kept = result.token_map_obj.kept_entries
     assert [(k.stage, k.indices.shape[1]) for k in kept] == [("clustering", 64), ("scattering", N), ("pruning", 8)]
-    # interactive: no --query; prompts come from ``ask`` until an empty line
-    answers = iter(["first question", "second question", ""])
-    results = chat.main(["--image", str(image), "--out-dir", str(out_dir), "--max-new-tokens", "2"],
+
+
+def test_chat_cli_defaults_to_the_toy_checkpoint_and_asks_for_queries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved_tiny_checkpoint) -> None:
+    import shutil
+
+    toy = tmp_path / "assets" / "toy_lisa"  # the layout scripts/chat.py expects: checkpoint + clip/
+    shutil.copytree(saved_tiny_checkpoint.checkpoint, toy)
+    shutil.copytree(saved_tiny_checkpoint.clip_dir, toy / "clip")
+    monkeypatch.setattr(chat, "TOY_CHECKPOINT", toy)
+    assert chat.default_checkpoint() == (toy, toy / "clip")
+    image = tmp_path / "photo.png"
+    rgb_image(64, 80).save(image)
+    answers = iter(["first question", "second question", ""])  # no --query: ask until an empty line
+    results = chat.main(["--image", str(image), "--out-dir", str(tmp_path / "out"), "--max-new-tokens", "2"],
                         ask=lambda prompt: next(answers))
     assert len(results) == 2 and [k.stage for k in results[0].token_map_obj.kept_entries] == ["input"]
 
