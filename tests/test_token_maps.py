@@ -234,7 +234,7 @@ def test_chat_cli_defaults_to_the_toy_checkpoint_and_asks_for_queries(
     image = tmp_path / "photo.png"
     rgb_image(64, 80).save(image)
     answers = iter(["first question", "second question", ""])  # no --query: ask until an empty line
-    results = chat.main(["--image", str(image), "--out-dir", str(tmp_path / "out"), "--max-new-tokens", "2"],
+    results = chat.main(["--image", str(image), "--out-dir", str(tmp_path / "out"), "--max-new-tokens", "1"],
                         ask=lambda prompt: next(answers))
     assert len(results) == 2 and [k.stage for k in results[0].token_map_obj.kept_entries] == ["input"]
 
@@ -267,11 +267,11 @@ def test_eval_writes_token_maps_of_the_first_samples_and_logs_them(tmp_path: Pat
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[
-            "+exp=demo", "data=reasonseg", "baseline=null", "max_samples_per_split=2", "vis.num_samples=1",
+            "+exp=demo", "data=reasonseg", "baseline=null", "max_samples_per_split=1", "vis.num_samples=1",
             "vis.max_side=200", f"output_dir={tmp_path / 'run'}", "logger=wandb", f"logger.dir={tmp_path / 'wb'}"])
     evaluate(cfg)
     mini = tmp_path / "run" / "miniature"
-    groups = [g for split in cfg.data.splits for g in load_groups(split, mini, 2)]
+    groups = [g for split in cfg.data.splits for g in load_groups(split, mini, 1)]
     targets = first_samples(groups, 1)
     assert {split for split, _ in targets} == {"ReasonSeg|val", "ReasonSeg|test"} and len(targets) == 2
     written = sorted((tmp_path / "run" / "token_maps").rglob("*.png"))
