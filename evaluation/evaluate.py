@@ -77,6 +77,8 @@ class SettingOptions:
     overwrite: bool = False
     progress: bool = True
     progress_interval_s: float = 30.0
+    vis_samples: int = 0  # token maps of the first N samples of each split (vis.num_samples)
+    vis_max_side: int | None = 448
 
 
 @dataclass
@@ -229,9 +231,11 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
 
     bundle = bundle if bundle is not None else build_from_config(cfg.model)
     logger = make_logger(cfg, out_dir, ctx)
+    vis = cfg.get("vis") or {}
     common = {"resume": resume, "strict": strict, "overwrite": overwrite,
               "queries_per_batch": cfg.get("queries_per_batch"), "progress": bool(cfg.get("progress", True)),
-              "progress_interval_s": float(cfg.get("progress_interval_s", 30.0))}
+              "progress_interval_s": float(cfg.get("progress_interval_s", 30.0)),
+              "vis_samples": int(vis.get("num_samples") or 0), "vis_max_side": vis.get("max_side", 448)}
     model_info = {"model": cfg.model.get("name"), "dataset_dir": str(dataset_dir), "setting": plan.setting}
     method, baseline = plan.method, plan.baseline
     results: dict[str, Any] = {"baseline": None}
@@ -374,6 +378,11 @@ def evaluate_setting(pipe: Pipeline, groups: Sequence[ImageGroup], splits: Seque
         total = sum(len(g.samples) for g in groups)
         log.info("resume %s: %d of %d samples already finished in %s", opts.name, len(skip), total, out_dir)
     desc = opts.name if ctx.world_size == 1 else f"{opts.name} (rank 0 of {ctx.world_size})"
+    maps = None
+    if opts.vis_samples > 0:
+        from visualize.eval_maps import TokenMapWriter, first_samples
+
+        maps = TokenMapWriter(pipe, first_samples(groups, opts.vis_samples), out_dir, max_side=opts.vis_max_side)
     progress = Progress(todo, desc, enabled=opts.progress and ctx.is_main, interval_s=opts.progress_interval_s)
     try:
         with rec.RecordWriter(rec.rank_file(out_dir, ctx.rank)) as writer:
@@ -385,6 +394,10 @@ def evaluate_setting(pipe: Pipeline, groups: Sequence[ImageGroup], splits: Seque
                         on_outcome(outcome)
                     if logger is not None and ctx.is_main and logger.wants(outcome):
                         logger.add_overlay(outcome)
+                    if maps is not None and maps.wants(outcome):
+                        _, tmap = maps.write(outcome)
+                        if logger is not None and ctx.is_main:
+                            logger.add_token_map(outcome, tmap.figure())
                     if opts.strict and outcome.record["status"] != "ok":
                         raise SampleFailedError(f"strict=true: {outcome.record['split']} "
                                                 f"{outcome.record['sample_id']} failed: {outcome.record['reason']}")

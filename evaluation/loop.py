@@ -36,12 +36,14 @@ class Pipeline(Protocol):
 
 @dataclass
 class SampleOutcome:
-    """A record and, for ok samples, what an overlay needs (image, ``H x W`` prediction and GT)."""
+    """A record and, for ok samples, what an overlay needs (image, ``H x W`` prediction and GT)
+    and, when the pipeline reports them, the kept image tokens per stage (token maps)."""
 
     record: Record
     image: Image.Image | None = None
     pred: np.ndarray | None = None
     gt: np.ndarray | None = None
+    kept: list[Any] | None = None
 
 
 class SampleFailedError(RuntimeError):
@@ -110,4 +112,5 @@ def evaluate_group(pipe: Pipeline, group: ImageGroup, *, skip: set[tuple[str, st
     for sample, gt in ready:
         result = by_id[sample.sample_id]
         record = ok_record(sample, gt, result, pipe.dims, batch_size=int(getattr(result, "batch_size", 1)))
-        yield SampleOutcome(record, image, np.asarray(result.mask, bool), gt)
+        yield SampleOutcome(record, image, np.asarray(result.mask, bool), gt,
+                            getattr(result, "kept_image_tokens", None) or None)

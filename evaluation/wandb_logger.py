@@ -3,6 +3,8 @@
 Logs the composed config, per-split metrics and the summary of every evaluated setting, and a
 ``wandb.Table`` per setting with sample images carrying predicted and ground-truth mask overlays
 (wandb's mask layers; 255 pixels shown as "ignore"), also logged as an image panel.
+With ``vis.num_samples=K`` the token maps of the first K samples of each split (the paper's
+Figure 5: kept tokens per stage and the mask) are logged as images (``<setting>/token_maps``).
 ``mode: offline`` (or ``WANDB_MODE=offline``) needs no network; ``wandb sync`` uploads later.
 """
 
@@ -36,6 +38,7 @@ class WandbLogger:
         self.num_overlays = int(logger_cfg.get("num_overlays", 8))
         self._rows: list[list[Any]] = []
         self._per_split: dict[str, int] = {}
+        self._token_maps: list[Any] = []
 
     def wants(self, outcome: SampleOutcome) -> bool:
         """Whether ``outcome`` is among the first ``num_overlays`` ok samples of its split."""
@@ -51,6 +54,12 @@ class WandbLogger:
         })
         self._rows.append([record["split"], record["sample_id"], record["text"], record["iou"], image])
 
+    def add_token_map(self, outcome: SampleOutcome, figure: Any) -> None:
+        """A token map (PIL image of the panels) of one sample, logged with the setting."""
+        record = outcome.record
+        caption = f"{record['split']} {record['sample_id']}: {record['text']}"
+        self._token_maps.append(self._wandb.Image(figure, caption=caption))
+
     def log_setting(self, name: str, metrics: Mapping[str, Any]) -> None:
         """Per-split gIoU/cIoU/count/failed, the summary, and the overlay table of one setting."""
         data: dict[str, Any] = {}
@@ -65,9 +74,12 @@ class WandbLogger:
             table = self._wandb.Table(columns=["split", "sample_id", "text", "iou", "overlay"], data=self._rows)
             data[f"{name}/samples"] = table
             data[f"{name}/overlays"] = [row[-1] for row in self._rows]  # also as an image panel
+        if self._token_maps:
+            data[f"{name}/token_maps"] = self._token_maps
         self.run.log(data)
-        self.run.summary.update({k: v for k, v in data.items() if not k.endswith(("/samples", "/overlays"))})
-        self._rows, self._per_split = [], {}
+        self.run.summary.update({k: v for k, v in data.items()
+                                 if not k.endswith(("/samples", "/overlays", "/token_maps"))})
+        self._rows, self._per_split, self._token_maps = [], {}, []
 
     def finish(self) -> None:
         self.run.finish()

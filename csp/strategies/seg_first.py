@@ -64,6 +64,7 @@ from csp.strategies.base import (
     sample_generator,
     uniform_indices,
 )
+from model.geometry import clip_crop_geometry
 
 #: Masks resampled per chunk, to bound the float copy of large images.
 _MASK_CHUNK = 16
@@ -260,20 +261,6 @@ class YoloSegmenter(InstanceSegmenter):
         if masks.shape[1:] != (height, width):
             raise RuntimeError(f"segmenter masks are {masks.shape[1:]}, expected the image size {(height, width)}")
         return masks, result.boxes.conf.float().cpu().numpy()
-
-
-def clip_crop_geometry(height: int, width: int, crop_size: int) -> tuple[int, int, int, int]:
-    """CLIP preprocessing geometry: (resized_h, resized_w, crop_top, crop_left).
-
-    Same arithmetic as transformers' ``CLIPImageProcessor``: the shortest side becomes
-    ``crop_size``, the longest ``int(crop_size * long / short)``; the crop starts at
-    ``(resized - crop_size) // 2`` on each axis.
-    """
-    if width <= height:
-        new_h, new_w = int(crop_size * height / width), crop_size
-    else:
-        new_h, new_w = crop_size, int(crop_size * width / height)
-    return new_h, new_w, (new_h - crop_size) // 2, (new_w - crop_size) // 2
 
 
 def masks_to_clip(masks: np.ndarray, crop_size: int) -> torch.Tensor:
