@@ -12,29 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-#: Padding value of :attr:`KeptImageTokens.indices`.
-PAD_INDEX = -1
-
-
-@dataclass
-class KeptImageTokens:
-    """The image tokens active from decoder layer ``first_layer`` on (until the next entry).
-
-    Attributes:
-        stage: what chose them: ``input`` (nothing reduced), ``clustering``, ``scattering``,
-            ``pruning`` (or a method's own stage name).
-        first_layer: the first decoder layer that runs on this set.
-        indices: ``B x K`` long, on the model's device: indices into the N image tokens of the
-            original ``rows x cols`` grid (row-major), ascending per sample, ``PAD_INDEX`` (-1)
-            after a sample's last kept token.
-        num_extra: tokens a method adds that are not grid cells (e.g. merged tokens); 0 here.
-    """
-
-    stage: str
-    first_layer: int
-    indices: torch.Tensor
-    num_extra: int = 0
-
 
 @dataclass
 class TokenState:
@@ -94,19 +71,6 @@ class TokenState:
         if not bool(match.any(dim=1).all()):
             raise RuntimeError("a requested position is not among the active tokens")
         return match.to(torch.uint8).argmax(dim=1)
-
-    def image_indices(self, first_image_row: torch.Tensor, width: int) -> torch.Tensor:
-        """``B x width`` indices (into the N image tokens) of the active image tokens, ascending,
-        ``PAD_INDEX`` after the last; ``first_image_row``: ``B``, row of image token 0 in the full
-        sequence. ``width`` (the most image tokens any sample keeps) is known from the schedule,
-        so nothing is read back to the host."""
-        big = torch.iinfo(self.positions.dtype).max
-        key = torch.where(self.is_image, self.positions, big)
-        if key.shape[1] < width:
-            key = torch.nn.functional.pad(key, (0, width - key.shape[1]), value=big)
-        # Active tokens keep sequence order, but padding and text interleave: sort image rows first.
-        rows = key.sort(dim=1).values[:, :width]
-        return torch.where(rows == big, PAD_INDEX, rows - first_image_row.unsqueeze(1))
 
     def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image tokens, total tokens) per sample, ``B`` each."""
