@@ -189,6 +189,8 @@ def test_empty_split_and_bad_config(mini: Path, tmp_path: Path) -> None:
         train(fast(mini, tmp_path / "a", "mode.name=nope"))
     with pytest.raises(ValueError, match=r"trainer.steps=0"):
         train(fast(mini, tmp_path / "b", "trainer.steps=0"))
+    with pytest.raises(ValueError, match="CUDA"):
+        train(fast(mini, tmp_path / "d", "trainer.deepspeed=true"))
     with pytest.raises(ValueError, match="image_encoder"):
         train(fast(mini, tmp_path / "c", "mode.freeze=[vision_tower.]"))
 

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from csp.schedule import StageSchedule
 from datasets.splits import check_split
-from evaluation.distributed import DistContext, barrier, init_distributed
+from evaluation.distributed import DistContext, barrier, context_from_env, init_distributed
 from evaluation.evaluate import (
     SettingOptions,
     evaluate_setting,
@@ -86,6 +86,11 @@ def check_config(cfg: DictConfig) -> None:
         check_split(str(spec["split"]))
     for split in cfg.train_data.get("val_splits") or []:
         check_split(str(split))
+    world = context_from_env().world_size
+    if (world > 1 or t.get("deepspeed")) and not str(cfg.model.get("device", "cpu")).startswith("cuda"):
+        raise ValueError(f"DeepSpeed training (trainer.deepspeed=true or WORLD_SIZE={world}) needs the model on CUDA "
+                         f"GPUs (model.device={cfg.model.get('device', 'cpu')}); on CPU train in one plain process "
+                         "(trainer.deepspeed=false, no launcher)")
     if mode == "lisa" and not cfg.mode.get("lora"):
         raise ValueError("mode=lisa needs mode.lora {r, alpha, dropout, targets}")
 
