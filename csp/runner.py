@@ -256,7 +256,7 @@ class StageRunner:
         bucket = self.compile.width if compiled else (lambda n: n)
         full = TokenState.full(inputs.embeds, inputs.valid, inputs.is_image, inputs.source)
         full_counts = self._input_counts(inputs, full)
-        full = full.pad_to(bucket(full_counts.width))
+        full = full.pad_to(bucket(full.valid.shape[1]))
         state, counts = replace(full), full_counts  # layers overwrite state.hidden; full keeps layer-0 embeddings
         if plan.input_keep:
             if inputs.cluster_keep is None:
@@ -358,7 +358,10 @@ class StageRunner:
                  counts: HostCounts) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         """What every layer of a stage shares: the key mask (None without padding) and rotary (cos, sin)."""
         rotary = self.llm.rotary_emb(state.hidden, position_ids=state.positions)
-        return attention_mask(state.valid, padded=counts.padded(state.valid.shape[1])), rotary
+        padded = counts.padded(state.valid.shape[1])
+        if not padded:  # host counts that missed some padding would drop the key mask: check on the device
+            torch._assert_async(state.valid.all(), "host token counts say no padding, but the batch is padded")
+        return attention_mask(state.valid, padded=padded), rotary
 
     def _mode(self) -> str | None:
         if self.compile.mode is not None:
