@@ -68,9 +68,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dataset_dir = prepare_dataset_dir(cfg, out_dir, ctx)
     groups = load_all_groups(splits, dataset_dir, cfg.get("max_samples_per_split"))
 
+    from csp.runner import CompileOptions
     from model.builder import build_from_config
     from model.pipeline import SegmentationPipeline
 
+    compile_options = CompileOptions.from_mapping(cfg.get("compile"))  # checked before the model is built
     bundle = build_from_config(cfg.model)
     logger = make_logger(cfg, out_dir, ctx)
     common = {"resume": bool(cfg.get("resume", False)), "strict": bool(cfg.get("strict", False)),
@@ -78,7 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model_info = {"model": cfg.model.get("name"), "dataset_dir": str(dataset_dir)}
     results: dict[str, Any] = {"baseline": None}
     if method is None or baseline == SAME_RUN:
-        plain = SegmentationPipeline(bundle, schedule=None)
+        plain = SegmentationPipeline(bundle, schedule=None, compile=compile_options)
         name = f"LISA ({cfg.model.get('name')})"
         base_dir = out_dir if method is None else out_dir / "baseline"
         opts = SettingOptions(name=name, extra={**model_info, "method": None, "schedule": None}, **common)
@@ -89,7 +91,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             metrics = _zero_drop(metrics, base_dir, ctx)
         results["baseline" if method is not None else "method"] = metrics
     if method is not None:
-        pipe = SegmentationPipeline(bundle, method=method)
+        pipe = SegmentationPipeline(bundle, method=method, compile=compile_options)
         opts = SettingOptions(name=str(cfg.get("name") or method.describe()),
                               extra={**model_info, **method_info}, **common)
         results["method"] = evaluate_setting(pipe, groups, splits, out_dir, ctx, opts,
