@@ -46,8 +46,12 @@ class SettingOptions:
     extra: Mapping[str, Any] | None = None
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate as configured; returns ``{"method": metrics, "baseline": metrics | None}`` on every rank."""
+def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
+    """Evaluate as configured; returns ``{"method": metrics, "baseline": metrics | None}`` on every rank.
+
+    ``bundle``: an already loaded model for ``cfg.model`` (scripts/run_table.py evaluates a whole
+    table with one load); None loads it.
+    """
     ctx = init_distributed()
     torch.manual_seed(int(cfg.get("seed", 0)))
     out_dir = output_dir(cfg)
@@ -73,7 +77,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from model.pipeline import SegmentationPipeline
 
     compile_options = CompileOptions.from_mapping(cfg.get("compile"))  # checked before the model is built
-    bundle = build_from_config(cfg.model)
+    bundle = bundle if bundle is not None else build_from_config(cfg.model)
     logger = make_logger(cfg, out_dir, ctx)
     common = {"resume": bool(cfg.get("resume", False)), "strict": bool(cfg.get("strict", False)),
               "queries_per_batch": cfg.get("queries_per_batch")}

@@ -22,6 +22,8 @@ from pathlib import Path
 def one_run(tree: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(tree / "scripts" / "benchmark.py"), "--preset", args.preset, "--shape", args.shape,
            "--repeats", str(args.repeats), "--rounds", "1", "--warmup", str(args.warmup), "--threads", "1"]
+    if "--methods" in (tree / "scripts" / "benchmark.py").read_text():
+        cmd += ["--methods", "none"]  # plain and CSP only
     out = subprocess.run(cmd, cwd=tree, check=True, capture_output=True, text=True).stdout
     return json.loads(out[out.index("{"):])
 

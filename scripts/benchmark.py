@@ -7,8 +7,11 @@ and SAM ViT-H (use it on a GPU, bf16), ``13b`` LLaMA-13B with the same towers, `
 
 Two modes:
 
-- one preset (default): the LLM forward of plain LISA and one LVLM_CSP schedule, interleaved,
+- one preset (default): the LLM forward of plain LISA, one LVLM_CSP schedule and the method presets
+  of ``--methods`` (default: the Table 1 presets, configs/exp/table1_<method>.yaml), interleaved,
   median of repeats; JSON with the measured speed-up, the FLOPs ratio and the roofline speed-up;
+  before-LLM methods (PruMerge, PruMerge+, VisionZip) run the LLM on their number of image tokens
+  (the upper bound where it depends on the data); their CLIP-side cost is not in the LLM time;
 - ``--suite``: every preset of a model (``configs/schedule/<model>_p*.yaml``) and every registered
   method of ``csp.methods`` (its ``configs/method/<name>.yaml``), at batch 1 and batched (several
   queries of one image, as evaluation runs them); per-component times (vision tower, the method's
@@ -47,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from csp.accounting import ModelDims, roofline, static_row, total_flops  # noqa: E402
+from csp.accounting import ModelDims, counts_row, roofline, static_row, total_flops  # noqa: E402
 from csp.methods import METHODS, Method, VisionFeatures, build_method  # noqa: E402
 from csp.methods.lvlm_csp import LvlmCsp  # noqa: E402
 from csp.runner import CompileOptions, DecoderInputs, StageRunner  # noqa: E402
@@ -59,6 +62,7 @@ from model.pipeline import SegmentationPipeline, Timer  # noqa: E402
 from model.prompt import IMAGE_PLACEHOLDER_ID, SpecialTokenIds  # noqa: E402
 from model.sam import build_sam_vit_h, build_tiny_sam, decode_masks, sam_postprocess, sam_preprocess  # noqa: E402
 from model.vision import CLIPVisionTower, clip_processor_for, tiny_clip_config  # noqa: E402
+from scripts.flops_table import load_method_presets  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
@@ -141,17 +145,25 @@ def model_presets(model: str) -> list[str]:
 
 
 def registered_methods() -> list[tuple[str, Method | None, str | None]]:
-    """Every registered method except CSP (its presets are the schedules): (name, method, why not)."""
+    """Every registered method except CSP (its presets are the schedules): (name, method, why not).
+
+    A method runs at its Table 1 setting (``configs/exp/table1_<name>.yaml``) where there is one,
+    else with its own defaults (``configs/method/<name>.yaml``).
+    """
+    presets = load_method_presets()
     out = []
     for name in sorted(METHODS):
         if name == "csp":
             continue
         path = ROOT / "configs" / "method" / f"{name}.yaml"
-        params = yaml.safe_load(path.read_text()) if path.is_file() else {"name": name}
+        if f"table1_{name}" in presets:
+            params, source = presets[f"table1_{name}"][1], f"table1_{name}.yaml"
+        else:
+            params, source = (yaml.safe_load(path.read_text()) if path.is_file() else {}), path.name
         try:
             out.append((name, build_method({**(params or {}), "name": name}), None))
         except (ValueError, TypeError) as err:
-            out.append((name, None, f"cannot build from {path.name}: {err}"))
+            out.append((name, None, f"cannot build from {source}: {err}"))
     return out
 
 
@@ -285,7 +297,8 @@ def count_cuda_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
 
 # -- one-preset mode ----------------------------------------------------------------------
 def sample_inputs(llm: LlamaModel, n_img: int, text: int, sys_tokens: int) -> DecoderInputs:
-    """One sequence ``sys | img | usr+out``; the query row is the token before the final [SEG]."""
+    """One sequence ``sys | img | usr+out``; the query row is the token before the final [SEG], which
+    is also taken as the last prompt row (``ASSISTANT:`` then ``[SEG]``)."""
     length = text + n_img
     device, dtype = llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype
     embeds = torch.randn(1, length, llm.config.hidden_size, device=device, dtype=dtype)
@@ -293,8 +306,48 @@ def sample_inputs(llm: LlamaModel, n_img: int, text: int, sys_tokens: int) -> De
     is_image[0, sys_tokens:sys_tokens + n_img] = True
     valid = torch.ones(1, length, dtype=torch.bool, device=device)
     query = torch.tensor([[length - 4]], device=device)
-    return DecoderInputs(embeds, valid, is_image, query, torch.ones_like(query, dtype=torch.bool),
+    return DecoderInputs(embeds, valid, is_image, query, torch.ones_like(query, dtype=torch.bool), last_rows=query,
                          lengths=[length], image_counts=[n_img])
+
+
+def method_image_tokens(method: Method, num_layers: int, n_img: int) -> int:
+    """Image-slot tokens entering the LLM (upper bound for data-dependent before-LLM counts)."""
+    count = method.input_tokens(n_img)
+    if count is None:
+        bounds = method.count_range(num_layers, n_img)
+        if bounds is None:
+            raise SystemExit(f"method {method.describe()} has no bounded token count; give it a fixed count")
+        count = bounds[1][0]
+    return count
+
+
+def load_methods(names: str | None, n_img: int) -> dict[str, Method]:
+    """The named configs/exp method presets (default: every table1_* preset but CSP's) with N = n_img."""
+    presets = load_method_presets()
+    wanted = names.split(",") if names else [n for n in presets if n.startswith("table1_") and n != "table1_csp"]
+    unknown = [n for n in wanted if n not in presets]
+    if unknown:
+        raise SystemExit(f"unknown method presets {unknown}; known: {sorted(presets)}")
+    return {name: build_method(presets[name][1]) for name in wanted}
+
+
+def method_report(method: Method, runner: StageRunner, inputs: DecoderInputs, ms: list[float],
+                  plain_ms: list[float], base_row: dict, dims: ModelDims, text_tokens: int,
+                  device: torch.device, roofs: dict[str, Any]) -> dict:
+    """Median ms, speedup over plain, the FLOPs ratio and the roofline speed-up of the image tokens
+    the run processed."""
+    with torch.no_grad():
+        record = runner.forward(inputs).records[0]
+    row = counts_row(dims, record.image_tokens, text_tokens)
+    speedup = statistics.median(plain_ms) / statistics.median(ms)
+    flops_ratio = base_row["TFLOPs"] / row["TFLOPs"]
+    roof = roofline_fields(dims, roofs, [base_row["total_tokens"]], [row["total_tokens"]])
+    return {"method": method.describe(), "ms_median": statistics.median(ms), "ms_all": ms, "speedup": speedup,
+            "navg": row["Navg"], "tflops": row["TFLOPs"], "flops_ratio": flops_ratio,
+            "speedup_over_flops_ratio": speedup / flops_ratio, "data_dependent": method.data_dependent(),
+            "roofline_speedup": roof["roofline_speedup"],
+            "speedup_over_roofline_speedup": speedup / roof["roofline_speedup"],
+            "peak_mb": peak_mb(lambda: runner.forward(inputs), device)}
 
 
 def time_runner(runner: StageRunner, inputs: DecoderInputs, repeats: int, warmup: int) -> list[float]:
@@ -330,10 +383,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     inputs.cluster_keep = torch.arange(schedule.Nc, device=device)[None] * (n_img // schedule.Nc)
     options = CompileOptions(enabled=args.compiled, bucket=args.bucket)
     plain, csp = StageRunner(llm, None, n_img, compile=options), StageRunner(llm, schedule, n_img, compile=options)
+    methods = load_methods(args.methods, n_img) if args.methods != "none" else {}
+    others = {}
+    for name, method in methods.items():
+        tokens = method_image_tokens(method, len(llm.layers), n_img)
+        others[name] = (method, StageRunner(llm, method, n_img, compile=options),
+                        inputs if tokens == n_img else sample_inputs(llm, tokens, args.text_tokens, args.sys_tokens))
     plain_ms, csp_ms = [], []
-    for _ in range(args.rounds):  # interleave so drift affects both alike
+    method_ms: dict[str, list[float]] = {name: [] for name in others}
+    for _ in range(args.rounds):  # interleave so drift affects all alike
         plain_ms += time_runner(plain, inputs, args.repeats, args.warmup)
         csp_ms += time_runner(csp, inputs, args.repeats, args.warmup)
+        for name, (_, runner, method_inputs) in others.items():
+            method_ms[name] += time_runner(runner, method_inputs, args.repeats, args.warmup)
     dims = ModelDims.from_config(llm.config)
     base_row = static_row(dims, None, n_img, args.text_tokens)
     csp_row = static_row(dims, schedule, n_img, args.text_tokens)
@@ -359,6 +421,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_mb_plain": peak_mb(lambda: plain.forward(inputs), device),
         "peak_mb_csp": peak_mb(lambda: csp.forward(inputs), device),
         "cuda_syncs_per_forward": syncs,
+        "methods": {name: method_report(method, runner, method_inputs, method_ms[name], plain_ms, base_row, dims,
+                                        args.text_tokens, device, roofs)
+                    for name, (method, runner, method_inputs) in others.items()},
     }
     report["warnings"] = [f"{name} repeats spread {value:.0%} (max - min over median)"
                           for name, value in (("plain", report["plain_spread"]), ("csp", report["csp_spread"]))
@@ -593,6 +658,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default 1 on CPU: on a shared machine OpenMP threads spin against other "
                              "processes and an elementwise op can take 100x longer; 0 = torch's default)")
+    parser.add_argument("--methods", help="one-preset mode: comma-separated configs/exp method presets to time beside "
+                        "plain and CSP (default: every table1_* preset; 'none' for none)")
     parser.add_argument("--out", "--output", dest="output", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.rounds is None:

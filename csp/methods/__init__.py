@@ -4,7 +4,16 @@ One module per method: ``lvlm_csp`` (csp), ``prumerge`` (prumerge, prumerge_plus
 ``fastv``, ``simignore``, ``sparsevlm``, ``pyramiddrop``, ``feather``.
 """
 
-from csp.methods import lvlm_csp  # noqa: F401
+from csp.methods import (  # noqa: F401  (each module registers its methods)
+    fastv,
+    feather,
+    lvlm_csp,
+    prumerge,
+    pyramiddrop,
+    simignore,
+    sparsevlm,
+    visionzip,
+)
 from csp.methods.base import (
     METHODS,
     Method,

@@ -113,6 +113,11 @@ class Method(ABC):
         """Why the token counts depend on the data (None: they do not)."""
         return None
 
+    def count_range(self, num_layers: int, num_image_tokens: int) -> tuple[list[int], list[int]] | None:
+        """Least and most image tokens per layer where counts depend on the data (None: unbounded
+        or not data-dependent)."""
+        return None
+
     def extra_cost(self) -> dict[str, float]:
         """Cost spent outside the LLM (e.g. a detector), reported separately."""
         return {}
