@@ -266,6 +266,7 @@ class StageRunner:
         layer_counts, key_valid, key_padded, kept = [], [], [], []
         mask, rotary = self._prepare(state, counts)
         pending: torch.Tensor | None = None  # scores ranked by the previous layer for this layer's event
+        memo: dict[str, Any] = {}  # what scorers derive from the inputs alone, once per forward
         if compiled and self._mode() == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # a new forward: earlier graph outputs may be reused
         for idx, layer in enumerate(self.llm.layers):
@@ -273,7 +274,7 @@ class StageRunner:
             if isinstance(event, Scatter):
                 state, counts = state.scatter_into(full), full_counts
             elif isinstance(event, Prune):
-                scores = pending if event.score_layer < idx else self._score(event, layer, state, rotary, inputs)
+                scores = pending if event.score_layer < idx else self._score(event, layer, state, rotary, inputs, memo)
                 keep = ~state.is_image | event.keep.keep(scores, state.is_image, state.source)
                 state, counts = self._select(state, keep, self._pruned_counts(event, counts), bucket)
             if event is not None:
@@ -282,7 +283,7 @@ class StageRunner:
                 stage = event.stage if event is not None else plan.input_stage
                 kept.append((stage, idx, *grid_indices(state), counts.grid))
             ahead = self._ahead[idx]
-            pending = self._score(ahead, layer, state, rotary, inputs) if ahead is not None else None
+            pending = self._score(ahead, layer, state, rotary, inputs, memo) if ahead is not None else None
             layer_counts.append(counts)
             key_valid.append(state.valid)
             key_padded.append(mask is not None)
@@ -325,7 +326,10 @@ class StageRunner:
         if len(image) != full.valid.shape[0] or len(total) != full.valid.shape[0]:
             raise ValueError(f"DecoderInputs: {len(total)} lengths and {len(image)} image counts for a batch "
                              f"of {full.valid.shape[0]}")
-        return HostCounts(image, total, image if inputs.source is None else None)
+        # a reducer's image slot holds plan.num_extra tokens off the grid per sample (PruMerge's merged
+        # token, VisionZip's CLS and contextual tokens); checked on the device with the kept indices
+        grid = image if inputs.source is None else tuple(i - self.plan.num_extra for i in image)
+        return HostCounts(image, total, grid)
 
     def _clustered_counts(self, inputs: DecoderInputs, counts: HostCounts) -> HostCounts | None:
         """After keeping ``cluster_keep`` (K distinct grid indices per sample): K image tokens where
@@ -350,9 +354,9 @@ class StageRunner:
 
     # -- per stage and per layer ----------------------------------------------------------
     def _score(self, event: Prune, layer: torch.nn.Module, state: TokenState,
-               rotary: tuple[torch.Tensor, torch.Tensor], inputs: DecoderInputs) -> torch.Tensor:
+               rotary: tuple[torch.Tensor, torch.Tensor], inputs: DecoderInputs, memo: dict[str, Any]) -> torch.Tensor:
         return event.scorer.score(ScoreContext(layer=layer, hidden=state.hidden, rotary=rotary, state=state,
-                                               inputs=inputs))
+                                               inputs=inputs, memo=memo))
 
     def _prepare(self, state: TokenState,
                  counts: HostCounts) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
@@ -375,8 +379,13 @@ class StageRunner:
 
 
 def _kept_widths(entries: list[tuple[torch.Tensor, tuple[int, ...] | None]]) -> list[int]:
-    """Width of each kept-token entry (its largest per-sample on-grid count): from the host counts,
-    or, where unknown, from the device counts in one read for the whole forward."""
+    """Width of each kept-token entry (its largest per-sample on-grid count): from the host counts
+    (checked against the device counts asynchronously), or, where unknown, from the device counts
+    in one read for the whole forward."""
+    for count, grid in entries:
+        if grid is not None:
+            # against a Python int: no host-to-device copy
+            torch._assert_async(count.max() == max(grid), "host on-grid image-token counts differ from the device's")
     unknown = [count for count, grid in entries if grid is None]
     read = iter(torch.stack([c.max() for c in unknown]).tolist()) if unknown else iter(())
     return [max(grid) if grid is not None else next(read) for _, grid in entries]

@@ -141,3 +141,58 @@ def test_compile_options_reject_bad_values() -> None:
         CompileOptions(bucket=0)
     with pytest.raises(ValueError, match="unknown keys"):
         CompileOptions.from_mapping({"enabled": True, "buckets": 8})
+
+
+@pytest.fixture(scope="module")
+def tiny32():
+    from model.builder import build_tiny_lisa
+
+    return build_tiny_lisa(num_layers=32)  # the Table 1 presets are written for 32 layers
+
+
+def test_every_method_reads_the_device_at_most_once_per_forward(tiny32, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation's path (pipeline -> teacher_forced -> runner) for every registered method at its
+    Table 1 setting: host reads inside the runner's forward, counted per forward."""
+    import numpy as np
+    from PIL import Image
+
+    from csp.methods import METHODS, build_method
+    from model.pipeline import Query, SegmentationPipeline
+    from scripts.flops_table import load_method_presets
+
+    active, counts = [False], {}
+    for name in SYNC_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(*args, _original=original, **kwargs):
+            if active[0]:
+                counts["reads"] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    forward = StageRunner.forward
+
+    def counted(self, *args, **kwargs):
+        active[0] = True
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            active[0] = False
+
+    monkeypatch.setattr(StageRunner, "forward", counted)
+    # SAM's image encoder (1024 x 1024 input, seconds on a CPU) is outside what is counted here
+    channels = tiny32.model.sam.prompt_encoder.embed_dim
+    monkeypatch.setattr(tiny32.model.sam.image_encoder, "forward", lambda x: torch.zeros(1, channels, 64, 64))
+    presets = load_method_presets()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    queries = [Query("the man on the left", False, "a"), Query("what can cut the bread", True, "b")]
+    reads = {}
+    for name in [None, *sorted(METHODS)]:
+        method = None if name is None else build_method(presets.get(f"table1_{name}", (None, {"name": name}))[1])
+        pipe = SegmentationPipeline(tiny32, method=method)
+        for batch in (1, 2):
+            counts["reads"] = 0
+            pipe.segment(image, queries[:batch])
+            reads[(name, batch)] = counts["reads"]
+    assert all(v <= 1 for v in reads.values()), reads
+    assert reads[(None, 1)] == reads[(None, 2)] == reads[("csp", 1)] == reads[("csp", 2)] == 0
