@@ -12,6 +12,10 @@ Two sources of per-layer token counts are supported:
   counts depend on the data (PruMerge's IQR, FEATHER's grid union) have no static row;
 - runtime: what each layer actually processed for each sample (:class:`TokenRecord`,
   produced by the model runner), summarised by :func:`summarize_records`.
+
+The roofline (:func:`roofline`) uses the same per-layer FLOPs and a bytes model
+(:func:`layer_weight_bytes`, :func:`layer_activation_bytes`) with a device's measured matmul
+throughput and memory bandwidth; ``scripts/benchmark.py`` is its only consumer.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import statistics
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,7 @@ class Setting:
     name: str
     kind: str  # plain | csp | method
     method: Method | None
+    compiled: bool = False  # the compiled path (torch.compile; CUDA graphs per stage shape on a GPU)
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -381,7 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     schedule.validate(len(llm.layers), n_img)
     inputs = sample_inputs(llm, n_img, args.text_tokens, args.sys_tokens)
     inputs.cluster_keep = torch.arange(schedule.Nc, device=device)[None] * (n_img // schedule.Nc)
-    options = CompileOptions(enabled=args.compiled, bucket=args.bucket)
+    options = CompileOptions(enabled=args.compiled, backend=args.compile_backend, bucket=args.bucket)
     plain, csp = StageRunner(llm, None, n_img, compile=options), StageRunner(llm, schedule, n_img, compile=options)
     methods = load_methods(args.methods, n_img) if args.methods != "none" else {}
     others = {}
@@ -447,7 +448,7 @@ class SuiteRunner:
         sam_input, self.resized = sam_preprocess(rgb)
         self.sam_input = sam_input.unsqueeze(0).to(device=device, dtype=dtype)
         self.pipes: dict[str, SegmentationPipeline] = {}
-        self.compile = CompileOptions(enabled=args.compiled, bucket=args.bucket)
+        self.compile = CompileOptions(enabled=True, backend=args.compile_backend, bucket=args.bucket)
         self.embedding: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -460,7 +461,8 @@ class SuiteRunner:
 
     def pipe(self, setting: Setting) -> SegmentationPipeline:
         if setting.name not in self.pipes:
-            self.pipes[setting.name] = SegmentationPipeline(self.bundle, method=setting.method, compile=self.compile)
+            options = self.compile if setting.compiled else None
+            self.pipes[setting.name] = SegmentationPipeline(self.bundle, method=setting.method, compile=options)
         return self.pipes[setting.name]
 
     @torch.no_grad()
@@ -541,6 +543,8 @@ def suite_settings(args: argparse.Namespace, num_layers: int, num_image_tokens: 
     if args.only:
         wanted = set(args.only.split(","))
         settings = [s for s in settings if s.name in wanted or s.kind == "plain"]
+    if args.compiled:  # every row once more on the compiled path, so the report shows whether it pays
+        settings += [replace(s, name=s.name + "+compiled", compiled=True) for s in settings]
     return settings, skipped
 
 
@@ -674,8 +678,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="suite: YOLO-seg weights for the p70+seg_first row (default: the packaged yolo11n-seg "
                              "architecture with random weights, no download); '' to skip the row")
     parser.add_argument("--seg-first-imgsz", type=int, default=640)
-    parser.add_argument("--compiled", action="store_true", help="use the compiled path (csp.runner.CompileOptions)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="one-preset mode: time the compiled path (csp.runner.CompileOptions) instead of eager; "
+                             "suite: add a '+compiled' row for every setting")
     parser.add_argument("--bucket", type=int, default=16, help="compiled path: stage widths rounded up to this")
+    parser.add_argument("--compile-backend", default="inductor", help="compiled path: torch.compile backend")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default 1 on CPU: on a shared machine OpenMP threads spin against other "
                              "processes and an elementwise op can take 100x longer; 0 = torch's default)")
