@@ -108,6 +108,7 @@ class SegmentationPipeline:
         self.method = as_method(schedule) if method is None else method
         tower = self.model.vision_tower
         self.runner = StageRunner(self.model.model, self.method, tower.num_patches, compile=compile)
+        self.strategy  # noqa: B018  (builds CSP's clustering strategy now: bad settings fail here)
 
     @property
     def schedule(self) -> StageSchedule | None:

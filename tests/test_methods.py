@@ -20,10 +20,10 @@ from csp.scorers import QueryAttention, ScoreContext, TextSimilarity, sparsevlm_
 from csp.tokens import TokenState
 from model.builder import LisaBundle
 from model.inference import generate, teacher_forced
-from model.pipeline import Query, SegmentationPipeline
+from model.pipeline import ImageEncoding, Query, SegmentationPipeline
 from model.prompt import build_prompt, tokenize_with_image
-from tests.reference_csp import rms_norm, rope
-from tests.test_csp_oracle import random_batch, reference_forward, tiny_llm
+from tests.reference_csp import reference_forward, rms_norm, rope
+from tests.test_csp_oracle import random_batch, tiny_llm
 
 N_ORACLE = 36  # a 6 x 6 grid (FEATHER's uniform grid needs a square)
 
@@ -122,13 +122,21 @@ def check_kept_and_counts(out, num_layers: int, static: list[int] | None) -> Non
         assert record.total_tokens[0] > record.image_tokens[0]
 
 
+@pytest.fixture(scope="module")
+def plain_encoding(tiny_bundle: LisaBundle, make_image) -> ImageEncoding:
+    """The image encoded once for every method that needs nothing of CLIP beyond its features."""
+    return SegmentationPipeline(tiny_bundle).encode_image(make_image(40, 52, seed=3))
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_runs_in_evaluation_and_chat(name: str, tiny_bundle: LisaBundle, make_image) -> None:
+def test_every_method_runs_in_evaluation_and_chat(name: str, tiny_bundle: LisaBundle, make_image,
+                                                  plain_encoding: ImageEncoding) -> None:
     """Teacher forcing (evaluation) and KV-cache generation (chat), three prompts of different lengths
-    in one batch; the image is encoded once (pipeline.segment is run for every method by the table test)."""
+    in one batch (pipeline.segment is run for every method by the table test)."""
     method = build_method({"name": name, **PIPELINE_CONFIGS[name]})
     pipe = SegmentationPipeline(tiny_bundle, method=method)
-    enc = pipe.encode_image(make_image(40, 52, seed=3))
+    own_encoding = type(method).reduce_images is not Method.reduce_images or method.cls_attention_layer is not None
+    enc = pipe.encode_image(make_image(40, 52, seed=3)) if own_encoding else plain_encoding
     tok, tokenizer = tiny_bundle.token_ids, tiny_bundle.tokenizer
     full = [tokenize_with_image(build_prompt(q.text, q.is_sentence), tokenizer) for q in QUERIES]
     prompts = [tokenize_with_image(build_prompt(q.text, q.is_sentence, answer=None), tokenizer) for q in QUERIES]
@@ -351,3 +359,34 @@ def test_simignore_keeps_the_image_tokens_most_similar_to_the_text() -> None:
     assert isinstance(first, Prune) and first.layer == 0
     kept = first.keep.keep(scores, state.is_image, state.source)
     assert kept[0].nonzero().flatten().tolist() == [1, 3]
+
+
+# -- presets: the paper's Navg -----------------------------------------------------------------------
+#: The paper's (Navg, TFLOPs) of every method row of Tables 1-3, copied from the paper.
+PAPER_ROWS = {
+    "table1_prumerge": (75, 1.79), "table1_prumerge_plus": (95, 2.04), "table1_visionzip": (80, 1.85),
+    "table1_fastv": (76, 1.80), "table1_simignore": (76, 1.80), "table1_sparsevlm": (76, 1.80),
+    "table1_pyramiddrop": (81, 1.87), "table1_feather": (85, 1.92), "table1_csp": (73, 1.76),
+    "table2_prumerge_p70": (172, 3.04), "table2_prumerge_p80": (115, 2.30), "table2_prumerge_p90": (58, 1.57),
+    "table2_visionzip_p70": (176, 3.01), "table2_visionzip_p80": (115, 2.30), "table2_visionzip_p90": (60, 1.59),
+    "table2_fastv_p70": (176, 3.10), "table2_fastv_p80": (111, 2.25), "table2_fastv_p90": (64, 1.64),
+    "table2_pyramiddrop_p70": (180, 3.14), "table2_pyramiddrop_p80": (114, 2.29),
+    "table2_pyramiddrop_p90": (68, 1.70), "table2_csp_p70": (170, 3.01), "table2_csp_p80": (115, 2.30),
+    "table2_csp_p90": (66, 1.67), "table3_prumerge": (75, 3.49), "table3_visionzip": (80, 3.62),
+    "table3_fastv": (73, 3.45), "table3_csp": (74.8, 3.37),
+}
+
+
+def test_every_table_preset_has_the_papers_navg() -> None:
+    from scripts.flops_table import build_rows
+
+    rows = {r["name"]: r for r in build_rows() if r["name"].startswith("table") and "_" in r["name"]}
+    assert sorted(rows) == sorted(PAPER_ROWS)
+    for name, (navg, tflops) in PAPER_ROWS.items():
+        row = rows[name]
+        if row["data_dependent"] is None:
+            assert round(row["Navg"], 1 if name == "table3_csp" else 0) == navg, name
+            assert abs(row["TFLOPs"] / tflops - 1) < 0.05, name  # the paper's text length is not given
+        else:  # PruMerge+ and FEATHER: the paper's value lies within the rule's bounds
+            low, high = row["Navg_range"]
+            assert low <= navg <= high, name

@@ -28,10 +28,19 @@ class LvlmCsp(Method):
     schedule: StageSchedule
     _strategy: ClusteringStrategy | None = field(default=None, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        s = self.schedule
-        self._strategy = build_strategy(s.clustering, **dict(s.clustering_kwargs))
-        self.cls_attention_layer = self._strategy.cls_attention_layer
+    @property
+    def strategy(self) -> ClusteringStrategy:
+        """The clustering strategy, built on first use (seg_first checks its weights file then)."""
+        if self._strategy is None:
+            s = self.schedule
+            self._strategy = build_strategy(s.clustering, **dict(s.clustering_kwargs))
+        return self._strategy
+
+    @property
+    def cls_attention_layer(self) -> int | None:  # type: ignore[override]
+        if self.schedule.Lc == 0:  # no clustering stage: nothing to select
+            return None
+        return self.strategy.cls_attention_layer
 
     @classmethod
     def from_config(cls, params: Mapping[str, Any]) -> LvlmCsp:
@@ -59,17 +68,13 @@ class LvlmCsp(Method):
     def select_input(self, inputs: ClusteringInputs) -> torch.Tensor | None:
         if not self.schedule.clusters(inputs.num_tokens):
             return None
-        return self._strategy.select(inputs, self.schedule.Nc)
+        return self.strategy.select(inputs, self.schedule.Nc)
 
     def image_tokens_per_layer(self, num_layers: int, num_image_tokens: int) -> list[int] | None:
         return self.schedule.image_tokens_per_layer(num_layers, num_image_tokens)
 
     def extra_cost(self) -> dict[str, float]:
-        return self._strategy.extra_cost()
+        return self.strategy.extra_cost()
 
     def describe(self) -> str:
         return self.schedule.describe()
-
-    @property
-    def strategy(self) -> ClusteringStrategy:
-        return self._strategy

@@ -61,7 +61,7 @@ def merge(features: torch.Tensor, keys: torch.Tensor, attention: torch.Tensor, k
     out = merged.gather(1, order.unsqueeze(-1).expand(-1, -1, width))
     # the extra token goes right after each sample's kept tokens
     feats = torch.cat([out, torch.zeros_like(out[:, :1])], dim=1)
-    feats[torch.arange(batch), counts] = extra[:, 0]
+    feats[torch.arange(batch, device=x.device), counts] = extra[:, 0]
     source = torch.cat([torch.where(valid_kept, order, -1), torch.full_like(order[:, :1], -1)], dim=1)
     valid = torch.arange(size, device=x.device) <= counts[:, None]
     feats = feats.masked_fill(~valid[..., None], 0.0)
