@@ -12,6 +12,10 @@ Two sources of per-layer token counts are supported:
   counts depend on the data (PruMerge's IQR, FEATHER's grid union) have no static row;
 - runtime: what each layer actually processed for each sample (:class:`TokenRecord`,
   produced by the model runner), summarised by :func:`summarize_records`.
+
+The roofline (:func:`roofline`) uses the same per-layer FLOPs and a bytes model
+(:func:`layer_weight_bytes`, :func:`layer_activation_bytes`) with a device's measured matmul
+throughput and memory bandwidth; ``scripts/benchmark.py`` is its only consumer.
 """
 
 from __future__ import annotations
@@ -187,3 +191,77 @@ def _check_num_layers(per_layer: Sequence[int], dims: ModelDims, what: str) -> N
         raise ValueError(
             f"{what} has {len(per_layer)} entries, the model has {dims.num_layers} layers"
         )
+
+
+# -- bytes and the roofline -------------------------------------------------------------------
+#
+# The roofline bounds the time of a decoder layer from below by what the device must do at least:
+# its FLOPs at the device's matmul throughput, or the bytes it must read at the device's memory
+# bandwidth, whichever is larger. FLOPs are ``layer_flops`` (the paper's count); bytes count the
+# same weight matrices that eq. 10 counts (read once per layer per batch, however many samples)
+# plus the activations an unfused LLaMA layer reads per token.
+
+def layer_weight_bytes(d: int, m: int, element_bytes: float) -> float:
+    """Bytes of one decoder layer's projection weights (4d^2 + 3dm elements; MHA as in eq. 10)."""
+    return element_bytes * (4 * d * d + 3 * d * m)
+
+
+def layer_activation_bytes(n: int, d: int, m: int, element_bytes: float) -> float:
+    """Bytes of activations one decoder layer reads over n tokens, as an unfused layer reads them.
+
+    Per token, in d-vectors: input norm 1, q/k/v projections 3, RoPE on q and k 2, attention reads
+    q, k, v 3 (flash-style, no n x n matrix), o projection 1, residual add 2, post-attention norm 1,
+    gate and up projections 2, residual add 2: 17 d; in m-vectors: SiLU(gate) * up reads 2, the down
+    projection 1: 3 m. Total ``element_bytes * n * (17 d + 3 m)``.
+    """
+    return element_bytes * n * (17 * d + 3 * m)
+
+
+def roofline(tokens_per_layer: Sequence[Sequence[int]], dims: ModelDims, *, flops_per_s: float,
+             bytes_per_s: float, element_bytes: float) -> dict[str, Any]:
+    """Roofline time of the decoder layers for a batch, per stage and in total.
+
+    Args:
+        tokens_per_layer: per sample, the total tokens each layer processed (length L each), e.g.
+            the ``total_tokens`` of the runner's :class:`TokenRecord` s; one entry = batch 1.
+        dims: the model's d, m, L.
+        flops_per_s: the device's measured matmul throughput (FLOP/s).
+        bytes_per_s: the device's measured memory bandwidth (bytes/s).
+        element_bytes: bytes per weight/activation element (2 for bf16, 4 for fp32).
+
+    Returns a dict: ``seconds`` (sum over layers of max(FLOPs / throughput, bytes / bandwidth)),
+    ``flops`` (:func:`layer_flops` summed over samples and layers), ``bytes`` (weights once per layer
+    plus every sample's activations), and ``stages``: one entry per run of consecutive layers with
+    the same token counts, each with ``first_layer``, ``num_layers``, ``tokens`` (per sample),
+    ``flops``, ``bytes``, ``seconds`` and ``bound`` (``compute`` or ``memory``).
+    """
+    if len(tokens_per_layer) == 0:
+        raise ValueError("roofline needs at least one sample")
+    if flops_per_s <= 0 or bytes_per_s <= 0:
+        raise ValueError(f"roofline needs positive throughput and bandwidth, got {flops_per_s}, {bytes_per_s}")
+    for sample in tokens_per_layer:
+        _check_num_layers(sample, dims, "tokens_per_layer[i]")
+    d, m = dims.hidden_size, dims.intermediate_size
+    stages: list[dict[str, Any]] = []
+    for layer in range(dims.num_layers):
+        tokens = [int(sample[layer]) for sample in tokens_per_layer]
+        flops = sum(layer_flops(n, d, m) for n in tokens)
+        nbytes = layer_weight_bytes(d, m, element_bytes) + sum(layer_activation_bytes(n, d, m, element_bytes)
+                                                               for n in tokens)
+        seconds = max(flops / flops_per_s, nbytes / bytes_per_s)
+        if stages and stages[-1]["tokens"] == tokens:
+            stage = stages[-1]
+            stage["num_layers"] += 1
+            stage["flops"] += flops
+            stage["bytes"] += nbytes
+            stage["seconds"] += seconds
+        else:
+            stages.append({"first_layer": layer, "num_layers": 1, "tokens": tokens, "flops": flops,
+                           "bytes": nbytes, "seconds": seconds,
+                           "bound": "compute" if flops / flops_per_s >= nbytes / bytes_per_s else "memory"})
+    return {
+        "seconds": sum(s["seconds"] for s in stages),
+        "flops": sum(s["flops"] for s in stages),
+        "bytes": sum(s["bytes"] for s in stages),
+        "stages": stages,
+    }

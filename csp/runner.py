@@ -9,7 +9,9 @@ removed physically and every token keeps its original position id.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from transformers import Cache, LlamaModel
@@ -63,6 +65,10 @@ class DecoderInputs:
             PyramidDrop and FEATHER rank by and which bounds the instruction text; None if unknown.
         source: ``B x T`` grid index of each image row, -1 for rows not on the grid; None: the
             image rows are the N grid tokens in order.
+        lengths: per-sample sequence lengths (``valid`` row sums) known on the host, e.g. from the
+            prompts; with ``image_counts`` they let the runner size every stage without reading
+            counts back from the device. None: read once from the device.
+        image_counts: per-sample image-slot rows (``is_image`` row sums) known on the host.
     """
 
     embeds: torch.Tensor
@@ -73,6 +79,8 @@ class DecoderInputs:
     cluster_keep: torch.Tensor | None = None
     last_rows: torch.Tensor | None = None
     source: torch.Tensor | None = None
+    lengths: list[int] | None = None
+    image_counts: list[int] | None = None
 
 
 @dataclass
@@ -87,6 +95,7 @@ class DecoderOutput:
     records: list[TokenRecord]
     layer_key_valid: list[torch.Tensor] = field(default_factory=list)
     kept_image_tokens: list[KeptImageTokens] = field(default_factory=list)
+    layer_key_padded: list[bool] | None = None
 
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states at original rows ``B x Q`` -> ``B x Q x d``."""
@@ -102,8 +111,10 @@ class CachedKeyMasks:
     host synchronisation per layer.
     """
 
-    def __init__(self, layer_key_valid: list[torch.Tensor]):
-        self.valid: list[torch.Tensor | None] = [None if bool(v.all()) else v for v in layer_key_valid]
+    def __init__(self, layer_key_valid: list[torch.Tensor], padded: list[bool] | None = None):
+        if padded is None:  # not known on the host: one read per layer
+            padded = [not bool(v.all()) for v in layer_key_valid]
+        self.valid: list[torch.Tensor | None] = [v if p else None for v, p in zip(layer_key_valid, padded, strict=True)]
 
     def step(self, layer: int) -> torch.Tensor | None:
         """Append the new token's key and return the ``B x 1 x 1 x T`` mask (or None)."""
@@ -128,15 +139,106 @@ def as_method(method: Method | StageSchedule | None) -> Method | None:
     return LvlmCsp(method) if isinstance(method, StageSchedule) else method
 
 
+@dataclass(frozen=True)
+class HostCounts:
+    """Per-sample token counts of the active set, known on the host (no device read needed).
+
+    Attributes:
+        image: image tokens per sample.
+        total: active tokens per sample.
+        grid: on-grid image tokens per sample (their grid indices are listed in
+            :class:`~csp.tokens.KeptImageTokens`), or None when unknown (a reducer's extra tokens).
+    """
+
+    image: tuple[int, ...]
+    total: tuple[int, ...]
+    grid: tuple[int, ...] | None
+
+    @property
+    def width(self) -> int:
+        """Columns of the right-padded state: the largest per-sample count."""
+        return max(self.total)
+
+    def padded(self, width: int) -> bool:
+        """Whether some sample is shorter than ``width`` (then the layers need a key mask)."""
+        return min(self.total) < width
+
+    def with_image(self, image: list[int]) -> HostCounts:
+        """The same text, ``image`` image tokens per sample (all on the grid if they were before)."""
+        total = tuple(t - i + n for t, i, n in zip(self.total, self.image, image, strict=True))
+        grid = tuple(image) if self.grid is not None and self.grid == self.image else None
+        return HostCounts(tuple(image), total, grid)
+
+
+def read_counts(state: TokenState) -> HostCounts:
+    """Counts of ``state`` read from the device in one host synchronisation (the fallback when a
+    method's counts depend on the data)."""
+    on_grid = state.is_image & (state.source >= 0)
+    image, total, grid = torch.stack([state.is_image.sum(dim=1), state.valid.sum(dim=1), on_grid.sum(dim=1)]).tolist()
+    return HostCounts(tuple(image), tuple(total), tuple(grid))
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """The compiled path for fixed stage shapes (off by default).
+
+    Every decoder-layer call of a teacher-forced forward goes through one ``torch.compile``'d
+    function with static shapes: layers share the graph of their stage's shape (parameters are
+    graph inputs), and each stage's width is rounded up to a multiple of ``bucket`` so that the
+    shapes of different prompts repeat. ``mode``: None picks ``reduce-overhead`` on CUDA (CUDA graphs
+    per stage shape) and the default mode elsewhere. Prefill with a KV cache (chat) stays eager.
+
+    Attributes:
+        enabled: use the compiled path.
+        backend: torch.compile backend (``inductor``; ``aot_eager`` traces without code generation).
+        mode: torch.compile mode, or None (see above).
+        bucket: stage widths are padded up to a multiple of this (1 = exact shapes, no padding).
+    """
+
+    enabled: bool = False
+    backend: str = "inductor"
+    mode: str | None = None
+    bucket: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bucket, bool) or not isinstance(self.bucket, int) or self.bucket < 1:
+            raise ValueError(f"compile.bucket must be an integer >= 1, got {self.bucket!r}")
+
+    @classmethod
+    def from_mapping(cls, cfg: Any) -> CompileOptions:
+        """From a config mapping (``compile: {enabled, backend, mode, bucket}``); None = off."""
+        if cfg is None:
+            return cls()
+        unknown = set(cfg) - {"enabled", "backend", "mode", "bucket"}
+        if unknown:
+            raise ValueError(f"compile: unknown keys {sorted(unknown)}; expected enabled, backend, mode, bucket")
+        return cls(**dict(cfg))
+
+    def width(self, count: int) -> int:
+        """``count`` rounded up to the bucket."""
+        return -(-count // self.bucket) * self.bucket
+
+
+def _layer_call(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One decoder layer without a cache (the function the compiled path compiles once)."""
+    return layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin))
+
+
 class StageRunner:
     """Runs the decoder layers of ``llm`` under ``method`` (a Method, a CSP schedule, or None = plain).
 
     ``always_move_tokens``: execute every stage of the plan even where it keeps all tokens (so that
-    tests can check the gather/scatter path against the plain loop).
+    tests can check the gather/scatter path against the plain loop). ``compile``: the compiled path
+    (see :class:`CompileOptions`; off by default).
+
+    Token counts and offsets are tracked on the host (from ``DecoderInputs.lengths`` and
+    ``image_counts`` and the plan's static keep counts), so a forward of plain LISA, LVLM_CSP or any
+    method with static counts never waits for the device; a data-dependent keep rule costs one read.
     """
 
     def __init__(self, llm: LlamaModel, method: Method | StageSchedule | None, num_image_tokens: int,
-                 *, always_move_tokens: bool = False):
+                 *, always_move_tokens: bool = False, compile: CompileOptions | None = None):
         check_attention_implementation(llm)
         self.llm = llm
         self.method = as_method(method)
@@ -148,6 +250,11 @@ class StageRunner:
             self.method.validate(self.num_layers, num_image_tokens)
             self.plan = self.method.plan(self.num_layers, num_image_tokens, always_move_tokens=always_move_tokens)
         self.plan.validate(self.num_layers)
+        # The plan looked up once per layer index, not searched in every layer of every forward.
+        self._events = [self.plan.at(i) for i in range(self.num_layers)]
+        self._ahead = [self.plan.scored_before(i) for i in range(self.num_layers)]
+        self.compile = compile or CompileOptions()
+        self._compiled: Any = None
 
     @property
     def schedule(self) -> StageSchedule | None:
@@ -158,40 +265,56 @@ class StageRunner:
     def forward(self, inputs: DecoderInputs, cache: Cache | None = None) -> DecoderOutput:
         """Prefill / teacher-forced pass over the full sequences."""
         plan = self.plan
+        compiled = self.compile.enabled and cache is None
+        bucket = self.compile.width if compiled else (lambda n: n)
         full = TokenState.full(inputs.embeds, inputs.valid, inputs.is_image, inputs.source)
-        state = replace(full)  # layers overwrite state.hidden; full keeps layer-0 embeddings
+        full_counts = self._input_counts(inputs, full)
+        full = full.pad_to(bucket(full.valid.shape[1]))
+        state, counts = replace(full), full_counts  # layers overwrite state.hidden; full keeps layer-0 embeddings
         if plan.input_keep:
             if inputs.cluster_keep is None:
                 raise ValueError("the method keeps an input set (clustering) but no cluster indices were given")
-            state = full.select(image_keep_mask(full.is_image, full.source, inputs.cluster_keep))
-        counts, key_valid, kept = [], [], []
-        mask, rotary, stage_counts = self._prepare(state)
+            keep = image_keep_mask(full.is_image, full.source, inputs.cluster_keep)
+            state, counts = self._select(state, keep, self._clustered_counts(inputs, counts), bucket)
+        layer_counts, key_valid, key_padded, kept = [], [], [], []
+        mask, rotary = self._prepare(state, counts)
         pending: torch.Tensor | None = None  # scores ranked by the previous layer for this layer's event
+        memo: dict[str, Any] = {}  # what scorers derive from the inputs alone, once per forward
+        if compiled and self._mode() == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new forward: earlier graph outputs may be reused
         for idx, layer in enumerate(self.llm.layers):
-            event = plan.at(idx)
+            event = self._events[idx]
             if isinstance(event, Scatter):
-                state = state.scatter_into(full)
+                state, counts = state.scatter_into(full), full_counts
             elif isinstance(event, Prune):
-                scores = pending if event.score_layer < idx else self._score(event, layer, state, rotary, inputs)
-                state = state.select(~state.is_image | event.keep.keep(scores, state.is_image, state.source))
+                scores = pending if event.score_layer < idx else self._score(event, layer, state, rotary, inputs, memo)
+                keep = ~state.is_image | event.keep.keep(scores, state.is_image, state.source)
+                state, counts = self._select(state, keep, self._pruned_counts(event, counts), bucket)
             if event is not None:
-                mask, rotary, stage_counts = self._prepare(state)
+                mask, rotary = self._prepare(state, counts)
             if idx == 0 or event is not None:
                 stage = event.stage if event is not None else plan.input_stage
-                kept.append((stage, idx, *grid_indices(state)))
-            ahead = plan.scored_before(idx)
-            pending = self._score(ahead, layer, state, rotary, inputs) if ahead is not None else None
-            counts.append(stage_counts)
+                kept.append((stage, idx, *grid_indices(state), counts.grid))
+            ahead = self._ahead[idx]
+            pending = self._score(ahead, layer, state, rotary, inputs, memo) if ahead is not None else None
+            layer_counts.append(counts)
             key_valid.append(state.valid)
-            state.hidden = layer(
-                state.hidden, attention_mask=mask, position_ids=state.positions,
-                past_key_values=cache, use_cache=cache is not None, position_embeddings=rotary,
-            )
+            key_padded.append(mask is not None)
+            if compiled:
+                state.hidden = self._compiled_layer()(layer, state.hidden, mask, state.positions, *rotary)
+            else:
+                state.hidden = layer(
+                    state.hidden, attention_mask=mask, position_ids=state.positions,
+                    past_key_values=cache, use_cache=cache is not None, position_embeddings=rotary,
+                )
         state.hidden = self.llm.norm(state.hidden)
-        records, widths = _records(counts, [k[3] for k in kept])
+        records = [TokenRecord(image_tokens=[c.image[b] for c in layer_counts],
+                               total_tokens=[c.total[b] for c in layer_counts]) for b in range(len(full_counts.total))]
+        widths = _kept_widths([(k[3], k[4]) for k in kept])
         kept_tokens = [KeptImageTokens(stage, first, indices[:, :w], plan.num_extra)
-                       for (stage, first, indices, _), w in zip(kept, widths, strict=True)]
-        return DecoderOutput(state=state, records=records, layer_key_valid=key_valid, kept_image_tokens=kept_tokens)
+                       for (stage, first, indices, _, _), w in zip(kept, widths, strict=True)]
+        return DecoderOutput(state=state, records=records, layer_key_valid=key_valid, kept_image_tokens=kept_tokens,
+                             layer_key_padded=key_padded)
 
     def decode(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache, keys: CachedKeyMasks) -> torch.Tensor:
         """One generation step: ``B x 1 x d`` new-token embeddings at original ``B x 1`` positions.
@@ -207,25 +330,75 @@ class StageRunner:
             )
         return self.llm.norm(hidden)
 
+    # -- host-side counts -----------------------------------------------------------------
+    def _input_counts(self, inputs: DecoderInputs, full: TokenState) -> HostCounts:
+        """Counts of the full sequences: from the host lists when given, else one device read."""
+        if inputs.lengths is None or inputs.image_counts is None:
+            return read_counts(full)
+        image, total = tuple(inputs.image_counts), tuple(inputs.lengths)
+        if len(image) != full.valid.shape[0] or len(total) != full.valid.shape[0]:
+            raise ValueError(f"DecoderInputs: {len(total)} lengths and {len(image)} image counts for a batch "
+                             f"of {full.valid.shape[0]}")
+        # a reducer's image slot holds plan.num_extra tokens off the grid per sample (PruMerge's merged
+        # token, VisionZip's CLS and contextual tokens); checked on the device with the kept indices
+        grid = image if inputs.source is None else tuple(i - self.plan.num_extra for i in image)
+        return HostCounts(image, total, grid)
+
+    def _clustered_counts(self, inputs: DecoderInputs, counts: HostCounts) -> HostCounts | None:
+        """After keeping ``cluster_keep`` (K distinct grid indices per sample): K image tokens where
+        every sample has the whole grid; None (read from the device) otherwise."""
+        if inputs.source is not None or any(i != self.num_image_tokens for i in counts.image):
+            return None
+        return counts.with_image([int(inputs.cluster_keep.shape[1])] * len(counts.image))
+
+    @staticmethod
+    def _pruned_counts(event: Prune, counts: HostCounts) -> HostCounts | None:
+        """The keep rule's static count of each sample's image tokens; None when data-dependent."""
+        image = [event.keep.static_count(i) for i in counts.image]
+        return None if any(i is None for i in image) else counts.with_image(image)
+
+    @staticmethod
+    def _select(state: TokenState, keep: torch.Tensor, counts: HostCounts | None,
+                bucket: Callable[[int], int]) -> tuple[TokenState, HostCounts]:
+        if counts is None:  # data-dependent: one device read for the new counts
+            counts = read_counts(TokenState(state.hidden, state.positions, keep & state.valid,
+                                            state.is_image & keep, state.source))
+        return state.select(keep, bucket(counts.width)), counts
+
+    # -- per stage and per layer ----------------------------------------------------------
     def _score(self, event: Prune, layer: torch.nn.Module, state: TokenState,
-               rotary: tuple[torch.Tensor, torch.Tensor], inputs: DecoderInputs) -> torch.Tensor:
+               rotary: tuple[torch.Tensor, torch.Tensor], inputs: DecoderInputs, memo: dict[str, Any]) -> torch.Tensor:
         return event.scorer.score(ScoreContext(layer=layer, hidden=state.hidden, rotary=rotary, state=state,
-                                               inputs=inputs))
+                                               inputs=inputs, memo=memo))
 
-    def _prepare(
-        self, state: TokenState
-    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """What every layer of a stage shares: mask, rotary (cos, sin) and the token counts."""
+    def _prepare(self, state: TokenState,
+                 counts: HostCounts) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        """What every layer of a stage shares: the key mask (None without padding) and rotary (cos, sin)."""
         rotary = self.llm.rotary_emb(state.hidden, position_ids=state.positions)
-        return attention_mask(state.valid), rotary, state.counts()
+        padded = counts.padded(state.valid.shape[1])
+        if not padded:  # host counts that missed some padding would drop the key mask: check on the device
+            torch._assert_async(state.valid.all(), "host token counts say no padding, but the batch is padded")
+        return attention_mask(state.valid, padded=padded), rotary
+
+    def _mode(self) -> str | None:
+        if self.compile.mode is not None:
+            return self.compile.mode
+        return "reduce-overhead" if self.llm.norm.weight.device.type == "cuda" else None
+
+    def _compiled_layer(self) -> Callable[..., torch.Tensor]:
+        if self._compiled is None:
+            self._compiled = torch.compile(_layer_call, backend=self.compile.backend, mode=self._mode(), dynamic=False)
+        return self._compiled
 
 
-def _records(counts: list[tuple[torch.Tensor, torch.Tensor]],
-             kept_counts: list[torch.Tensor]) -> tuple[list[TokenRecord], list[int]]:
-    """Per-layer (image, total) counts -> one TokenRecord per sample, and the width of each kept-token
-    entry (its largest per-sample count), in one host read."""
-    image = torch.stack([c[0] for c in counts], dim=1)
-    total = torch.stack([c[1] for c in counts], dim=1)
-    widths = torch.stack([c.max() for c in kept_counts])
-    image_l, total_l, widths_l = image.tolist(), total.tolist(), widths.tolist()
-    return [TokenRecord(image_tokens=i, total_tokens=t) for i, t in zip(image_l, total_l)], widths_l
+def _kept_widths(entries: list[tuple[torch.Tensor, tuple[int, ...] | None]]) -> list[int]:
+    """Width of each kept-token entry (its largest per-sample on-grid count): from the host counts
+    (checked against the device counts asynchronously), or, where unknown, from the device counts
+    in one read for the whole forward."""
+    for count, grid in entries:
+        if grid is not None:
+            # against a Python int: no host-to-device copy
+            torch._assert_async(count.max() == max(grid), "host on-grid image-token counts differ from the device's")
+    unknown = [count for count, grid in entries if grid is None]
+    read = iter(torch.stack([c.max() for c in unknown]).tolist()) if unknown else iter(())
+    return [max(grid) if grid is not None else next(read) for _, grid in entries]

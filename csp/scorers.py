@@ -8,8 +8,8 @@ columns (higher = more important); the plan's keep rule then picks among the ima
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -31,6 +31,8 @@ class ScoreContext:
         rotary: (cos, sin), each ``B x T x head_dim``, at the active tokens' original positions.
         state: the active tokens (positions, validity, image flags, grid indices).
         inputs: the whole batch (layer-0 embeddings of every row, query rows, last prompt rows).
+        memo: per-forward store for what depends on ``inputs`` only (e.g. SparseVLM's raters), so
+            that several events of one forward compute it (and read its size back) once.
     """
 
     layer: LlamaDecoderLayer
@@ -38,6 +40,7 @@ class ScoreContext:
     rotary: tuple[torch.Tensor, torch.Tensor]
     state: TokenState
     inputs: DecoderInputs
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 class Scorer(ABC):
@@ -120,7 +123,12 @@ class QueryAttention(Scorer):
         return sparsevlm_raters(inputs)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        rows, valid = self.query(ctx.inputs)
+        if self.rows == "raters":  # from the layer-0 embeddings: the same for every event of a forward
+            if "raters" not in ctx.memo:
+                ctx.memo["raters"] = self.query(ctx.inputs)
+            rows, valid = ctx.memo["raters"]
+        else:
+            rows, valid = self.query(ctx.inputs)
         cols = ctx.state.rows_of(rows * valid)
         keys = ctx.state.valid if self.keys == "visible" else ctx.state.is_image
         return query_attention_scores(ctx.layer, ctx.hidden, ctx.rotary, keys, cols, valid, use_rope=self.rope)

@@ -4,7 +4,7 @@ without n x n matrices."""
 from __future__ import annotations
 
 import torch
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, repeat_kv, rotate_half
 
 
 def query_attention_scores(
@@ -46,8 +46,8 @@ def query_attention_scores(
     cos_q = cos.gather(1, query_cols.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
     sin_q = sin.gather(1, query_cols.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
     if use_rope:
-        q, _ = apply_rotary_pos_emb(q, q, cos_q, sin_q)
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        # one rotation each (LLaMA's apply_rotary_pos_emb rotates a pair: passing k twice doubles the work)
+        q, k = rope(q, cos_q, sin_q), rope(k, cos, sin)
     k = repeat_kv(k, attn.num_key_value_groups)
     logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # B x H x Q x T
     cols = torch.arange(length, device=x.device)
@@ -56,3 +56,10 @@ def query_attention_scores(
     probs = logits.softmax(dim=-1).mean(dim=1)  # B x Q x T
     weights = query_valid.float()
     return (probs * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """LLaMA's rotary embedding of ``B x H x T x hd`` states with ``B x T x hd`` cos/sin (as
+    ``apply_rotary_pos_emb`` does for one tensor)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin

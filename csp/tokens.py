@@ -41,15 +41,30 @@ class TokenState:
             source = torch.where(is_image, is_image.long().cumsum(dim=1) - 1, -1)
         return cls(embeds, positions * valid, valid, is_image, source.masked_fill(~is_image, -1))
 
-    def select(self, keep: torch.Tensor) -> TokenState:
-        """Keep the tokens where ``keep`` (``B x T``) is True, in order, re-padded on the right."""
+    def select(self, keep: torch.Tensor, length: int | None = None) -> TokenState:
+        """Keep the tokens where ``keep`` (``B x T``) is True, in order, re-padded on the right.
+
+        ``length``: the output width, i.e. the largest per-sample count of kept tokens (or more, to
+        pad to a bucket), when the caller knows it on the host; None reads it from the device (one
+        host synchronisation). A wrong ``length`` is caught by an asynchronous device assertion.
+        """
         keep = keep & self.valid
         counts = keep.sum(dim=1)
-        length = int(counts.max())
+        if length is None:
+            length = int(counts.max())
+        else:
+            torch._assert_async(counts.max() <= length, "TokenState.select: more kept tokens than the given length")
         # A stable sort of ~keep lists the kept columns first, in their original order.
-        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :length]
+        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+        if length > order.shape[1]:  # padding beyond the input width (a bucketed length)
+            order = torch.cat([order, order[:, :1].expand(-1, length - order.shape[1])], dim=1)
+        order = order[:, :length]
         valid = torch.arange(length, device=keep.device) < counts.unsqueeze(1)
-        hidden = self.hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
+        # index_select of whole rows from the flattened states: a gather with an index expanded over d
+        # is several times slower on CPU
+        batch, width, dim = self.hidden.shape
+        flat = order + torch.arange(batch, device=keep.device).unsqueeze(1) * width
+        hidden = self.hidden.reshape(-1, dim).index_select(0, flat.reshape(-1)).view(batch, length, dim)
         return TokenState(
             hidden=hidden,
             positions=self.positions.gather(1, order) * valid,
@@ -59,18 +74,42 @@ class TokenState:
         )
 
     def scatter_into(self, full: TokenState) -> TokenState:
-        """``full`` with this state's hidden states written back at their original rows (eq. 7)."""
-        hidden = full.hidden.clone()
-        rows = self.valid.nonzero(as_tuple=True)
-        hidden[rows[0], self.positions[rows]] = self.hidden[rows]
+        """``full`` with this state's hidden states written back at their original rows (eq. 7).
+
+        Without ``nonzero`` (which would synchronise with the device): one row copy into the flattened
+        ``(B*T + 1) x d`` states, where the spare last row absorbs this state's padding.
+        """
+        batch, length, dim = full.hidden.shape
+        offsets = torch.arange(batch, device=self.hidden.device).unsqueeze(1) * length
+        target = torch.where(self.valid, self.positions + offsets, batch * length)  # padding -> the spare row
+        hidden = torch.cat([full.hidden.reshape(-1, dim), full.hidden.new_zeros(1, dim)])
+        hidden.index_copy_(0, target.reshape(-1), self.hidden.reshape(-1, dim))
+        hidden = hidden[:-1].view(batch, length, dim)
         return TokenState(hidden, full.positions, full.valid, full.is_image, full.source)
 
     def rows_of(self, positions: torch.Tensor) -> torch.Tensor:
-        """Column index of each original position ``B x Q`` in this state (must be present)."""
+        """Column index of each original position ``B x Q`` in this state (must be present).
+
+        The presence check is an asynchronous device assertion (no host synchronisation on a GPU).
+        """
         match = (self.positions.unsqueeze(2) == positions.unsqueeze(1)) & self.valid.unsqueeze(2)
-        if not bool(match.any(dim=1).all()):
-            raise RuntimeError("a requested position is not among the active tokens")
+        torch._assert_async(match.any(dim=1).all(), "a requested position is not among the active tokens")
         return match.to(torch.uint8).argmax(dim=1)
+
+    def pad_to(self, length: int) -> TokenState:
+        """Right-pad to ``length`` columns (bucketed shapes for the compiled path)."""
+        extra = length - self.valid.shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot pad {self.valid.shape[1]} columns to {length}")
+        if extra == 0:
+            return self
+
+        def pad(t: torch.Tensor, value: float | bool | int) -> torch.Tensor:
+            shape = (t.shape[0], extra, *t.shape[2:])
+            return torch.cat([t, t.new_full(shape, value)], dim=1)
+
+        return TokenState(pad(self.hidden, 0.0), pad(self.positions, 0), pad(self.valid, False),
+                          pad(self.is_image, False), pad(self.source, -1))
 
     def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image tokens, total tokens) per sample, ``B`` each."""
@@ -111,13 +150,16 @@ def grid_indices(state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
     return ordered.masked_fill(ordered == big, -1), on_grid.sum(dim=1)
 
 
-def attention_mask(valid: torch.Tensor) -> torch.Tensor | None:
+def attention_mask(valid: torch.Tensor, padded: bool | None = None) -> torch.Tensor | None:
     """Causal mask in sequence order over valid keys, ``B x 1 x T x T`` bool (True = attend).
 
     ``None`` when nothing is padded, so SDPA may use its causal fast path. Padded query rows
-    attend to themselves only (finite, ignored).
+    attend to themselves only (finite, ignored). ``padded``: whether any row is padding, when the
+    caller knows it on the host (None: read it from the device, one host synchronisation).
     """
-    if bool(valid.all()):
+    if padded is None:
+        padded = not bool(valid.all())
+    if not padded:
         return None
     length = valid.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()

@@ -226,9 +226,11 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
         (out_dir / MANIFEST).write_text(json.dumps(plan.setting, indent=2) + "\n")
     barrier(ctx)
 
+    from csp.runner import CompileOptions
     from model.builder import build_from_config
     from model.pipeline import SegmentationPipeline
 
+    compile_options = CompileOptions.from_mapping(cfg.get("compile"))  # checked before the model is built
     bundle = bundle if bundle is not None else build_from_config(cfg.model)
     logger = make_logger(cfg, out_dir, ctx)
     vis = cfg.get("vis") or {}
@@ -243,7 +245,7 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
     # The method row: the schedule and/or a fine-tuned mask decoder (mIoU*); plain LISA otherwise.
     has_method = method is not None or bool(mask_decoder)
     if not has_method or plan.same_run:
-        plain = SegmentationPipeline(bundle, schedule=None)  # released mask decoder: a fine-tuned one loads below
+        plain = SegmentationPipeline(bundle, schedule=None, compile=compile_options)  # released mask decoder: a fine-tuned one loads below
         name = f"LISA ({cfg.model.get('name')})"
         base_dir = out_dir if not has_method else out_dir / "baseline"
         setting = {**plan.setting, "model": plain_model_setting(plan.setting["model"]), "method": None,
@@ -263,7 +265,7 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
 
             load_mask_decoder(bundle.model, mask_decoder, schedule=plan.schedule_cfg)
             model_info = {**model_info, "mask_decoder": str(mask_decoder)}
-        pipe = SegmentationPipeline(bundle, method=method)
+        pipe = SegmentationPipeline(bundle, method=method, compile=compile_options)
         name = setting_name(cfg, method) if method is not None else str(cfg.get("name") or cfg.model.get("name"))
         # mIoU*: the paper's label for accuracy after fine-tuning only SAM's mask decoder (Table 6)
         opts = SettingOptions(name=name + (" (mIoU*)" if mask_decoder else ""),

@@ -112,6 +112,8 @@ def decoder_inputs(model: LISAForCausalLM, batch: ExpandedBatch, image_embeds: t
         is_image=batch.is_image.to(device), query_rows=rows.to(device), query_valid=rows_valid.to(device),
         cluster_keep=cluster_keep, last_rows=None if last_rows is None else last_rows.to(device),
         source=row_source(batch, image_source, image_valid, device),
+        # host-side counts (the batch is built on the host): the runner sizes its stages from these
+        lengths=batch.lengths.tolist(), image_counts=batch.is_image.sum(dim=1).tolist(),
     )
 
 
@@ -200,7 +202,7 @@ def generate(
     cache = DynamicCache(config=model.config)
     out = runner.forward(inputs, cache=cache)
     hidden = out.rows(inputs.query_rows)  # B x 1 x d
-    keys = CachedKeyMasks(out.layer_key_valid)
+    keys = CachedKeyMasks(out.layer_key_valid, out.layer_key_padded)
     positions = last.to(device)
     size = len(token_ids)
     generated: list[list[int]] = [[] for _ in range(size)]

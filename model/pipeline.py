@@ -15,7 +15,7 @@ from PIL import Image
 
 from csp.accounting import ModelDims
 from csp.methods import Method, ReducedImages, VisionFeatures
-from csp.runner import StageRunner, as_method
+from csp.runner import CompileOptions, StageRunner, as_method
 from csp.schedule import StageSchedule
 from csp.strategies import ClusteringInputs
 from csp.tokens import KeptImageTokens
@@ -100,14 +100,15 @@ class Timer:
 class SegmentationPipeline:
     """LISA inference with an optional image-token reduction method (a CSP schedule is LVLM_CSP)."""
 
-    def __init__(self, bundle: LisaBundle, schedule: StageSchedule | None = None, *, method: Method | None = None):
+    def __init__(self, bundle: LisaBundle, schedule: StageSchedule | None = None, *, method: Method | None = None,
+                 compile: CompileOptions | None = None):
         if schedule is not None and method is not None:
             raise ValueError("give a schedule (LVLM_CSP) or a method, not both")
         self.bundle = bundle
         self.model = bundle.model
         self.method = as_method(schedule) if method is None else method
         tower = self.model.vision_tower
-        self.runner = StageRunner(self.model.model, self.method, tower.num_patches)
+        self.runner = StageRunner(self.model.model, self.method, tower.num_patches, compile=compile)
         self.strategy  # noqa: B018  (builds CSP's clustering strategy now: bad settings fail here)
 
     @property

@@ -1,45 +1,67 @@
-"""Wall-clock benchmark of the LLM forward: plain LISA, an LVLM_CSP schedule and every other method,
-in one run.
+"""Wall-clock benchmark of LISA with image-token reduction, against the device's roofline.
 
-Random weights in a LLaMA shape (no download): ``--shape 7b`` is the real LLaMA-7B (use it on a
-GPU, bf16), ``--shape 13b`` LLaMA-13B, ``--shape cpu32`` a 32-layer LLaMA narrowed to fit a CPU.
-One sample: ``text`` tokens around N image tokens (teacher forcing, as in evaluation). Prints
-JSON: median ms of each, measured speedup, the FLOPs ratio from csp.accounting for the same
-dims, their quotient, and peak memory (CUDA only). The spread of the repeats (interquartile range
-over median) is in the JSON too; above ``--max-spread`` (10%) a warning is printed and listed under
-``warnings``: the machine was busy or the clock noisy, and the medians deserve less trust.
-``methods`` holds the same for every method
-preset named by ``--methods`` (default: the Table 1 presets, configs/exp/table1_<method>.yaml);
-before-LLM methods (PruMerge, PruMerge+, VisionZip) run the LLM on their number of image tokens
-(the upper bound where it depends on the data); their CLIP-side cost is not in the LLM time.
+Random weights in the real shapes (no download): ``--shape 7b`` is LLaMA-7B with CLIP ViT-L/14-224
+and SAM ViT-H (use it on a GPU, bf16), ``13b`` LLaMA-13B with the same towers, ``cpu32`` a
+32-layer LLaMA narrowed to fit a CPU (d=512) with tiny CLIP/SAM towers (N = 256), ``tiny`` a
+32-layer d=64 LLaMA (tests).
+
+Two modes:
+
+- one preset (default): the LLM forward of plain LISA, one LVLM_CSP schedule and the method presets
+  of ``--methods`` (default: the Table 1 presets, configs/exp/table1_<method>.yaml), interleaved,
+  median of repeats; JSON with the measured speed-up, the FLOPs ratio and the roofline speed-up;
+  before-LLM methods (PruMerge, PruMerge+, VisionZip) run the LLM on their number of image tokens
+  (the upper bound where it depends on the data); their CLIP-side cost is not in the LLM time;
+- ``--suite``: every preset of a model (``configs/schedule/<model>_p*.yaml``) and every registered
+  method of ``csp.methods`` (its ``configs/method/<name>.yaml``), at batch 1 and batched (several
+  queries of one image, as evaluation runs them); per-component times (vision tower, the method's
+  module before the LLM incl. seg_first's detector, LLM, SAM encoder, SAM decoder), end-to-end
+  samples/s, CUDA peak memory, roofline; a JSON report and a printed table.
+
+The roofline: the device's matmul throughput and memory bandwidth are measured in the same run by
+small microbenchmarks at the model's shapes; per stage, roofline time = max(FLOPs / throughput,
+bytes / bandwidth) with FLOPs and bytes from ``csp.accounting`` (the shared calculator).
 
     python scripts/benchmark.py --preset llava7b_224_p70 --shape cpu32
-    python scripts/benchmark.py --preset llava7b_224_p70 --shape 7b --device cuda --dtype bf16
-    python scripts/benchmark.py --methods table1_fastv,table1_pyramiddrop --shape cpu32
+    python scripts/benchmark.py --suite --shape cpu32 --out bench.json
+    python scripts/benchmark.py --suite --shape 7b --device cuda --dtype bf16 --compiled --out bench_7b.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaModel
+from PIL import Image
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaModel
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from csp.accounting import ModelDims, counts_row, static_row  # noqa: E402
-from csp.methods import Method, build_method  # noqa: E402
-from csp.runner import DecoderInputs, StageRunner  # noqa: E402
+from csp.accounting import ModelDims, counts_row, roofline, static_row, total_flops  # noqa: E402
+from csp.methods import METHODS, Method, VisionFeatures, build_method  # noqa: E402
+from csp.methods.lvlm_csp import LvlmCsp  # noqa: E402
+from csp.runner import CompileOptions, DecoderInputs, StageRunner  # noqa: E402
 from csp.schedule import StageSchedule  # noqa: E402
-from model.builder import cast_model, resolve_dtype  # noqa: E402
-from model.pipeline import Timer  # noqa: E402
+from model.builder import LisaBundle, cast_model, keep_fp32_buffers, resolve_dtype  # noqa: E402
+from model.inference import teacher_forced  # noqa: E402
+from model.lisa import LISAForCausalLM  # noqa: E402
+from model.pipeline import SegmentationPipeline, Timer  # noqa: E402
+from model.prompt import IMAGE_PLACEHOLDER_ID, SpecialTokenIds  # noqa: E402
+from model.sam import build_sam_vit_h, build_tiny_sam, decode_masks, sam_postprocess, sam_preprocess  # noqa: E402
+from model.vision import CLIPVisionTower, clip_processor_for, tiny_clip_config  # noqa: E402
 from scripts.flops_table import load_method_presets  # noqa: E402
 
 SHAPES = {
@@ -48,27 +70,234 @@ SHAPES = {
     "cpu32": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=32, num_attention_heads=8),
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=32, num_attention_heads=4),
 }
+#: The model whose presets a shape runs by default (``--model``), and the towers it comes with.
+DEFAULT_MODEL = {"7b": "llava7b_224", "13b": "llava13b_224", "cpu32": "llava7b_224", "tiny": "llava7b_224"}
+REAL_TOWERS = ("7b", "13b")  # CLIP ViT-L/14 and SAM ViT-H; the others get tiny towers
+VOCAB = 32004
+SEG_ID, PAD_ID, PERIOD_ID = 32000, 0, 29889
+COMPONENTS = ("vision", "reduce", "llm", "sam_encoder", "sam_decoder")
+#: Default relative spread (max - min) / median of a configuration's repeats above which the report
+#: warns (``--max-spread``).
+SPREAD_WARNING = 0.25
 
 
-def load_schedule(args: argparse.Namespace) -> StageSchedule:
-    if args.schedule:
-        lc, nc, ls, np_ = (int(v) for v in args.schedule.split(","))
-        return StageSchedule(Lc=lc, Nc=nc, Ls=ls, Np=np_)
-    path = ROOT / "configs" / "schedule" / f"{args.preset}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"unknown preset {args.preset!r}: {path} does not exist")
-    return StageSchedule.from_mapping(yaml.safe_load(path.read_text()))
+# -- models -------------------------------------------------------------------------------
+def llama_config(shape: str) -> LlamaConfig:
+    if shape not in SHAPES:
+        raise SystemExit(f"unknown shape {shape!r}; expected one of {sorted(SHAPES)}")
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **SHAPES[shape])
+    config._attn_implementation = "sdpa"
+    return config
 
 
 def build_llm(shape: str, dtype: torch.dtype, device: torch.device) -> LlamaModel:
-    config = LlamaConfig(vocab_size=32004, max_position_embeddings=4096, **SHAPES[shape])
-    config._attn_implementation = "sdpa"
+    """The decoder alone (one-preset mode), random weights."""
     with torch.device(device):
         torch.manual_seed(0)
-        llm = LlamaModel(config)
+        llm = LlamaModel(llama_config(shape))
     return cast_model(llm, dtype=dtype, device=device).eval()
 
 
+def vit_l14_config() -> CLIPVisionConfig:
+    """CLIP ViT-L/14 at 224 (LLaVA-1.5's tower for the 224 presets), N = 256."""
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=224, patch_size=14, projection_dim=768)
+
+
+def build_bundle(shape: str, dtype: torch.dtype, device: torch.device) -> LisaBundle:
+    """Whole LISA at ``shape`` with random weights, built directly in ``dtype`` on ``device``."""
+    config = llama_config(shape)
+    real = shape in REAL_TOWERS
+    clip_config = vit_l14_config() if real else tiny_clip_config()
+    config.mm_hidden_size = clip_config.hidden_size
+    config.mm_projector_type = "mlp2x_gelu" if real else "linear"
+    config.mm_vision_select_layer = -2
+    config.out_dim = 256 if real else 32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            tower = CLIPVisionTower(model=CLIPVisionModel(clip_config), processor=clip_processor_for(224))
+            sam = build_sam_vit_h() if real else build_tiny_sam(config.out_dim)
+            model = LISAForCausalLM(config, visual_model=sam, vision_tower=tower)
+    finally:
+        torch.set_default_dtype(previous)
+    keep_fp32_buffers(model)
+    tower.clip.config._attn_implementation = "sdpa"
+    ids = SpecialTokenIds(seg=SEG_ID, im_start=32001, im_end=32002, eos=2, pad=PAD_ID)
+    return LisaBundle(model.eval(), tokenizer=None, token_ids=ids)  # prompts are built as ids here
+
+
+# -- methods ------------------------------------------------------------------------------
+def load_schedule(preset: str) -> StageSchedule:
+    path = ROOT / "configs" / "schedule" / f"{preset}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"unknown preset {preset!r}: {path} does not exist")
+    return StageSchedule.from_mapping(yaml.safe_load(path.read_text()))
+
+
+def model_presets(model: str) -> list[str]:
+    """The pruning presets of a model (``configs/schedule/<model>_p*.yaml``), in ratio order."""
+    names = sorted(p.stem for p in (ROOT / "configs" / "schedule").glob(f"{model}_p*.yaml"))
+    if not names:
+        raise SystemExit(f"no presets configs/schedule/{model}_p*.yaml; models: llava7b_224, llava7b_336, llava13b_224")
+    return names
+
+
+def registered_methods() -> list[tuple[str, Method | None, str | None]]:
+    """Every registered method except CSP (its presets are the schedules): (name, method, why not).
+
+    A method runs at its Table 1 setting (``configs/exp/table1_<name>.yaml``) where there is one,
+    else with its own defaults (``configs/method/<name>.yaml``).
+    """
+    presets = load_method_presets()
+    out = []
+    for name in sorted(METHODS):
+        if name == "csp":
+            continue
+        path = ROOT / "configs" / "method" / f"{name}.yaml"
+        if f"table1_{name}" in presets:
+            params, source = presets[f"table1_{name}"][1], f"table1_{name}.yaml"
+        else:
+            params, source = (yaml.safe_load(path.read_text()) if path.is_file() else {}), path.name
+        try:
+            out.append((name, build_method({**(params or {}), "name": name}), None))
+        except (ValueError, TypeError) as err:
+            out.append((name, None, f"cannot build from {source}: {err}"))
+    return out
+
+
+@dataclass
+class Setting:
+    """One row of the suite: a method (None = plain LISA) under a name."""
+
+    name: str
+    kind: str  # plain | csp | method
+    method: Method | None
+    compiled: bool = False  # the compiled path (torch.compile; CUDA graphs per stage shape on a GPU)
+
+
+# -- inputs -------------------------------------------------------------------------------
+def query_ids(batch: int, text_tokens: int, sys_tokens: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """``batch`` prompts ``sys | <image> | user | [SEG] .`` about one image; query i has
+    ``text_tokens + 2 i - (batch - 1)`` text tokens (different lengths as in evaluation, mean
+    ``text_tokens``). Returns the ids and the prompt lengths without the answer."""
+    gen = np.random.default_rng(seed)
+    ids, prompt_lengths = [], []
+    for i in range(batch):
+        text = text_tokens + 2 * i - (batch - 1)
+        user = text - sys_tokens - 2  # the answer is [SEG] .
+        if user < 1:
+            raise SystemExit(f"--text-tokens {text_tokens} leaves no user tokens after {sys_tokens} system tokens")
+        sys_part = [1] + gen.integers(3, 31999, sys_tokens - 1).tolist()
+        prompt = sys_part + [IMAGE_PLACEHOLDER_ID] + gen.integers(3, 31999, user).tolist()
+        ids.append(prompt + [SEG_ID, PERIOD_ID])
+        prompt_lengths.append(len(prompt))
+    return ids, prompt_lengths
+
+
+def test_image(seed: int = 0) -> Image.Image:
+    """A 480 x 640 random RGB image (COCO-like size)."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+
+
+# -- timing helpers -----------------------------------------------------------------------
+def spread(values: list[float]) -> float:
+    """(max - min) / median."""
+    mid = statistics.median(values)
+    return (max(values) - min(values)) / mid if mid > 0 else 0.0
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "spread": spread(values), "all": values}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device: torch.device, fn: Callable[[], Any], repeats: int) -> float:
+    """Median ms of ``repeats`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        with Timer(device) as timer:
+            fn()
+        times.append(timer.ms)
+    return statistics.median(times)
+
+
+# -- device roofs -------------------------------------------------------------------------
+def measure_device(dims: ModelDims, tokens: int, dtype: torch.dtype, device: torch.device,
+                   repeats: int = 5) -> dict[str, Any]:
+    """Matmul throughput at the decoder's GEMM shapes (``tokens`` rows: d->d, d->m, m->d) and memory
+    bandwidth (a reduction over a buffer much larger than the caches, read once per call)."""
+    d, m = dims.hidden_size, dims.intermediate_size
+    gemms = []
+    with torch.no_grad():
+        for k, n in ((d, d), (d, m), (m, d)):
+            x = torch.randn(tokens, k, device=device, dtype=dtype)
+            w = torch.randn(k, n, device=device, dtype=dtype)
+            ms = timed(device, lambda x=x, w=w: x @ w, repeats)
+            gemms.append({"m": tokens, "k": k, "n": n, "ms": ms, "flops_per_s": 2.0 * tokens * k * n / (ms / 1e3)})
+        element = torch.finfo(dtype).bits // 8
+        # 4x the largest last-level cache we expect (H100 L2 50 MB; server CPUs' L3 tens of MB)
+        nbytes = 1 << (30 if device.type == "cuda" else 27)
+        buf = torch.ones(nbytes // element, device=device, dtype=dtype)
+        ms = timed(device, buf.sum, repeats)
+    return {
+        "matmul_flops_per_s": max(g["flops_per_s"] for g in gemms), "matmul": gemms,
+        "bandwidth_bytes_per_s": nbytes / (ms / 1e3), "bandwidth_buffer_bytes": nbytes,
+        "element_bytes": element,
+    }
+
+
+def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    info = {"device": str(device), "dtype": str(dtype).split(".")[-1], "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "processor": platform.processor()}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        try:
+            lines = Path("/proc/cpuinfo").read_text().splitlines()
+            info["device_name"] = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+        except OSError:
+            info["device_name"] = platform.processor()
+    return info
+
+
+def peak_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak CUDA memory of ``fn`` above what was allocated before it (MiB); None on CPU, where the
+    process RSS high-water mark is not a sound measure (the allocator reuses freed heap)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def count_cuda_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Host synchronisations torch reports for ``fn`` (``set_sync_debug_mode('warn')``); None on CPU."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+# -- one-preset mode ----------------------------------------------------------------------
 def sample_inputs(llm: LlamaModel, n_img: int, text: int, sys_tokens: int) -> DecoderInputs:
     """One sequence ``sys | img | usr+out``; the query row is the token before the final [SEG], which
     is also taken as the last prompt row (``ASSISTANT:`` then ``[SEG]``)."""
@@ -79,7 +308,8 @@ def sample_inputs(llm: LlamaModel, n_img: int, text: int, sys_tokens: int) -> De
     is_image[0, sys_tokens:sys_tokens + n_img] = True
     valid = torch.ones(1, length, dtype=torch.bool, device=device)
     query = torch.tensor([[length - 4]], device=device)
-    return DecoderInputs(embeds, valid, is_image, query, torch.ones_like(query, dtype=torch.bool), last_rows=query)
+    return DecoderInputs(embeds, valid, is_image, query, torch.ones_like(query, dtype=torch.bool), last_rows=query,
+                         lengths=[length], image_counts=[n_img])
 
 
 def method_image_tokens(method: Method, num_layers: int, n_img: int) -> int:
@@ -103,6 +333,25 @@ def load_methods(names: str | None, n_img: int) -> dict[str, Method]:
     return {name: build_method(presets[name][1]) for name in wanted}
 
 
+def method_report(method: Method, runner: StageRunner, inputs: DecoderInputs, ms: list[float],
+                  plain_ms: list[float], base_row: dict, dims: ModelDims, text_tokens: int,
+                  device: torch.device, roofs: dict[str, Any]) -> dict:
+    """Median ms, speedup over plain, the FLOPs ratio and the roofline speed-up of the image tokens
+    the run processed."""
+    with torch.no_grad():
+        record = runner.forward(inputs).records[0]
+    row = counts_row(dims, record.image_tokens, text_tokens)
+    speedup = statistics.median(plain_ms) / statistics.median(ms)
+    flops_ratio = base_row["TFLOPs"] / row["TFLOPs"]
+    roof = roofline_fields(dims, roofs, [base_row["total_tokens"]], [row["total_tokens"]])
+    return {"method": method.describe(), "ms_median": statistics.median(ms), "ms_all": ms, "speedup": speedup,
+            "navg": row["Navg"], "tflops": row["TFLOPs"], "flops_ratio": flops_ratio,
+            "speedup_over_flops_ratio": speedup / flops_ratio, "data_dependent": method.data_dependent(),
+            "roofline_speedup": roof["roofline_speedup"],
+            "speedup_over_roofline_speedup": speedup / roof["roofline_speedup"],
+            "peak_mb": peak_mb(lambda: runner.forward(inputs), device)}
+
+
 def time_runner(runner: StageRunner, inputs: DecoderInputs, repeats: int, warmup: int) -> list[float]:
     device = inputs.embeds.device
     times = []
@@ -115,54 +364,32 @@ def time_runner(runner: StageRunner, inputs: DecoderInputs, repeats: int, warmup
     return times
 
 
-def peak_mb(fn, device: torch.device) -> float | None:
-    """Peak CUDA memory of one forward above what the model and inputs hold (MiB).
-
-    None on CPU: the process RSS high-water mark is not a sound measure there (the allocator
-    reuses heap freed after model construction), so the benchmark does not pretend to have one.
-    """
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+def roofline_fields(dims: ModelDims, roofs: dict[str, Any], plain_tokens: list[list[int]],
+                    tokens: list[list[int]]) -> dict[str, Any]:
+    """Roofline of plain and method from ``csp.accounting.roofline`` with the measured roofs."""
+    kw = {"flops_per_s": roofs["matmul_flops_per_s"], "bytes_per_s": roofs["bandwidth_bytes_per_s"],
+          "element_bytes": roofs["element_bytes"]}
+    plain, mine = roofline(plain_tokens, dims, **kw), roofline(tokens, dims, **kw)
+    return {"roofline_ms_plain": plain["seconds"] * 1e3, "roofline_ms": mine["seconds"] * 1e3,
+            "roofline_speedup": plain["seconds"] / mine["seconds"], "roofline_stages": mine["stages"]}
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    """Median, interquartile range (inclusive quartiles) and their quotient of repeated timings."""
-    median = statistics.median(values)
-    if len(values) < 2:
-        return {"median": median, "iqr": 0.0, "iqr_over_median": 0.0}
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return {"median": median, "iqr": q3 - q1, "iqr_over_median": (q3 - q1) / median if median else float("inf")}
-
-
-def spread_warnings(spreads: dict[str, dict[str, float]], limit: float) -> list[str]:
-    """One warning per timing whose IQR / median exceeds ``limit``."""
-    return [f"{name}: repeats spread widely (IQR / median = {s['iqr_over_median']:.0%} > {limit:.0%}); "
-            "the machine was probably busy: re-run with more --repeats/--rounds on an idle machine"
-            for name, s in spreads.items() if s["iqr_over_median"] > limit]
-
-
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
-    torch.set_num_threads(args.threads) if args.threads else None
-    schedule = load_schedule(args)
+    schedule = (StageSchedule(*(int(v) for v in args.schedule.split(","))) if args.schedule
+                else load_schedule(args.preset))
     llm = build_llm(args.shape, dtype, device)
     n_img = args.image_tokens
     schedule.validate(len(llm.layers), n_img)
     inputs = sample_inputs(llm, n_img, args.text_tokens, args.sys_tokens)
     inputs.cluster_keep = torch.arange(schedule.Nc, device=device)[None] * (n_img // schedule.Nc)
-    plain, csp = StageRunner(llm, None, n_img), StageRunner(llm, schedule, n_img)
+    options = CompileOptions(enabled=args.compiled, backend=args.compile_backend, bucket=args.bucket)
+    plain, csp = StageRunner(llm, None, n_img, compile=options), StageRunner(llm, schedule, n_img, compile=options)
     methods = load_methods(args.methods, n_img) if args.methods != "none" else {}
     others = {}
     for name, method in methods.items():
         tokens = method_image_tokens(method, len(llm.layers), n_img)
-        others[name] = (method, StageRunner(llm, method, n_img),
+        others[name] = (method, StageRunner(llm, method, n_img, compile=options),
                         inputs if tokens == n_img else sample_inputs(llm, tokens, args.text_tokens, args.sys_tokens))
     plain_ms, csp_ms = [], []
     method_ms: dict[str, list[float]] = {name: [] for name in others}
@@ -176,73 +403,322 @@ def run(args: argparse.Namespace) -> dict:
     csp_row = static_row(dims, schedule, n_img, args.text_tokens)
     speedup = statistics.median(plain_ms) / statistics.median(csp_ms)
     flops_ratio = base_row["TFLOPs"] / csp_row["TFLOPs"]
-    spreads = {"plain_ms": spread(plain_ms), "csp_ms": spread(csp_ms)}
-    warnings = spread_warnings(spreads, args.max_spread)
-    return {
+    roofs = measure_device(dims, args.text_tokens + n_img, dtype, device)
+    roof = roofline_fields(dims, roofs, [base_row["total_tokens"]], [csp_row["total_tokens"]])
+    with torch.no_grad():
+        syncs = count_cuda_syncs(lambda: csp.forward(inputs), device)
+    report = {
         "shape": args.shape, "device": str(device), "dtype": str(dtype).split(".")[-1],
+        "machine": machine_info(device, dtype),
         "schedule": {"Lc": schedule.Lc, "Nc": schedule.Nc, "Ls": schedule.Ls, "Np": schedule.Np},
         "image_tokens": n_img, "text_tokens": args.text_tokens, "repeats": len(plain_ms),
         "plain_ms_median": statistics.median(plain_ms), "csp_ms_median": statistics.median(csp_ms),
         "plain_ms_all": plain_ms, "csp_ms_all": csp_ms,
-        "plain_ms_iqr_over_median": spreads["plain_ms"]["iqr_over_median"],
-        "csp_ms_iqr_over_median": spreads["csp_ms"]["iqr_over_median"], "warnings": warnings,
+        "plain_spread": spread(plain_ms), "csp_spread": spread(csp_ms),
         "speedup": speedup, "tflops_plain": base_row["TFLOPs"], "tflops_csp": csp_row["TFLOPs"],
         "flops_ratio": flops_ratio, "speedup_over_flops_ratio": speedup / flops_ratio,
+        "device_roofs": roofs, **roof,
+        "speedup_over_roofline_speedup": speedup / roof["roofline_speedup"],
         "navg": csp_row["Navg"],
         "peak_mb_plain": peak_mb(lambda: plain.forward(inputs), device),
         "peak_mb_csp": peak_mb(lambda: csp.forward(inputs), device),
+        "cuda_syncs_per_forward": syncs,
         "methods": {name: method_report(method, runner, method_inputs, method_ms[name], plain_ms, base_row, dims,
-                                        n_img, args.text_tokens, device)
+                                        args.text_tokens, device, roofs)
                     for name, (method, runner, method_inputs) in others.items()},
+    }
+    report["warnings"] = [f"{name} repeats spread {value:.0%} (max - min over median)"
+                          for name, value in (("plain", report["plain_spread"]), ("csp", report["csp_spread"]))
+                          if value > args.max_spread]
+    return report
+
+
+# -- suite --------------------------------------------------------------------------------
+class SuiteRunner:
+    """One LISA bundle; runs one sample (an image and its queries) of a setting, timed per component."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+        self.args, self.device, self.dtype = args, device, dtype
+        self.bundle = build_bundle(args.shape, dtype, device)
+        self.model = self.bundle.model
+        self.image = test_image()
+        rgb = np.asarray(self.image)
+        tower = self.model.vision_tower
+        # host-side preprocessing (data loading work) stays outside the timed components
+        self.pixels = tower.processor(images=self.image, return_tensors="pt")["pixel_values"].to(device)
+        sam_input, self.resized = sam_preprocess(rgb)
+        self.sam_input = sam_input.unsqueeze(0).to(device=device, dtype=dtype)
+        self.pipes: dict[str, SegmentationPipeline] = {}
+        self.compile = CompileOptions(enabled=True, backend=args.compile_backend, bucket=args.bucket)
+        self.embedding: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def sam_encoder(self) -> float:
+        """ms of SAM's image encoder on the image. It does not see the method or the queries, so the
+        suite times it once per round and adds its median to every row's end-to-end time."""
+        with Timer(self.device) as t:
+            self.embedding = self.model.sam.image_encoder(self.sam_input)
+        return t.ms
+
+    def pipe(self, setting: Setting) -> SegmentationPipeline:
+        if setting.name not in self.pipes:
+            options = self.compile if setting.compiled else None
+            self.pipes[setting.name] = SegmentationPipeline(self.bundle, method=setting.method, compile=options)
+        return self.pipes[setting.name]
+
+    @torch.no_grad()
+    def sample(self, setting: Setting, batch: int) -> tuple[dict[str, float], float, list]:
+        """(component ms, end-to-end ms without the SAM encoder, token records) of one image with ``batch``
+        queries (the SAM encoder: :meth:`sam_encoder`)."""
+        pipe, model, device = self.pipe(setting), self.model, self.device
+        tower, sam = model.vision_tower, model.sam
+        ids, prompt_lengths = query_ids(batch, self.args.text_tokens, self.args.sys_tokens)
+        sample_ids = [f"q{i}" for i in range(batch)]
+        method = setting.method
+        ms: dict[str, float] = {}
+        with Timer(device) as total:
+            with Timer(device) as t:
+                layer = method.cls_attention_layer if method is not None else None
+                features, cls_row, hidden = tower.encode(self.pixels, cls_attention_layer=layer)
+                image_embeds = model.project_images(features)
+            ms["vision"] = t.ms
+            with Timer(device) as t:  # the method's module before the LLM (clustering incl. a detector, merging)
+                enc = _Encoding(features, cls_row, image_embeds, self.image)
+                if method is not None:
+                    vision = VisionFeatures(hidden_states=hidden, layers=tower.encoder_layers,
+                                            select_layer=tower.select_layer, grid=tower.grid)
+                    enc.reduced = method.reduce_images(vision)
+                    if enc.reduced is not None:
+                        enc.reduced_embeds = model.project_images(enc.reduced.features)
+                keep = pipe.cluster(enc, sample_ids)
+            ms["reduce"] = t.ms
+            with Timer(device) as t:
+                out = teacher_forced(model, pipe.runner, ids, seg_id=SEG_ID, pad_id=PAD_ID, cluster_keep=keep,
+                                     prompt_lengths=prompt_lengths, **pipe.image_inputs(enc, batch))
+            ms["llm"] = t.ms
+            if self.embedding is None:
+                self.sam_encoder()
+            with Timer(device) as t:
+                prompts = torch.cat(out.seg_embeddings)
+                low_res = decode_masks(sam, self.embedding, prompts)
+                masks = sam_postprocess(low_res, self.resized, self.image.size[::-1])
+                (masks > 0).cpu()  # the evaluation reads the masks on the host
+            ms["sam_decoder"] = t.ms
+        return ms, total.ms, out.records
+
+
+@dataclass
+class _Encoding:
+    """The fields of ``model.pipeline.ImageEncoding`` that ``cluster``/``image_inputs`` read."""
+
+    clip_features: torch.Tensor
+    cls_attention: torch.Tensor | None
+    image_embeds: torch.Tensor
+    image: Image.Image
+    reduced: Any = None
+    reduced_embeds: torch.Tensor | None = None
+
+
+def suite_settings(args: argparse.Namespace, num_layers: int, num_image_tokens: int) -> tuple[list[Setting], list[str]]:
+    """Plain, every preset of the model, an extra seg_first variant, every other registered method."""
+    settings, skipped = [Setting("plain", "plain", None)], []
+    model = args.model or DEFAULT_MODEL[args.shape]
+    presets = model_presets(model)
+    for preset in presets:
+        settings.append(Setting(preset.removeprefix(model + "_"), "csp", LvlmCsp(load_schedule(preset))))
+    if args.seg_first:
+        base = load_schedule(next((p for p in presets if p.endswith("_p70")), presets[0]))
+        schedule = StageSchedule(Lc=base.Lc, Nc=base.Nc, Ls=base.Ls, Np=base.Np, clustering="seg_first",
+                                 clustering_kwargs={"weights": args.seg_first, "imgsz": args.seg_first_imgsz})
+        settings.append(Setting("p70+seg_first", "csp", LvlmCsp(schedule)))
+    for name, method, why in registered_methods():
+        if method is not None:
+            try:
+                method.validate(num_layers, num_image_tokens)
+            except ValueError as err:
+                method, why = None, f"does not fit L={num_layers}, N={num_image_tokens}: {err}"
+        if method is None:
+            skipped.append(f"{name}: {why}")
+        else:
+            settings.append(Setting(name, "method", method))
+    if args.only:
+        wanted = set(args.only.split(","))
+        settings = [s for s in settings if s.name in wanted or s.kind == "plain"]
+    if args.compiled:  # every row once more on the compiled path, so the report shows whether it pays
+        settings += [replace(s, name=s.name + "+compiled", compiled=True) for s in settings]
+    return settings, skipped
+
+
+def run_suite(args: argparse.Namespace) -> dict[str, Any]:
+    device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
+    runner = SuiteRunner(args, device, dtype)
+    dims = ModelDims.from_config(runner.model.config)
+    n_img = runner.model.vision_tower.num_patches
+    settings, skipped = suite_settings(args, dims.num_layers, n_img)
+    batches = [int(b) for b in (args.batches or ("1,8" if device.type == "cuda" else "1,2")).split(",")]
+    times: dict[tuple[str, int], dict[str, list[float]]] = {}
+    records: dict[tuple[str, int], list] = {}
+    for _ in range(args.warmup):  # first calls (allocations, lazy loading such as the YOLO weights)
+        runner.sam_encoder()
+        for setting in settings:
+            runner.sample(setting, batches[0])
+    sam_ms = []
+    for _ in range(args.rounds):  # interleaved: every setting once per round
+        sam_ms.append(runner.sam_encoder())
+        for batch in batches:
+            for setting in settings:
+                ms, e2e, recs = runner.sample(setting, batch)
+                slot = times.setdefault((setting.name, batch), {c: [] for c in (*COMPONENTS, "e2e")})
+                for c in COMPONENTS:
+                    if c != "sam_encoder":
+                        slot[c].append(ms[c])
+                slot["e2e"].append(e2e)
+                records[(setting.name, batch)] = recs
+    sam_median = statistics.median(sam_ms)
+    for slot in times.values():
+        slot["sam_encoder"] = sam_ms
+        slot["e2e"] = [t + sam_median for t in slot["e2e"]]
+    roofs = measure_device(dims, args.text_tokens + n_img, dtype, device)
+    kw = {"flops_per_s": roofs["matmul_flops_per_s"], "bytes_per_s": roofs["bandwidth_bytes_per_s"],
+          "element_bytes": roofs["element_bytes"]}
+    results, warns = [], []
+    for batch in batches:
+        plain_tokens = [r.total_tokens for r in records[("plain", batch)]]
+        plain_roof = roofline(plain_tokens, dims, **kw)
+        plain_flops = sum(total_flops(t, dims) for t in plain_tokens)
+        plain_llm = statistics.median(times[("plain", batch)]["llm"])
+        plain_e2e = statistics.median(times[("plain", batch)]["e2e"])
+        for setting in settings:
+            key = (setting.name, batch)
+            tokens = [r.total_tokens for r in records[key]]
+            roof = roofline(tokens, dims, **kw)
+            flops = sum(total_flops(t, dims) for t in tokens)
+            comp = {c: stats(times[key][c]) for c in COMPONENTS}
+            llm, e2e = comp["llm"]["median"], statistics.median(times[key]["e2e"])
+            speedup, flops_ratio = plain_llm / llm, plain_flops / flops
+            roof_speedup = plain_roof["seconds"] / roof["seconds"]
+            row = {
+                "name": setting.name, "kind": setting.kind, "batch": batch,
+                "method": setting.method.describe() if setting.method is not None else "plain LISA",
+                "components_ms": comp, "e2e_ms": stats(times[key]["e2e"]),
+                "samples_per_s": batch / (e2e / 1e3), "e2e_speedup": plain_e2e / e2e,
+                "llm_ms": llm, "speedup": speedup,
+                "tflops": flops / 1e12, "flops_ratio": flops_ratio, "speedup_over_flops_ratio": speedup / flops_ratio,
+                "roofline_ms": roof["seconds"] * 1e3, "roofline_speedup": roof_speedup,
+                "speedup_over_roofline_speedup": speedup / roof_speedup,
+                "roofline_stages": roof["stages"],
+                "image_tokens_per_layer": [r.image_tokens for r in records[key]],
+                "total_tokens_per_layer": tokens,
+                "peak_mb": peak_mb(lambda s=setting, b=batch: runner.sample(s, b), device),
+            }
+            results.append(row)
+            for c in ("llm", "e2e"):
+                s = row["e2e_ms"]["spread"] if c == "e2e" else comp["llm"]["spread"]
+                if s > args.max_spread:
+                    warns.append(f"{setting.name} batch {batch}: {c} repeats spread {s:.0%} (max - min over median)")
+    syncs = None
+    if device.type == "cuda":
+        first = next((s for s in settings if s.kind == "csp"), settings[0])
+        syncs = count_cuda_syncs(lambda: runner.sample(first, 1), device)
+    return {
+        "mode": "suite", "shape": args.shape, "model": args.model or DEFAULT_MODEL[args.shape],
+        "machine": machine_info(device, dtype), "device_roofs": roofs,
+        "settings": {"rounds": args.rounds, "warmup": args.warmup, "batches": batches,
+                     "text_tokens": args.text_tokens, "image_tokens": n_img, "compiled": args.compiled,
+                     "bucket": args.bucket, "components": list(COMPONENTS),
+                     "sam_encoder": "timed once per round (it sees neither method nor queries); its median "
+                                    "is added to every row's end-to-end time"},
+        "cuda_syncs_per_sample": syncs, "results": results, "skipped": skipped, "warnings": warns,
     }
 
 
-def method_report(method: Method, runner: StageRunner, inputs: DecoderInputs, ms: list[float],
-                  plain_ms: list[float], base_row: dict, dims: ModelDims, n_img: int, text_tokens: int,
-                  device: torch.device) -> dict:
-    """Median ms, speedup over plain, and the FLOPs ratio of the image tokens the run processed."""
-    with torch.no_grad():
-        record = runner.forward(inputs).records[0]
-    row = counts_row(dims, record.image_tokens, text_tokens)
-    speedup = statistics.median(plain_ms) / statistics.median(ms)
-    flops_ratio = base_row["TFLOPs"] / row["TFLOPs"]
-    return {"method": method.describe(), "ms_median": statistics.median(ms), "ms_all": ms, "speedup": speedup,
-            "navg": row["Navg"], "tflops": row["TFLOPs"], "flops_ratio": flops_ratio,
-            "speedup_over_flops_ratio": speedup / flops_ratio, "data_dependent": method.data_dependent(),
-            "peak_mb": peak_mb(lambda: runner.forward(inputs), device)}
+def format_table(report: dict[str, Any]) -> str:
+    """The printed table: one block per batch size."""
+    m = report["machine"]
+    lines = [f"{report['shape']} ({report['model']}) on {m.get('device_name') or m['device']}, {m['dtype']}, "
+             f"{m['threads']} threads; roofs: matmul {report['device_roofs']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+             f"bandwidth {report['device_roofs']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
+             f"medians of {report['settings']['rounds']} interleaved rounds"]
+    head = ("| setting | batch | LLM ms (spread) | speed-up | FLOPs ratio | roofline sp. | sp/FLOPs | sp/roofline "
+            "| vision | reduce | SAM enc | SAM dec | e2e ms | samples/s | peak MiB |")
+    lines += ["", head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in report["results"]:
+        c = r["components_ms"]
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        lines.append(
+            f"| {r['name']} | {r['batch']} | {r['llm_ms']:.1f} ({c['llm']['spread']:.0%}) | {r['speedup']:.2f} "
+            f"| {r['flops_ratio']:.2f} | {r['roofline_speedup']:.2f} | {r['speedup_over_flops_ratio']:.2f} "
+            f"| {r['speedup_over_roofline_speedup']:.2f} | {c['vision']['median']:.1f} | {c['reduce']['median']:.1f} "
+            f"| {c['sam_encoder']['median']:.1f} | {c['sam_decoder']['median']:.1f} | {r['e2e_ms']['median']:.1f} "
+            f"| {r['samples_per_s']:.2f} | {peak} |")
+    for note in report.get("skipped", []):
+        lines.append(f"skipped: {note}")
+    for note in report.get("warnings", []):
+        lines.append(f"WARNING: {note}")
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="llava7b_224_p70", help="a configs/schedule/<name>.yaml")
+    parser.add_argument("--suite", action="store_true", help="every preset and method, batch 1 and batched")
+    parser.add_argument("--preset", default="llava7b_224_p70", help="a configs/schedule/<name>.yaml (one-preset mode)")
     parser.add_argument("--schedule", help="explicit Lc,Nc,Ls,Np (overrides --preset)")
+    parser.add_argument("--model", help="suite: whose presets (llava7b_224, llava7b_336, llava13b_224)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--image-tokens", type=int, default=256)
+    parser.add_argument("--image-tokens", type=int, default=256, help="one-preset mode (the suite uses the tower's)")
     parser.add_argument("--text-tokens", type=int, default=62)
     parser.add_argument("--sys-tokens", type=int, default=36, help="text tokens before the image")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--max-spread", type=float, default=0.10,
-                        help="warn when a timing's IQR / median exceeds this fraction")
-    parser.add_argument("--methods", help="comma-separated configs/exp method presets to time beside plain and "
-                        "CSP (default: every table1_* preset; 'none' for none)")
-    parser.add_argument("--output", help="also write the JSON here")
-    return parser.parse_args(argv)
+    parser.add_argument("--repeats", type=int, default=5, help="one-preset mode: repeats per round")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per round / suite: per setting")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2, suite 3)")
+    parser.add_argument("--batches", help="suite: comma-separated queries per image (default 1,8 on CUDA, 1,2 on CPU)")
+    parser.add_argument("--only", help="suite: comma-separated setting names to run (plain always runs)")
+    parser.add_argument("--seg-first", default="yolo11n-seg.yaml",
+                        help="suite: YOLO-seg weights for the p70+seg_first row (default: the packaged yolo11n-seg "
+                             "architecture with random weights, no download); '' to skip the row")
+    parser.add_argument("--seg-first-imgsz", type=int, default=640)
+    parser.add_argument("--compiled", action="store_true",
+                        help="one-preset mode: time the compiled path (csp.runner.CompileOptions) instead of eager; "
+                             "suite: add a '+compiled' row for every setting")
+    parser.add_argument("--bucket", type=int, default=16, help="compiled path: stage widths rounded up to this")
+    parser.add_argument("--compile-backend", default="inductor", help="compiled path: torch.compile backend")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default 1 on CPU: on a shared machine OpenMP threads spin against other "
+                             "processes and an elementwise op can take 100x longer; 0 = torch's default)")
+    parser.add_argument("--methods", help="one-preset mode: comma-separated configs/exp method presets to time beside "
+                        "plain and CSP (default: every table1_* preset; 'none' for none)")
+    parser.add_argument("--max-spread", type=float, default=SPREAD_WARNING,
+                        help="warn when a timing's repeats spread more than this fraction of their median "
+                             "((max - min) / median)")
+    parser.add_argument("--out", "--output", dest="output", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if args.suite else 2
+    if args.warmup is None:
+        args.warmup = 1 if args.suite else 2
+    return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    report = run(args)
-    for warning in report["warnings"]:
-        print(f"WARNING: {warning}", file=sys.stderr)
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    report = run_suite(args) if args.suite else run(args)
+    for warning in report.get("warnings", []):
+        print(f"WARNING: {warning}: the machine was probably busy; re-run with more --repeats/--rounds "
+              "on an idle machine", file=sys.stderr)
     text = json.dumps(report, indent=2)
-    print(text)
     if args.output:
         Path(args.output).write_text(text)
+    if args.suite:
+        print(format_table(report))
+        if args.output:
+            print(f"JSON report: {args.output}")
+    else:
+        print(text)
     return report
 
 

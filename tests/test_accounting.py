@@ -419,3 +419,41 @@ def test_script_rejects_bad_presets(tmp_path: Path) -> None:
     (tmp_path / "t4_empty.yaml").write_text("Lc: 1\nNc: 4\nLs: 1\nNp: 2\nextra: 1\n")
     with pytest.raises(ScheduleError, match="unknown"):
         flops_table.main(["--schedule-dir", str(tmp_path)])
+
+
+# -- bytes and roofline (hand-computed from the documented model) ---------------------------------
+def test_layer_bytes_by_hand() -> None:
+    from csp.accounting import layer_activation_bytes, layer_weight_bytes
+
+    # d=2, m=3, 2-byte elements: weights 2 * (4*4 + 3*2*3) = 68; activations n=5: 2 * 5 * (17*2 + 3*3) = 430
+    assert layer_weight_bytes(2, 3, 2) == 68
+    assert layer_activation_bytes(5, 2, 3, 2) == 430
+
+
+def test_roofline_by_hand() -> None:
+    from csp.accounting import roofline
+
+    dims = ModelDims(hidden_size=2, intermediate_size=3, num_layers=3)
+    # layer FLOPs 2 * (4 n d^2 + 2 n^2 d + 3 n d m): n=5 -> 2 * (80 + 100 + 90) = 540; n=1 -> 2 * (16 + 4 + 18) = 76
+    # bytes (2-byte elements): n=5 -> 68 + 430 = 498; n=1 -> 68 + 86 = 154
+    # at 10 FLOP/s and 100 B/s: n=5 -> max(54, 4.98) = 54 (compute); n=1 -> max(7.6, 1.54) = 7.6
+    out = roofline([[5, 5, 1]], dims, flops_per_s=10.0, bytes_per_s=100.0, element_bytes=2)
+    assert out["seconds"] == pytest.approx(54 + 54 + 7.6)
+    assert out["flops"] == 540 * 2 + 76 and out["bytes"] == 498 * 2 + 154
+    assert [(s["first_layer"], s["num_layers"], s["tokens"], s["bound"]) for s in out["stages"]] == [
+        (0, 2, [5], "compute"), (2, 1, [1], "compute")]
+    # batch of two: the weights are read once per layer; at 1e6 FLOP/s everything is memory-bound
+    two = roofline([[1, 1, 1], [5, 5, 5]], dims, flops_per_s=1e6, bytes_per_s=100.0, element_bytes=2)
+    assert two["bytes"] == 3 * (68 + 86 + 430)
+    assert two["seconds"] == pytest.approx(3 * 5.84)
+    assert [s["bound"] for s in two["stages"]] == ["memory"]
+
+
+def test_roofline_rejects_bad_input() -> None:
+    from csp.accounting import roofline
+
+    dims = ModelDims(hidden_size=2, intermediate_size=3, num_layers=3)
+    with pytest.raises(ValueError, match="3 layers"):
+        roofline([[5, 5]], dims, flops_per_s=1.0, bytes_per_s=1.0, element_bytes=2)
+    with pytest.raises(ValueError, match="positive"):
+        roofline([[5, 5, 5]], dims, flops_per_s=0.0, bytes_per_s=1.0, element_bytes=2)
