@@ -245,7 +245,8 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
     # The method row: the schedule and/or a fine-tuned mask decoder (mIoU*); plain LISA otherwise.
     has_method = method is not None or bool(mask_decoder)
     if not has_method or plan.same_run:
-        plain = SegmentationPipeline(bundle, schedule=None, compile=compile_options)  # released mask decoder: a fine-tuned one loads below
+        # the released mask decoder: a fine-tuned one is loaded below, for the method row
+        plain = SegmentationPipeline(bundle, schedule=None, compile=compile_options)
         name = f"LISA ({cfg.model.get('name')})"
         base_dir = out_dir if not has_method else out_dir / "baseline"
         setting = {**plan.setting, "model": plain_model_setting(plan.setting["model"]), "method": None,
