@@ -144,7 +144,7 @@ def test_image_encoded_once_whatever_queries_per_batch(image) -> None:
     def counter(name: str):
         return lambda *_: calls.__setitem__(name, calls[name] + 1)
 
-    hooks = [bundle.model.vision_tower.register_forward_hook(counter("clip")),
+    hooks = [bundle.model.vision_tower.clip.register_forward_hook(counter("clip")),
              bundle.model.sam.image_encoder.register_forward_hook(counter("sam"))]
     try:
         for per_batch in (1,):  # the latency setting: one query per LLM call

@@ -296,7 +296,7 @@ def test_seg_first_cost_reaches_metrics_end_to_end(tmp_path: Path, mini: Path) -
             return 10.4
 
     pipe = SegmentationPipeline(build_tiny_lisa(seed=0), StageSchedule(Lc=2, Nc=32, Ls=1, Np=16))
-    pipe.strategy = SegFirstStrategy(segmenter=Boxes())
+    pipe.method._strategy = SegFirstStrategy(segmenter=Boxes())  # an injected segmenter (no YOLO weights)
     groups = load_groups("ReasonSeg|val", mini)[:2]
     metrics = evaluate_setting(pipe, groups, ["ReasonSeg|val"], tmp_path, DistContext(), SettingOptions("s"))
     assert metrics["summary"]["detector_images"] == 2 and metrics["summary"]["detector_GFLOPs"] == 10.4

@@ -39,7 +39,7 @@ def test_calibration_on_the_tiny_model_returns_a_pareto_front(calibrated: dict[s
     dims, tokens = MODEL_SHAPES["tiny"]
     for cand in top:
         summary = cand.metrics["summary"]
-        assert summary["count"] == 2 and summary["gIoU_mean"] is not None  # one sample per ReasonSeg split
+        assert summary["evaluated"] == 2 and summary["gIoU_mean"] is not None  # one sample per ReasonSeg split
         # measured image tokens per layer = the schedule's (Nc, Np exact): the same Navg as the calculator
         assert summary["Navg"] == pytest.approx(static_row(dims, cand.schedule, tokens)["Navg"])
         assert (root / "s" / "calibration" / cand.label / "metrics.json").is_file()

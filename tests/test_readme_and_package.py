@@ -44,18 +44,30 @@ def expand(args: list[str], weights: Path, data: Path, baseline: Path) -> list[l
         key, _, value = arg.partition("=")
         if key == "baseline" and "PLACEHOLDER" in value:
             value = str(baseline)
+        value = value.replace("PLACEHOLDER", f"{weights}/placeholder")  # e.g. model.checkpoint=<run>/final/lisa
         value = value.replace("/data/weights", str(weights)).replace("/x/", f"{weights}/")
         value = re.sub(r"^/data/lisa_data(set)?$", str(data), value)
-        values = value.split(",") if multirun and "," in value and "[" not in value else [value]
+        values = sweep_values(f"{key}={value}") if multirun and _ else [value]
         out.append([f"{key}={v}" if _ else key for v in values])
     return [list(combo) for combo in itertools.product(*out)]
+
+
+def sweep_values(override: str) -> list[str]:
+    """The values a multirun sweeps for ``key=value``, as Hydra's own override parser reads them
+    (``1,2,3``, ``'{Lc:1,...},{Lc:2,...}'``); a plain value is one value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    if not parsed.is_sweep_override():
+        return [override.partition("=")[2]]
+    return list(parsed.sweep_string_iterator())
 
 
 def stub_model_files(cfg, weights: Path) -> None:
     """config.json of the configured LISA checkpoint and CLIP directory (L and N of the real ones)."""
     if cfg.model.kind != "lisa":
         return
-    layers, tokens = MODEL_SHAPES[cfg.model.name]
+    layers, tokens = MODEL_SHAPES.get(cfg.model.name, MODEL_SHAPES["tiny"])  # e.g. model=trained: any shape
     ckpt, clip = Path(cfg.model.checkpoint), Path(cfg.model.vision_tower)
     assert weights in ckpt.parents and weights in clip.parents, "README paths must be under LISA_WEIGHTS or /x/"
     if not (ckpt / "config.json").is_file():
@@ -116,9 +128,9 @@ def test_package_installs_and_imports_outside_the_repository(tmp_path: Path) -> 
     """A wheel built from pyproject.toml holds every package; imported from elsewhere, it works."""
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "requirements.txt", "README.md", "eval_ds.py"):
+    for name in ("pyproject.toml", "requirements.txt", "README.md", "eval_ds.py", "train_ds.py"):
         shutil.copy(REPO / name, src / name)
-    for package in ("model", "csp", "datasets", "evaluation", "scripts"):
+    for package in ("model", "csp", "datasets", "evaluation", "training", "visualize", "scripts"):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                             "-q", "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True,
@@ -129,10 +141,12 @@ def test_package_installs_and_imports_outside_the_repository(tmp_path: Path) -> 
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         archive.extractall(site)
-    for path in ("model/pipeline.py", "csp/strategies/seg_first.py", "datasets/reason_seg.py",
-                 "evaluation/evaluate.py", "scripts/benchmark.py", "eval_ds.py"):
+    for path in ("model/pipeline.py", "csp/strategies/seg_first.py", "csp/methods/fastv.py", "datasets/reason_seg.py",
+                 "evaluation/evaluate.py", "training/train.py", "visualize/token_maps.py", "scripts/benchmark.py",
+                 "eval_ds.py", "train_ds.py"):
         assert path in names, sorted(names)
-    code = ("import model.pipeline, model.checkpoint, csp, datasets.splits, evaluation.evaluate, eval_ds; "
+    code = ("import model.pipeline, model.checkpoint, csp.methods, datasets.splits, evaluation.evaluate, "
+            "training.train, visualize.token_maps, eval_ds, train_ds; "
             "print(model.pipeline.__file__)")
     env = {**ENV, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -24,7 +24,7 @@ def test_table1_grid_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     navg = {}
     for preset in ["baseline"] + [p for _, p in TABLES[1]["rows"]]:
         metrics = json.loads((out / preset / "metrics.json").read_text())
-        assert metrics["summary"]["count"] == 1 and metrics["summary"]["failed"] == 0
+        assert metrics["summary"]["evaluated"] == 1 and metrics["summary"]["failed"] == 0
         navg[preset] = metrics["summary"]["Navg"]
     # fixed-count presets measure exactly Table 1's Navg
     assert navg["baseline"] == 256
