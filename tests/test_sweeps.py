@@ -23,6 +23,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 from csp.schedule import ScheduleError, StageSchedule
 from csp.search import MODEL_SHAPES
 from csp.sweeps import COMMAND, SweepFileError, grid_points, load_sweep, overrides
+from evaluation.evaluate import resolve_method
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -52,10 +53,27 @@ def point_schedule(base_schedule: dict[str, Any], args: list[str]) -> StageSched
     return StageSchedule.from_mapping(schedule)
 
 
+def validate_point(cfg: Any) -> None:
+    """The composed point's method (a CSP schedule or a configs/method node) against its model."""
+    layers, tokens = MODEL_SHAPES[cfg.model.name]
+    method, _ = resolve_method(cfg)
+    assert method is not None, "a sweep point evaluates plain LISA only"
+    method.validate(layers.num_layers, tokens)
+
+
 def invalid_points(sweep: dict[str, Any]) -> list[tuple[list[str], str]]:
-    """(overrides, validator message) of the grid points whose schedule the model rejects."""
+    """(overrides, validator message) of the grid points whose schedule (or method) the model rejects."""
     points = grid_points(sweep)
     cfg = compose_eval(wandb_args(points[0]))
+    if cfg.get("schedule") is None:  # another method: its points are few, each composed
+        bad = []
+        for point in points:
+            args = wandb_args(point)
+            try:
+                validate_point(compose_eval(args))
+            except ValueError as err:
+                bad.append((args, str(err)))
+        return bad
     layers, tokens = MODEL_SHAPES[cfg.model.name]
     base = OmegaConf.to_container(cfg.schedule, resolve=True)
     bad = []
@@ -66,6 +84,16 @@ def invalid_points(sweep: dict[str, Any]) -> list[tuple[list[str], str]]:
         except ScheduleError as err:
             bad.append((args, str(err)))
     return bad
+
+
+def test_there_is_a_sweep_for_every_registered_method() -> None:
+    from csp.methods.base import METHODS
+
+    swept = set()
+    for path in SWEEPS:
+        method, _ = resolve_method(compose_eval(wandb_args(grid_points(load_sweep(path))[0])))
+        swept.add(method.name)
+    assert swept >= set(METHODS), sorted(set(METHODS) - swept)
 
 
 def test_there_is_a_sweep_per_model_and_resolution() -> None:
@@ -86,11 +114,10 @@ def test_sweep_file_composes_and_every_setting_is_valid(path: Path) -> None:
     if len(points) <= FULL_COMPOSE:
         for point in points:
             cfg = compose_eval(wandb_args(point))
-            layers, tokens = MODEL_SHAPES[cfg.model.name]
-            StageSchedule.from_mapping(OmegaConf.to_container(cfg.schedule, resolve=True)).validate(
-                layers.num_layers, tokens)
+            validate_point(cfg)
             assert cfg.name == sweep["parameters"]["name"]["value"]
     else:
+        assert compose_eval(wandb_args(points[0])).get("schedule") is not None, "method sweeps stay small"
         first = points[0]
         compose_eval(wandb_args(first))
         for key, spec in sweep["parameters"].items():
