@@ -558,10 +558,13 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     batches = [int(b) for b in (args.batches or ("1,8" if device.type == "cuda" else "1,2")).split(",")]
     times: dict[tuple[str, int], dict[str, list[float]]] = {}
     records: dict[tuple[str, int], list] = {}
-    for _ in range(args.warmup):  # first calls (allocations, lazy loading such as the YOLO weights)
+    # first calls (allocations, lazy loading such as the YOLO weights); compiled rows compile a graph
+    # per stage shape, so they warm up at every batch size
+    for _ in range(args.warmup):
         runner.sam_encoder()
         for setting in settings:
-            runner.sample(setting, batches[0])
+            for batch in (batches if setting.compiled else batches[:1]):
+                runner.sample(setting, batch)
     sam_ms = []
     for _ in range(args.rounds):  # interleaved: every setting once per round
         sam_ms.append(runner.sam_encoder())
