@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from evaluation.records import rank_file  # noqa: E402
+from evaluation.records import has_results  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 
@@ -68,7 +68,7 @@ def compose_setting(preset: str, data: str, overrides: list[str], out_dir: Path)
         cfg = compose(config_name="eval", overrides=[f"+exp={preset}", f"data={data}", *overrides])
     with open_dict(cfg):
         cfg.output_dir = str(out_dir)
-        cfg.resume = any(rank_file(out_dir, r).exists() for r in range(64))
+        cfg.resume = has_results(out_dir)  # a finished or interrupted earlier run of this setting: resume it
         cfg.name = preset
     return cfg
 

@@ -130,8 +130,8 @@ def test_degenerate_schedules_equal_plain_exactly(name: str, monkeypatch: pytest
     inputs = DecoderInputs(embeds, valid, is_image, qrows, qvalid, cluster_keep=keep)
     calls: list[str] = []
     select, scatter = TokenState.select, TokenState.scatter_into
-    monkeypatch.setattr(TokenState, "select", lambda self, k: calls.append("select") or select(self, k))
-    monkeypatch.setattr(TokenState, "scatter_into", lambda self, f: calls.append("scatter") or scatter(self, f))
+    monkeypatch.setattr(TokenState, "select", lambda *a, **kw: calls.append("select") or select(*a, **kw))
+    monkeypatch.setattr(TokenState, "scatter_into", lambda *a, **kw: calls.append("scatter") or scatter(*a, **kw))
     with torch.no_grad():
         theirs = llm(inputs_embeds=embeds, attention_mask=valid.long()).last_hidden_state
         expected_calls = [["select", "scatter", "select"], ["select", "select"], ["select"]]
