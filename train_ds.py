@@ -11,20 +11,10 @@ configs/train.yaml and :func:`training.train.train` does the work.
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.distributed import (
-    barrier,
-    context_from_env,
-    init_distributed,
-    run_stamp,
-    share_run_stamp,
-    shutdown,
-    strip_launcher_args,
-)
+from evaluation.distributed import launch, run_stamp
 
 OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
 
@@ -37,12 +27,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = strip_launcher_args(sys.argv)  # DeepSpeed appends --local_rank=N, which Hydra rejects
-    ctx = init_distributed(context_from_env())
-    share_run_stamp(ctx)
-    if ctx.rank > 0:  # one .hydra/ and one log file per run directory
-        sys.argv += ["hydra.output_subdir=null",
-                     f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/train_ds.rank{ctx.rank}.log"]
-    main()
-    barrier(ctx)
-    shutdown(ctx)
+    launch(main, "train_ds")

@@ -10,7 +10,8 @@ gives the metrics of a single-process run.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -121,3 +122,20 @@ def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
 def shutdown(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch(main: Callable[[], None], script: str) -> None:
+    """Run a Hydra ``main`` as eval_ds.py / train_ds.py do, under any launcher (plain, torchrun,
+    DeepSpeed): launcher arguments stripped (DeepSpeed appends ``--local_rank=N``, which Hydra
+    rejects), one run directory shared by the ranks (rank 0's stamp), one ``.hydra/`` and one log
+    file per rank (``<script>.rank<r>.log``), and all ranks leave together (gloo can abort at exit
+    otherwise)."""
+    sys.argv = strip_launcher_args(sys.argv)
+    ctx = init_distributed(context_from_env())
+    share_run_stamp(ctx)
+    if ctx.rank > 0:
+        sys.argv += ["hydra.output_subdir=null",
+                     f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/{script}.rank{ctx.rank}.log"]
+    main()
+    barrier(ctx)
+    shutdown(ctx)
