@@ -33,12 +33,23 @@ def _registry() -> dict[str, SplitLoader]:
     return loaders
 
 
-#: Every evaluation split, in the column order of the paper's Table 1.
-SPLIT_LOADERS: dict[str, SplitLoader] = _registry()
+def _toy_registry() -> dict[str, SplitLoader]:
+    """The synthetic toy world (datasets/toy.py), in the refer format: ``toyref|unc|{train,val,testA}``."""
+    from datasets import toy
+
+    names = {f"{toy.DATASET}|{toy.SPLIT_BY}|{split}": split for split in toy.SPLITS}
+    return {name: partial(load_refer, dataset=toy.DATASET, split_by=toy.SPLIT_BY, split=split, name=name)
+            for name, split in names.items()}
+
+
+#: The paper's evaluation splits, in the column order of Table 1.
+TABLE1_SPLITS: tuple[str, ...] = tuple(_registry())
+#: Every split a loader knows: Table 1's, then the toy world's.
+SPLIT_LOADERS: dict[str, SplitLoader] = {**_registry(), **_toy_registry()}
 
 
 def valid_splits() -> list[str]:
-    """Split names in Table 1's column order."""
+    """Split names: Table 1's column order, then the toy world's."""
     return list(SPLIT_LOADERS)
 
 
