@@ -2,6 +2,12 @@
 
 With no schedule it is a plain decoder loop (own causal mask, own rotary for the actual
 position ids) that equals ``LlamaModel.forward``.
+
+The masks it hands to the decoder layers are SDPA's: a boolean ``B x 1 x T x T`` mask (True =
+attend), or ``None`` for "causal, nothing padded". Only the SDPA attention function reads them so:
+eager attention *adds* the mask to the scores (a boolean True becomes +1, and ``None`` means no
+causal mask at all), flash_attention_2 expects a ``B x T`` padding mask and flex attention a
+``BlockMask``. A model with any other implementation is therefore refused at construction.
 """
 
 from __future__ import annotations
@@ -83,20 +89,56 @@ def image_keep_mask(is_image: torch.Tensor, cluster_keep: torch.Tensor) -> torch
     return ~is_image | picked
 
 
-class StageRunner:
-    """Runs the decoder layers of ``llm`` under ``schedule`` (None = plain LISA)."""
+#: ``config._attn_implementation`` values whose attention reads the runner's masks correctly.
+SUPPORTED_ATTENTION = ("sdpa",)
+#: What the other implementations would do with them (for the error message).
+_MISREAD = {
+    "eager": "adds the mask to the scores (a boolean mask shifts them by 1, None applies no causal mask)",
+    "flash_attention_2": "expects a B x T padding mask, not a B x 1 x T x T boolean one",
+    "flash_attention_3": "expects a B x T padding mask, not a B x 1 x T x T boolean one",
+    "flex_attention": "expects a BlockMask",
+}
 
-    def __init__(self, llm: LlamaModel, schedule: StageSchedule | None, num_image_tokens: int):
+
+def check_attention_implementation(llm: LlamaModel) -> None:
+    """Raise ``ValueError`` unless ``llm`` runs SDPA attention (see the module docstring)."""
+    found = getattr(llm.config, "_attn_implementation", None)
+    if found in SUPPORTED_ATTENTION:
+        return
+    why = _MISREAD.get(str(found), "does not read a boolean mask / None as SDPA does")
+    raise ValueError(
+        f"StageRunner needs attention implementation {' or '.join(map(repr, SUPPORTED_ATTENTION))}, "
+        f"but the model's config._attn_implementation is {found!r}, which {why}. Load the model with "
+        "attn_implementation='sdpa' (or set config._attn_implementation = 'sdpa' before building it)."
+    )
+
+
+class StageRunner:
+    """Runs the decoder layers of ``llm`` under ``schedule`` (None = plain LISA).
+
+    ``force_stages``: run the gather at clustering, the scatter and the pruning selection even
+    when the schedule keeps every token there (Nc = N, Np = N), so that tests can check that the
+    select/scatter path is exact. By default a stage that keeps every token is skipped (the same
+    result, without the copies). Clustering still needs ``cluster_keep`` (e.g. all N indices).
+    """
+
+    def __init__(self, llm: LlamaModel, schedule: StageSchedule | None, num_image_tokens: int,
+                 *, force_stages: bool = False):
+        check_attention_implementation(llm)
         self.llm = llm
         self.schedule = schedule
         self.num_layers = len(llm.layers)
         if schedule is not None:
             schedule.validate(self.num_layers, num_image_tokens)
         self.num_image_tokens = num_image_tokens
+        self.force_stages = force_stages
 
     # -- which layer does what ------------------------------------------------------------
     def _clusters(self) -> bool:
-        return self.schedule is not None and self.schedule.clusters(self.num_image_tokens)
+        s = self.schedule
+        if s is None:
+            return False
+        return s.Lc > 0 if self.force_stages else s.clusters(self.num_image_tokens)
 
     def _scatter_layer(self) -> int | None:
         s = self.schedule
@@ -104,7 +146,11 @@ class StageRunner:
 
     def _score_layer(self) -> int | None:
         s = self.schedule
-        if s is None or not s.prunes(self.num_layers, self.num_image_tokens):
+        if s is None:
+            return None
+        if self.force_stages:
+            return s.Lc + s.Ls - 1 if s.Lp(self.num_layers) > 0 and s.Lc + s.Ls > 0 else None
+        if not s.prunes(self.num_layers, self.num_image_tokens):
             return None
         return s.Lc + s.Ls - 1
 

@@ -14,6 +14,7 @@ The JSON may be cp1252 rather than UTF-8.
 
 from __future__ import annotations
 
+import glob
 import json
 from functools import partial
 from pathlib import Path
@@ -32,10 +33,26 @@ REASON_SEG_LAYOUT = """\
 
 
 def load_reason_seg(dataset_dir: Path, *, split: str, name: str) -> list[Sample]:
-    """One sample per ``<name>.jpg`` of ``reason_seg/ReasonSeg/<split>``, sorted by file name."""
+    """One sample per ``<name>.jpg`` or ``<name>.json`` of ``reason_seg/ReasonSeg/<split>``, sorted by name.
+
+    LISA's loader globs ``*.jpg`` only, so an annotation whose image is missing, or is another
+    format (``.png``, ``.jpeg``, ...), would silently leave the split. Here it stays in the split as a
+    failed sample with the reason; it is not evaluated, as in LISA (so scores stay comparable).
+    """
     split_dir = Path(dataset_dir) / "reason_seg" / "ReasonSeg" / split
     require_paths(name, REASON_SEG_LAYOUT, Path(dataset_dir), split_dir)
-    samples = [_sample(image, name) for image in sorted(split_dir.glob("*.jpg"))]
+    images = {p.stem: p for p in split_dir.glob("*.jpg")}
+    samples = []
+    for stem in sorted(set(images) | {p.stem for p in split_dir.glob("*.json")}):
+        if stem in images:
+            samples.append(_sample(images[stem], name))
+            continue
+        expected = split_dir / f"{stem}.jpg"
+        others = sorted(p.name for p in split_dir.glob(f"{glob.escape(stem)}.*") if p.suffix.lower() != ".json")
+        reason = (f"{name} {stem}: image is {others[0]}, but ReasonSeg images must be .jpg (LISA's loader reads "
+                  f"only *.jpg, so it never evaluates this sample); convert it to {expected.name}" if others
+                  else f"{name} {stem}: annotation {expected.with_suffix('.json').name} has no image {expected}")
+        samples.append(_failed(expected, name, reason))
     check_unique_ids(samples, name)
     return samples
 

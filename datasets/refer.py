@@ -17,7 +17,6 @@ ignore label. Short phrases: ``is_sentence = False``.
 from __future__ import annotations
 
 import json
-import pickle
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from datasets.base import AnnotationError, DatasetLayoutError, Sample, check_unique_ids, require_paths
+from datasets.safe_pickle import UnsafePickleError, load_data_pickle
 
 REFER_IMAGE_DIR = Path("refer_seg/images/mscoco/images/train2014")
 
@@ -122,8 +122,9 @@ def _rle(rle: dict[str, Any], height: int, width: int) -> dict[str, Any]:
 
 def _read_pickle(path: Path) -> list:
     try:
-        with open(path, "rb") as handle:
-            refs = pickle.load(handle)
+        refs = load_data_pickle(path)
+    except UnsafePickleError:
+        raise
     except Exception as exc:
         raise DatasetLayoutError(f"{path}: cannot read the refs pickle ({exc!r}); expected a list of refs") from exc
     if not isinstance(refs, list):

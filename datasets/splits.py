@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from datasets.base import ImageGroup, Sample, UnknownSplitError, group_by_image
 from datasets.reason_seg import load_reason_seg
@@ -57,6 +58,23 @@ def check_split(name: str) -> None:
     """Raise :class:`UnknownSplitError` listing the valid names if ``name`` is not one."""
     if name not in SPLIT_LOADERS:
         raise UnknownSplitError(f"unknown split {name!r}; valid splits: {', '.join(SPLIT_LOADERS)}")
+
+
+def parse_splits(value: Any, key: str = "splits") -> list[str]:
+    """A split list from config: a list of names, one name (``refcoco|unc|val``) or a comma-separated
+    string (``'refcoco|unc|val,ReasonSeg|val'``, quoted on a Hydra command line). Anything else is an
+    error that shows the accepted forms."""
+    forms = (f"{key}=[refcoco|unc|val,ReasonSeg|val] (a list), {key}=refcoco|unc|val (one split) or "
+             f"{key}=\'refcoco|unc|val,ReasonSeg|val\' (quoted, comma-separated)")
+    if isinstance(value, str):
+        names = [part.strip() for part in value.split(",")]
+    elif isinstance(value, Sequence) or (hasattr(value, "__iter__") and not isinstance(value, Mapping)):
+        names = list(value)
+    else:
+        raise UnknownSplitError(f"{key} must be split names, got {value!r} ({type(value).__name__}); use {forms}")
+    if not names or any(not isinstance(n, str) or not n.strip() for n in names):
+        raise UnknownSplitError(f"{key} must be a non-empty list of split names, got {value!r}; use {forms}")
+    return [n.strip() for n in names]
 
 
 def load_split(name: str, dataset_dir: str | Path) -> list[Sample]:

@@ -1,17 +1,23 @@
 """``evaluate(cfg)``: one model, plain LISA and/or one LVLM_CSP schedule, on the configured splits.
 
-Order of checks (fail before anything expensive): split names, the schedule's keys, the baseline
-file, the model paths, then the data sets (layout errors), then the model is loaded. Outputs in
-the run directory: ``metrics.json``, ``table.txt`` (the printed rows), ``results.jsonl`` (merged)
-and ``results.rank<r>.jsonl`` (append-only, for resume); with ``baseline: same_run`` the plain model's files go to
-``<run dir>/baseline/``.
+Order of checks (fail before anything expensive): split names, the schedule's keys, the clustering
+strategy and its options (e.g. seg_first's weights file), the baseline file, the model paths and
+the schedule against the model's config files (:func:`validate_config`); then the run directory
+(a resumed run must have been produced by the same setting, a fresh run must not silently delete
+an earlier one's records); then the data sets (layout errors, empty splits, the baseline's sample
+ids); only then is the model loaded. Outputs in the run directory: ``run_manifest.json`` (the
+setting, checked on resume), ``metrics.json``, ``table.txt`` (the printed rows), ``results.jsonl``
+(merged) and, while running, ``results.rank<r>.jsonl`` (append-only, for resume); with ``baseline:
+same_run`` the plain model's files go to ``<run dir>/baseline/``. In a Hydra multirun every job
+also rewrites ``<sweep dir>/sweep_table.txt``, the table of every finished job of the sweep.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +25,42 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from csp.schedule import StageSchedule
+from csp.strategies import check_strategy
 from datasets.base import ImageGroup
 from datasets.miniature import MiniatureSpec, write_miniature
-from datasets.splits import check_split, load_groups
+from datasets.splits import check_split, load_groups, parse_splits
 from datasets.toy import ToySpec, write_toyref
 from evaluation import records as rec
 from evaluation.distributed import DistContext, barrier, broadcast_object, gather_to_main, init_distributed, shard
 from evaluation.loop import Pipeline, SampleFailedError, SampleOutcome, evaluate_group
-from evaluation.report import giou_by_split, read_baseline, summarize, table, write_metrics
+from evaluation.progress import Progress
+from evaluation.report import (
+    BaselineInfo,
+    baseline_sample_differences,
+    collect_runs,
+    giou_by_split,
+    read_baseline,
+    summarize,
+    table,
+    write_metrics,
+)
 
 SAME_RUN = "same_run"
+MANIFEST = "run_manifest.json"
+SWEEP_TABLE = "sweep_table.txt"
+#: Manifest keys a baseline must share with the run it is compared with.
+BASELINE_KEYS = ("model", "dataset_dir", "max_samples_per_split")
 
 log = logging.getLogger(__name__)
+
+
+class RunDirectoryError(RuntimeError):
+    """The run directory holds another run (resume of a different setting, or records a fresh run
+    would delete)."""
+
+
+class EmptySplitError(ValueError):
+    """A configured split has no samples and ``strict=true``."""
 
 
 @dataclass(frozen=True)
@@ -42,76 +72,235 @@ class SettingOptions:
     strict: bool = False
     queries_per_batch: int | None = None
     extra: Mapping[str, Any] | None = None
+    overwrite: bool = False
+    progress: bool = True
+    progress_interval_s: float = 30.0
+
+
+@dataclass
+class Plan:
+    """What :func:`validate_config` checked: everything but the data and the weights."""
+
+    splits: list[str]
+    schedule: StageSchedule | None
+    schedule_cfg: dict[str, Any] | None
+    baseline: BaselineInfo | None = None
+    same_run: bool = False
+    setting: dict[str, Any] = field(default_factory=dict)
+
+
+def validate_config(cfg: DictConfig, *, check_model_files: bool = True) -> Plan:
+    """Every check that needs no data set and no weights, in the order of the module docstring.
+
+    ``check_model_files=False`` skips the model paths and the schedule-vs-model check (for configs
+    composed where the weights do not exist, e.g. documentation tests).
+    """
+    splits = parse_splits(cfg.data.splits, "data.splits")
+    for split in splits:
+        check_split(split)
+    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") is not None else None
+    schedule = StageSchedule.from_mapping(schedule_cfg)
+    if schedule is not None:
+        check_strategy(schedule)  # unknown name, bad option, missing weights file: now, not after the baseline
+    baseline, same_run = None, cfg.get("baseline") == SAME_RUN
+    if cfg.get("baseline") not in (None, SAME_RUN):
+        baseline = read_baseline(str(cfg.baseline))
+        if missing := [s for s in splits if s not in baseline.giou]:
+            raise ValueError(f"baseline {baseline.path} has no gIoU for the configured splits {missing}; "
+                             f"it has {sorted(baseline.giou)}")
+    if check_model_files:
+        _check_model_paths(cfg.model)
+        if schedule is not None:
+            from model.builder import layers_and_image_tokens
+
+            schedule.validate(*layers_and_image_tokens(cfg.model))  # before any data or weights are read
+    plan = Plan(splits, schedule, schedule_cfg, baseline, same_run)
+    plan.setting = run_setting(cfg, plan)
+    if baseline is not None:
+        check_baseline_setting(baseline, plan.setting)
+    return plan
+
+
+def run_setting(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
+    """The manifest: what makes two runs' records comparable (``model`` without its device)."""
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "device"}
+    mini = cfg.get("miniature")
+    if mini is not None:  # written by a seeded generator: the spec identifies the data, not the path
+        spec = {k: v for k, v in OmegaConf.to_container(mini, resolve=True).items() if k != "dir"}
+        dataset_dir = "miniature " + json.dumps(spec, sort_keys=True)
+    else:
+        dataset_dir = str(cfg.get("dataset_dir"))
+    return {"model": model, "schedule": plan.schedule_cfg, "splits": plan.splits, "dataset_dir": dataset_dir,
+            "max_samples_per_split": cfg.get("max_samples_per_split")}
+
+
+def setting_differences(recorded: Mapping[str, Any], current: Mapping[str, Any],
+                        keys: Sequence[str] | None = None) -> list[str]:
+    """``key: recorded vs current`` for every differing (dotted) key."""
+    flat_a, flat_b = _flatten(recorded), _flatten(current)
+    wanted = [k for k in sorted(set(flat_a) | set(flat_b))
+              if keys is None or k.split(".")[0] in keys]
+    return [f"{k}: {flat_a.get(k)!r} vs {flat_b.get(k)!r}" for k in wanted if flat_a.get(k) != flat_b.get(k)]
+
+
+def check_baseline_setting(baseline: BaselineInfo, setting: Mapping[str, Any]) -> None:
+    """The baseline must come from the same model, checkpoint, data and sample limit."""
+    if baseline.setting is None:
+        raise ValueError(f"baseline {baseline.path} records no setting (model, dataset_dir, ...; written by an "
+                         "older version): re-run the baseline, or use baseline=same_run")
+    diffs = setting_differences(baseline.setting, setting, BASELINE_KEYS)
+    if diffs:
+        raise ValueError(f"baseline {baseline.path} was produced by a different setting (baseline vs this run): "
+                         + "; ".join(diffs))
+
+
+def check_run_dir(out_dir: Path, setting: Mapping[str, Any], *, resume: bool, overwrite: bool) -> None:
+    """Refuse to resume another setting's run, or to delete an earlier run's records unasked."""
+    manifest = out_dir / MANIFEST
+    dirs = [out_dir, out_dir / "baseline"]
+    holds = [d for d in dirs if rec.has_results(d)]
+    if resume:
+        if not manifest.is_file():
+            what = "records but no " + MANIFEST if holds else "no run (no " + MANIFEST + ")"
+            raise RunDirectoryError(f"resume=true but {out_dir} holds {what}: pass the old run's directory "
+                                    "(hydra.run.dir=<dir> or output_dir=<dir>), or drop resume=true")
+        try:
+            recorded = json.loads(manifest.read_text())
+        except ValueError as exc:
+            raise RunDirectoryError(f"resume=true but {manifest} is not readable JSON ({exc}); cannot check that "
+                                    "the run was produced by the same setting") from exc
+        if diffs := setting_differences(recorded, setting):
+            raise RunDirectoryError(
+                f"resume=true but {out_dir} was produced by a different setting (recorded vs now): "
+                + "; ".join(diffs) + ". Resume with the same setting, use another run directory, or pass "
+                "overwrite=true (without resume) to discard its records")
+        return
+    if holds and not overwrite:
+        raise RunDirectoryError(
+            f"{', '.join(map(str, holds))} already holds results of an earlier run; pass resume=true to continue "
+            "it (finished samples are kept) or overwrite=true to delete them and start again")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as configured; returns ``{"method": metrics, "baseline": metrics | None}`` on every rank."""
     ctx = init_distributed()
     torch.manual_seed(int(cfg.get("seed", 0)))
+    plan = validate_config(cfg)
     out_dir = output_dir(cfg)
-    splits = [str(s) for s in cfg.data.splits]
-    for split in splits:
-        check_split(split)
-    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") is not None else None
-    schedule = StageSchedule.from_mapping(schedule_cfg)
-    baseline = cfg.get("baseline")
-    baseline_giou = read_baseline(baseline) if baseline not in (None, SAME_RUN) else None
-    if baseline_giou is not None and (missing := [s for s in splits if s not in baseline_giou]):
-        raise ValueError(f"baseline {baseline} has no gIoU for the configured splits {missing}; "
-                         f"it has {sorted(baseline_giou)}")
-    _check_model_paths(cfg.model)
-    if schedule is not None:
-        from model.builder import layers_and_image_tokens
-
-        schedule.validate(*layers_and_image_tokens(cfg.model))  # before any data or weights are read
+    resume, overwrite = bool(cfg.get("resume", False)), bool(cfg.get("overwrite", False))
+    if resume and overwrite:
+        raise ValueError("resume=true and overwrite=true contradict each other: pick one")
+    check_run_dir(out_dir, plan.setting, resume=resume, overwrite=overwrite)
+    strict = bool(cfg.get("strict", False))
     dataset_dir = prepare_dataset_dir(cfg, out_dir, ctx)
-    groups = load_all_groups(splits, dataset_dir, cfg.get("max_samples_per_split"))
+    groups = load_all_groups(plan.splits, dataset_dir, cfg.get("max_samples_per_split"))
+    check_samples(groups, plan, strict=strict)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / MANIFEST).write_text(json.dumps(plan.setting, indent=2) + "\n")
+    barrier(ctx)
 
     from model.builder import build_from_config
     from model.pipeline import SegmentationPipeline
 
     bundle = build_from_config(cfg.model)
     logger = make_logger(cfg, out_dir, ctx)
-    common = {"resume": bool(cfg.get("resume", False)), "strict": bool(cfg.get("strict", False)),
-              "queries_per_batch": cfg.get("queries_per_batch")}
-    model_info = {"model": cfg.model.get("name"), "dataset_dir": str(dataset_dir)}
+    common = {"resume": resume, "strict": strict, "overwrite": overwrite,
+              "queries_per_batch": cfg.get("queries_per_batch"), "progress": bool(cfg.get("progress", True)),
+              "progress_interval_s": float(cfg.get("progress_interval_s", 30.0))}
+    model_info = {"model": cfg.model.get("name"), "dataset_dir": str(dataset_dir), "setting": plan.setting}
+    schedule, baseline = plan.schedule, plan.baseline
     results: dict[str, Any] = {"baseline": None}
-    if schedule is None or baseline == SAME_RUN:
+    if schedule is None or plan.same_run:
         plain = SegmentationPipeline(bundle, schedule=None)
         name = f"LISA ({cfg.model.get('name')})"
         base_dir = out_dir if schedule is None else out_dir / "baseline"
-        opts = SettingOptions(name=name, extra={**model_info, "schedule": None}, **common)
-        base_ref = None if baseline == SAME_RUN else baseline_giou
-        metrics = evaluate_setting(plain, groups, splits, base_dir, ctx, opts, baseline_giou=base_ref, logger=logger)
-        if baseline == SAME_RUN:
-            baseline_giou = giou_by_split(metrics)
+        setting = {**plan.setting, "schedule": None}
+        opts = SettingOptions(name=name, extra={**model_info, "schedule": None, "setting": setting}, **common)
+        metrics = evaluate_setting(plain, groups, plan.splits, base_dir, ctx, opts,
+                                   baseline=None if plan.same_run else baseline, logger=logger)
+        if plan.same_run:
+            baseline = BaselineInfo(path=SAME_RUN, giou=giou_by_split(metrics), setting=setting,
+                                    sample_ids=metrics["sample_ids"], failed=metrics["summary"]["failed"])
             metrics = _zero_drop(metrics, base_dir, ctx)
         results["baseline" if schedule is not None else "method"] = metrics
     if schedule is not None:
         pipe = SegmentationPipeline(bundle, schedule=schedule)
         schedule.validate(pipe.num_layers, pipe.num_image_tokens)
-        opts = SettingOptions(name=str(cfg.get("name") or schedule.describe()),
-                              extra={**model_info, "schedule": schedule_cfg}, **common)
-        results["method"] = evaluate_setting(pipe, groups, splits, out_dir, ctx, opts,
-                                             baseline_giou=baseline_giou, logger=logger)
+        opts = SettingOptions(name=setting_name(cfg, schedule), extra={**model_info, "schedule": plan.schedule_cfg},
+                              **common)
+        results["method"] = evaluate_setting(pipe, groups, plan.splits, out_dir, ctx, opts, baseline=baseline,
+                                             logger=logger)
     if ctx.is_main:
         rows = [m for m in (results["baseline"], results["method"]) if m is not None]
         text = table(rows)
         (out_dir / "table.txt").write_text(text + "\n")
         print(text, flush=True)
+        if cfg.get("output_dir") is None:
+            write_sweep_table()
     if logger is not None:
         logger.finish()
     return results
 
 
+def setting_name(cfg: DictConfig, schedule: StageSchedule) -> str:
+    """Row name of a schedule: ``<name> (Lc=.., Nc=.., Ls=.., Np=.., <clustering>)``, so that the jobs of a
+    sweep (which share ``name``) tell apart."""
+    described = schedule.describe()
+    name = str(cfg.get("name") or "")
+    return f"{name} {described}" if name else described
+
+
+def check_samples(groups: Sequence[ImageGroup], plan: Plan, *, strict: bool) -> None:
+    """Empty splits (a warning; an error with ``strict``) and the baseline's sample ids (an error)."""
+    targets = {split: [] for split in plan.splits}
+    for group in groups:
+        for sample in group.samples:
+            targets[sample.split].append(sample.sample_id)
+    empty = [split for split, ids in targets.items() if not ids]
+    if empty:
+        message = (f"split(s) {empty} have NO samples (empty folder, empty JSON list or no refs for the split); "
+                   "they will show '-' in the table")
+        if strict:
+            raise EmptySplitError(f"strict=true: {message}")
+        log.warning("WARNING: %s", message)
+    if plan.baseline is not None:
+        problems = baseline_sample_differences(plan.baseline, targets)
+        if problems:
+            raise ValueError(f"baseline {plan.baseline.path} does not cover the same samples as this run, so "
+                             "mIoU_drop would compare different sets: " + "; ".join(problems))
+
+
+def write_sweep_table() -> Path | None:
+    """In a Hydra multirun, (re)write ``<sweep dir>/sweep_table.txt`` from every job's metrics.json."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    root = Path(HydraConfig.get().sweep.dir)
+    rows = collect_runs(root)
+    if not rows:
+        return None
+    path = root / SWEEP_TABLE
+    path.write_text(table(rows) + "\n")
+    log.info("sweep table (%d rows so far): %s", len(rows), path)
+    return path
+
+
 def evaluate_setting(pipe: Pipeline, groups: Sequence[ImageGroup], splits: Sequence[str], out_dir: Path,
-                     ctx: DistContext, opts: SettingOptions, *, baseline_giou: Mapping[str, float] | None = None,
-                     logger: Any = None, on_outcome: Callable[[SampleOutcome], None] | None = None) -> dict[str, Any]:
+                     ctx: DistContext, opts: SettingOptions, *, baseline: BaselineInfo | None = None,
+                     baseline_giou: Mapping[str, float] | None = None, logger: Any = None,
+                     on_outcome: Callable[[SampleOutcome], None] | None = None) -> dict[str, Any]:
     """Run ``pipe`` over this rank's share of ``groups``, append records, merge and score on rank 0.
 
     Returns the metrics.json mapping (the same on every rank); writes ``metrics.json`` and
     ``results.jsonl`` in ``out_dir``.
     """
+    if not opts.resume and not opts.overwrite and rec.has_results(out_dir):
+        raise RunDirectoryError(f"{out_dir} already holds results of an earlier run; pass resume=true to continue "
+                                "it or overwrite=true to delete them")
+    barrier(ctx)  # every rank has looked before rank 0 clears anything
     out_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main and opts.resume:
         rec.repair_all(out_dir)
@@ -119,39 +308,68 @@ def evaluate_setting(pipe: Pipeline, groups: Sequence[ImageGroup], splits: Seque
         rec.clear_results(out_dir)
     barrier(ctx)  # every rank reads the (repaired) files only after this
     skip = rec.finished_keys(out_dir) if opts.resume else set()
+    mine = shard(groups, ctx)
+    todo = sum(1 for g in mine for s in g.samples if (s.split, s.sample_id) not in skip)
     if opts.resume and ctx.is_main:
-        log.info("resume: %d finished samples in %s", len(skip), out_dir)
-        if not skip:
-            log.warning("resume=true but %s holds no finished samples: pass the old run's hydra.run.dir", out_dir)
-    with rec.RecordWriter(rec.rank_file(out_dir, ctx.rank)) as writer:
-        for group in shard(groups, ctx):
-            for outcome in evaluate_group(pipe, group, skip=skip, queries_per_batch=opts.queries_per_batch):
-                writer.write(outcome.record)
-                if on_outcome is not None:
-                    on_outcome(outcome)
-                if logger is not None and ctx.is_main and logger.wants(outcome):
-                    logger.add_overlay(outcome)
-                if opts.strict and outcome.record["status"] != "ok":
-                    raise SampleFailedError(f"strict=true: {outcome.record['split']} "
-                                            f"{outcome.record['sample_id']} failed: {outcome.record['reason']}")
+        total = sum(len(g.samples) for g in groups)
+        log.info("resume %s: %d of %d samples already finished in %s", opts.name, len(skip), total, out_dir)
+    desc = opts.name if ctx.world_size == 1 else f"{opts.name} (rank 0 of {ctx.world_size})"
+    progress = Progress(todo, desc, enabled=opts.progress and ctx.is_main, interval_s=opts.progress_interval_s)
+    try:
+        with rec.RecordWriter(rec.rank_file(out_dir, ctx.rank)) as writer:
+            for group in mine:
+                for outcome in evaluate_group(pipe, group, skip=skip, queries_per_batch=opts.queries_per_batch):
+                    writer.write(outcome.record)
+                    progress.update(failed=outcome.record["status"] != "ok")
+                    if on_outcome is not None:
+                        on_outcome(outcome)
+                    if logger is not None and ctx.is_main and logger.wants(outcome):
+                        logger.add_overlay(outcome)
+                    if opts.strict and outcome.record["status"] != "ok":
+                        raise SampleFailedError(f"strict=true: {outcome.record['split']} "
+                                                f"{outcome.record['sample_id']} failed: {outcome.record['reason']}")
+    finally:
+        progress.close()
     own = rec.read_records(rec.rank_file(out_dir, ctx.rank))
-    if ctx.is_main:  # records left by ranks of an earlier run with more processes
+    strategy = getattr(pipe, "strategy", None)
+    cost = strategy.extra_cost() if strategy is not None else {}
+    if ctx.is_main:  # a finished earlier run's merged file, and ranks of an earlier run with more processes
+        own = rec.read_records(out_dir / rec.MERGED) + own
         own += [r for path in rec.orphan_rank_files(out_dir, ctx.world_size) for r in rec.read_records(path)]
-    gathered = gather_to_main(own, ctx)
+    gathered = gather_to_main((own, cost), ctx)
     metrics = None
     if ctx.is_main:
         targets = [(s.split, s.sample_id) for g in groups for s in g.samples]
-        merged = rec.merge_records((r for part in gathered for r in part), targets, splits)
+        merged = rec.merge_records((r for part, _ in gathered for r in part), targets, splits)
         missing = len(set(targets)) - len(merged)
         if missing:
             raise RuntimeError(f"{missing} samples have no record in {out_dir}; is the run directory shared by "
                                "all ranks?")
         rec.write_merged(out_dir / rec.MERGED, merged)
-        metrics = summarize(merged, splits, name=opts.name, baseline_giou=baseline_giou, extra=opts.extra)
+        if ctx.world_size == 1:  # merged now: the rank file would be a copy of results.jsonl
+            rec.rank_file(out_dir, 0).unlink(missing_ok=True)
+        metrics = summarize(merged, splits, name=opts.name, baseline=baseline, baseline_giou=baseline_giou,
+                            extra=opts.extra, detector=combine_costs([c for _, c in gathered]))
         write_metrics(out_dir / "metrics.json", metrics)
         if logger is not None:
             logger.log_setting(opts.name, metrics)
     return broadcast_object(metrics, ctx)
+
+
+def combine_costs(costs: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Ranks' ``extra_cost()`` -> one: images summed, ms per image weighted by images, GFLOPs per image."""
+    costs = [c for c in costs if c]
+    if not costs:
+        return {}
+    calls = sum(c.get("segmenter_calls", 0.0) for c in costs)
+    out: dict[str, float] = {"segmenter_calls": calls}
+    timed = [c for c in costs if c.get("segmenter_ms") is not None]
+    if timed and calls:
+        out["segmenter_ms"] = sum(c["segmenter_ms"] * c.get("segmenter_calls", 0.0) for c in timed) / calls
+    gflops = [c["segmenter_gflops"] for c in costs if c.get("segmenter_gflops")]
+    if gflops:
+        out["segmenter_gflops"] = gflops[0]
+    return out
 
 
 def _zero_drop(metrics: dict[str, Any], out_dir: Path, ctx: DistContext) -> dict[str, Any]:
@@ -220,3 +438,13 @@ def _check_model_paths(model_cfg: Mapping[str, Any]) -> None:
     from model.checkpoint import check_model_paths
 
     check_model_paths(model_cfg)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> ``{"a.b": leaf}`` (lists are leaves)."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: value} if prefix else {"": value}

@@ -1,14 +1,14 @@
 """Evaluate one setting (a pipeline) over image groups, one record per sample.
 
-The image is opened once per group and the group's queries go to ``pipe.segment`` together
-(chunks of ``queries_per_batch`` if set; each chunk encodes the image again). A missing or
+The image is opened once per group and the group's queries go to ``pipe.segment`` together; the
+pipeline encodes the image once and runs the LLM in chunks of ``queries_per_batch`` (if set). A missing or
 unreadable image, an unusable annotation, or a ground truth whose size differs from the image
 makes that sample a ``failed`` record with the reason; nothing is dropped silently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,7 +29,9 @@ class Pipeline(Protocol):
     @property
     def dims(self) -> ModelDims: ...
 
-    def segment(self, image: Image.Image, queries: list[Any]) -> list[Any]: ...
+    def segment(self, image: Image.Image, queries: list[Any], *, queries_per_batch: int | None = None) -> list[Any]:
+        """One result per query (``sample_id``, ``mask``, ``image_tokens``, ``total_tokens``,
+        ``llm_ms``, ``batch_size``); the image is encoded once whatever ``queries_per_batch``."""
 
 
 @dataclass
@@ -75,6 +77,10 @@ def evaluate_group(pipe: Pipeline, group: ImageGroup, *, skip: set[tuple[str, st
                    queries_per_batch: int | None = None) -> Iterator[SampleOutcome]:
     """Outcomes for the samples of ``group`` not in ``skip``, as they finish."""
     todo = [s for s in group.samples if (s.split, s.sample_id) not in skip]
+    for sample in todo:  # unusable before the image is even opened (e.g. no image file of a readable kind)
+        if sample.load_error is not None:
+            yield SampleOutcome(failed_record(sample, sample.load_error))
+    todo = [s for s in todo if s.load_error is None]
     if not todo:
         return
     try:
@@ -96,19 +102,12 @@ def evaluate_group(pipe: Pipeline, group: ImageGroup, *, skip: set[tuple[str, st
             yield SampleOutcome(failed_record(sample, reason))
             continue
         ready.append((sample, gt))
-    for chunk in _chunks(ready, queries_per_batch):
-        queries = [Query(text=s.text, is_sentence=s.is_sentence, sample_id=s.sample_id) for s, _ in chunk]
-        results = pipe.segment(image, queries)
-        by_id = {r.sample_id: r for r in results}
-        for sample, gt in chunk:
-            result = by_id[sample.sample_id]
-            record = ok_record(sample, gt, result, pipe.dims, batch_size=len(chunk))
-            yield SampleOutcome(record, image, np.asarray(result.mask, bool), gt)
-
-
-def _chunks(items: Sequence[Any], size: int | None) -> Iterator[Sequence[Any]]:
-    if not items:
+    if not ready:
         return
-    step = len(items) if not size else int(size)
-    for start in range(0, len(items), step):
-        yield items[start: start + step]
+    queries = [Query(text=s.text, is_sentence=s.is_sentence, sample_id=s.sample_id) for s, _ in ready]
+    results = pipe.segment(image, queries, queries_per_batch=queries_per_batch)
+    by_id = {r.sample_id: r for r in results}
+    for sample, gt in ready:
+        result = by_id[sample.sample_id]
+        record = ok_record(sample, gt, result, pipe.dims, batch_size=int(getattr(result, "batch_size", 1)))
+        yield SampleOutcome(record, image, np.asarray(result.mask, bool), gt)

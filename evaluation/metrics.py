@@ -71,8 +71,9 @@ class IoUAccumulator:
         return sample_iou(self.intersection, self.union)
 
     def as_dict(self) -> dict[str, float | int | None]:
-        return {"gIoU": self.giou, "cIoU": self.ciou, "count": self.count, "failed": self.failed,
-                "intersection": self.intersection, "union": self.union}
+        """``evaluated``: samples in gIoU/cIoU; ``failed``: samples that are not; ``samples``: both."""
+        return {"gIoU": self.giou, "cIoU": self.ciou, "evaluated": self.count, "failed": self.failed,
+                "samples": self.count + self.failed, "intersection": self.intersection, "union": self.union}
 
 
 def accumulate(pairs: Iterable[tuple[int, int]]) -> IoUAccumulator:

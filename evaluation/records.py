@@ -5,8 +5,10 @@ output directory (flushed per line, so a killed run keeps what it finished). A r
 ``split``, ``sample_id``, ``image``, ``text``, ``status`` (``ok`` | ``failed``), ``reason``,
 ``intersection``, ``union``, ``iou``, ``navg``, ``tflops``, ``image_tokens`` (per layer) and
 ``llm_ms``. With ``resume`` a rank skips samples that already have an ``ok`` record in any rank
-file; failed samples are tried again. The merged ``results.jsonl`` holds one record per sample of
-the configured splits, sorted by (split order, sample_id); metrics are computed from it.
+file or in the merged file; failed samples are tried again. The merged ``results.jsonl`` holds one
+record per sample of the configured splits, sorted by (split order, sample_id); metrics are computed
+from it. A single-process run removes its rank file once merged (it would be a copy); several
+processes keep theirs (which rank did what).
 """
 
 from __future__ import annotations
@@ -76,8 +78,14 @@ def repair_all(out_dir: Path) -> None:
 
 
 def finished_keys(out_dir: Path) -> set[Key]:
-    """Samples with an ``ok`` record in any rank file of ``out_dir``."""
-    return {key(r) for path in sorted(out_dir.glob(RANK_GLOB)) for r in read_records(path) if r["status"] == "ok"}
+    """Samples with an ``ok`` record in any rank file or the merged file of ``out_dir``."""
+    paths = [*sorted(out_dir.glob(RANK_GLOB)), out_dir / MERGED]
+    return {key(r) for path in paths for r in read_records(path) if r["status"] == "ok"}
+
+
+def has_results(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds records or metrics of a run."""
+    return any(out_dir.glob(RANK_GLOB)) or (out_dir / MERGED).is_file() or (out_dir / "metrics.json").is_file()
 
 
 def orphan_rank_files(out_dir: Path, world_size: int) -> list[Path]:

@@ -55,7 +55,7 @@ class WandbLogger:
         """Per-split gIoU/cIoU/count/failed, the summary, and the overlay table of one setting."""
         data: dict[str, Any] = {}
         for split, values in metrics["splits"].items():
-            for key in ("gIoU", "cIoU", "count", "failed", "Navg", "TFLOPs"):
+            for key in ("gIoU", "cIoU", "evaluated", "failed", "Navg", "TFLOPs"):
                 if values.get(key) is not None:
                     data[f"{name}/{split}/{key}"] = values[key]
         for key, value in metrics["summary"].items():

@@ -14,7 +14,6 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
@@ -27,7 +26,7 @@ from model.lisa import LISAForCausalLM
 from model.prompt import SpecialTokenIds
 from model.sam import build_sam_vit_h, build_tiny_sam, build_toy_sam
 from model.tokenizer import build_tiny_tokenizer
-from model.vision import CLIPVisionTower, clip_processor_for, tiny_clip_config
+from model.vision import CLIPVisionTower, clip_processor_for, load_clip_processor, tiny_clip_config
 
 #: SAM architectures by the config key ``sam_arch`` (LISA's configs have none: ViT-H).
 SAM_BUILDERS: dict[str, Callable[[], Sam]] = {"vit_h": build_sam_vit_h, "tiny": build_tiny_sam, "toy": build_toy_sam}
@@ -183,7 +182,7 @@ def load_vision_tower(clip_dir: str | Path, select_layer: int = -2) -> CLIPVisio
             "directory (config.json, preprocessor_config.json, model weights), e.g. clip-vit-large-patch14"
         )
     model = CLIPVisionModel.from_pretrained(clip_dir, attn_implementation="sdpa")
-    processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    processor = load_clip_processor(clip_dir)
     return CLIPVisionTower(model=model, processor=processor, select_layer=select_layer)
 
 

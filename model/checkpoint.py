@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ from transformers.initialization import no_init_weights
 
 from model.builder import SAM_BUILDERS, LisaBundle, cast_model, keep_fp32_buffers, load_vision_tower
 from model.lisa import LISAForCausalLM
-from model.prompt import IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, SEG_TOKEN, SpecialTokenIds
+from model.prompt import (
+    IM_END_TOKEN,
+    IM_PATCH_TOKEN,
+    IM_START_TOKEN,
+    SEG_TOKEN,
+    SpecialTokenIds,
+    legacy_spacing,
+    sentencepiece_model_file,
+)
 from model.sam import load_sam_checkpoint
 from model.vision import CLIPVisionTower
 
@@ -66,7 +75,28 @@ def load_tokenizer(ckpt_dir: Path, config: LlamaConfig) -> PreTrainedTokenizerBa
     Released LISA/LLaVA configs say ``model_type: llava``; left to itself AutoTokenizer then picks
     a generic backend that splits text differently from the LlamaTokenizer the checkpoint names.
     """
-    return AutoTokenizer.from_pretrained(ckpt_dir, config=config)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, config=config)
+    # LISA's tokenization depends on the file's "legacy" flag (model.prompt.legacy_spacing);
+    # transformers 5 drops it from init_kwargs, so pin it there for save_pretrained to write back.
+    config_file = ckpt_dir / "tokenizer_config.json"
+    if config_file.is_file():
+        tokenizer.init_kwargs["legacy"] = bool(json.loads(config_file.read_text()).get("legacy", True))
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """``save_pretrained`` plus what LISA's tokenization needs and transformers 5 leaves out: the
+    sentencepiece tokenizer.model and the ``legacy`` flag the tokenizer was loaded with (it writes
+    its own class default instead)."""
+    tokenizer.save_pretrained(out_dir)
+    model_file = sentencepiece_model_file(tokenizer)
+    if model_file is not None and not (out_dir / "tokenizer.model").exists():
+        # transformers 5 writes only tokenizer.json; LISA's tokenization encodes with sentencepiece
+        shutil.copyfile(model_file, out_dir / "tokenizer.model")
+    config_file = out_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["legacy"] = legacy_spacing(tokenizer)
+    config_file.write_text(json.dumps(config, indent=2))
 
 
 def weight_files(ckpt_dir: Path) -> list[Path]:
@@ -189,6 +219,16 @@ def load_lisa_checkpoint(ckpt_dir: str | Path, clip_dir: str | Path, *, dtype: t
     return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
 
 
+def save_clip_dir(bundle: LisaBundle, clip_dir: str | Path) -> Path:
+    """The bundle's CLIP tower and image processor as a Hugging Face CLIP directory (what
+    ``model.vision_tower`` / ``load_lisa_checkpoint``'s CLIP argument expect); e.g. for the tiny LISA."""
+    clip_dir = Path(clip_dir)
+    tower = bundle.model.vision_tower
+    tower.clip.save_pretrained(clip_dir)
+    tower.processor.save_pretrained(clip_dir)
+    return clip_dir
+
+
 def save_lisa_checkpoint(bundle: LisaBundle, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3,
                          safe: bool = True) -> Path:
     """Write ``bundle`` in LISA's Hugging Face layout (config, sharded weights + index, tokenizer)."""
@@ -213,7 +253,7 @@ def save_lisa_checkpoint(bundle: LisaBundle, out_dir: str | Path, *, max_shard_b
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / index_name).write_text(json.dumps(index, indent=2))
-    bundle.tokenizer.save_pretrained(out_dir)
+    save_tokenizer(bundle.tokenizer, out_dir)
     return out_dir
 
 

@@ -19,7 +19,7 @@ from csp.schedule import StageSchedule
 from csp.strategies import ClusteringInputs, ClusteringStrategy, build_strategy
 from model.builder import LisaBundle
 from model.inference import generate, teacher_forced
-from model.prompt import build_prompt, tokenize_with_image
+from model.prompt import DEFAULT_ANSWER, build_prompt, chat_prompt, tokenize_with_image
 from model.sam import decode_masks, sam_postprocess, sam_preprocess, to_rgb_array
 
 
@@ -43,6 +43,7 @@ class QueryResult:
     llm_ms: float
     masks: np.ndarray | None = field(repr=False, default=None)  # K x H x W, one per [SEG]
     seg_embeddings: torch.Tensor | None = field(repr=False, default=None)
+    batch_size: int = 1  # queries that ran through the LLM together (llm_ms is their time / batch_size)
 
 
 @dataclass
@@ -112,6 +113,20 @@ class SegmentationPipeline:
         return self.model.vision_tower.num_patches
 
     @property
+    def use_im_start_end(self) -> bool:
+        """The checkpoint's ``mm_use_im_start_end``: whether ``<im_start>``/``<im_end>`` frame the image."""
+        return self.model.extras.mm_use_im_start_end
+
+    def prompt_ids(self, text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSWER) -> list[int]:
+        """Token ids of LISA's validation/training prompt for this checkpoint (image slot included)."""
+        prompt = build_prompt(text, is_sentence, answer=answer, use_im_start_end=self.use_im_start_end)
+        return tokenize_with_image(prompt, self.bundle.tokenizer)
+
+    def chat_ids(self, text: str) -> list[int]:
+        """Token ids of LISA's chat prompt (chat.py) for ``text`` as typed, ending at ``ASSISTANT:``."""
+        return tokenize_with_image(chat_prompt(text, use_im_start_end=self.use_im_start_end), self.bundle.tokenizer)
+
+    @property
     def dims(self) -> ModelDims:
         return ModelDims.from_config(self.model.config)
 
@@ -153,13 +168,31 @@ class SegmentationPipeline:
         return (logits > 0).cpu().numpy()
 
     @torch.no_grad()
-    def segment(self, image: Image.Image, queries: list[Query]) -> list[QueryResult]:
-        """Teacher-forced LISA evaluation (answer ``[SEG].``) for all queries of one image."""
+    def segment(self, image: Image.Image, queries: list[Query], *,
+                queries_per_batch: int | None = None) -> list[QueryResult]:
+        """Teacher-forced LISA evaluation (answer ``[SEG].``) for all queries of one image.
+
+        The image encoders (CLIP, SAM's ViT) and the clustering strategy run once for the image;
+        the LLM runs the queries in chunks of ``queries_per_batch`` (None: all at once).
+        """
         enc = self.encode_image(image)
-        ids = [tokenize_with_image(build_prompt(q.text, q.is_sentence), self.bundle.tokenizer) for q in queries]
         sample_ids = [q.sample_id for q in queries]
-        tok = self.bundle.token_ids
         keep = self.cluster(enc, sample_ids)  # outside the timer: a detector's cost is reported apart
+        step = len(queries) if not queries_per_batch else int(queries_per_batch)
+        if step < 1:
+            raise ValueError(f"queries_per_batch must be >= 1 or None, got {queries_per_batch!r}")
+        results = []
+        for start in range(0, len(queries), step):
+            chunk = queries[start: start + step]
+            chunk_keep = None if keep is None else keep[start: start + step]
+            results += self._segment_encoded(enc, chunk, chunk_keep)
+        return results
+
+    def _segment_encoded(self, enc: ImageEncoding, queries: list[Query],
+                         keep: torch.Tensor | None) -> list[QueryResult]:
+        """One LLM batch over an encoded image; ``keep``: ``B x Nc`` clustered indices or None."""
+        ids = [self.prompt_ids(q.text, q.is_sentence) for q in queries]
+        tok = self.bundle.token_ids
         with Timer(self.bundle.device) as timer:
             out = teacher_forced(self.model, self.runner, ids, enc.image_embeds.expand(len(queries), -1, -1),
                                  tok.seg, tok.pad, cluster_keep=keep)
@@ -169,15 +202,20 @@ class SegmentationPipeline:
             results.append(QueryResult(
                 sample_id=query.sample_id, mask=masks[0], masks=masks, image_tokens=record.image_tokens,
                 total_tokens=record.total_tokens, llm_ms=timer.ms / len(queries), seg_embeddings=emb,
+                batch_size=len(queries),
             ))
         return results
 
     @torch.no_grad()
-    def chat(self, image: Image.Image, text: str, *, is_sentence: bool = True, max_new_tokens: int = 32,
+    def chat(self, image: Image.Image, text: str, *, max_new_tokens: int = 32,
              sample_id: str = "chat") -> ChatResult:
-        """Generate an answer with the KV cache; one mask per generated [SEG]."""
+        """Generate an answer with the KV cache; one mask per generated [SEG].
+
+        ``text`` is sent as typed, as LISA's chat.py does: to ask for a mask, say so (e.g.
+        ``model.prompt.with_mask_request(text)`` appends " Please output segmentation mask.").
+        """
         enc = self.encode_image(image)
-        ids = [tokenize_with_image(build_prompt(text, is_sentence, answer=None), self.bundle.tokenizer)]
+        ids = [self.chat_ids(text)]
         tok = self.bundle.token_ids
         out = generate(self.model, self.runner, ids, enc.image_embeds, tok.seg, tok.eos, tok.pad,
                        max_new_tokens=max_new_tokens, cluster_keep=self.cluster(enc, [sample_id]))

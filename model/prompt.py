@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
+import sentencepiece as spm
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -49,6 +54,12 @@ class SpecialTokenIds:
         )
 
 
+def image_slot(use_im_start_end: bool = True) -> str:
+    """What stands for the image in the prompt (LISA: ``<im_start><image><im_end>`` when the
+    checkpoint's ``mm_use_im_start_end`` is true, else ``<image>`` alone)."""
+    return IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN if use_im_start_end else IMAGE_TOKEN
+
+
 def user_message(text: str, is_sentence: bool) -> str:
     """LISA's validation query: sentences verbatim, short phrases in the 'What is' template."""
     if is_sentence:
@@ -56,35 +67,190 @@ def user_message(text: str, is_sentence: bool) -> str:
     return f"What is {text} in this image? Please output segmentation mask."
 
 
-def build_prompt(text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSWER) -> str:
+def build_prompt(text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSWER, *,
+                 use_im_start_end: bool = True) -> str:
     """The llava_v1 conversation: ``{system} USER: <im_start><image><im_end>\\n {q} ASSISTANT: {a}</s>``.
 
-    With ``answer=None`` the prompt ends at ``ASSISTANT:`` (for generation).
+    As LISA's ValDataset writes it (``"\\n {}"``, with a space). With ``answer=None`` the prompt
+    ends at ``ASSISTANT:`` (for generation).
     """
-    image = IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN
-    prompt = f"{SYSTEM_PROMPT} USER: {image}\n {user_message(text, is_sentence)} ASSISTANT:"
-    if answer is None:
-        return prompt
-    return f"{prompt} {answer}</s>"
+    return _conversation(f"{image_slot(use_im_start_end)}\n {user_message(text, is_sentence)}", answer)
+
+
+def chat_prompt(text: str, *, use_im_start_end: bool = True) -> str:
+    """LISA's chat.py prompt: the user's text as typed, ``<image>\\n{text}`` (no space), ending at
+    ``ASSISTANT:``. ``with_mask_request`` adds the evaluation's request if wanted."""
+    return _conversation(f"{image_slot(use_im_start_end)}\n{text}", None)
+
+
+def with_mask_request(text: str) -> str:
+    """``text`` followed by LISA's request " Please output segmentation mask." (the validation
+    template for sentences); for a chat user who wants the model to answer with [SEG]."""
+    return user_message(text, is_sentence=True)
+
+
+def _conversation(message: str, answer: str | None) -> str:
+    # conv_templates["llava_v1"].get_prompt(): "{system} USER: {message} ASSISTANT:" and, when the
+    # assistant message is non-empty, " {answer}</s>" (sep2).
+    prompt = f"{SYSTEM_PROMPT} USER: {message} ASSISTANT:"
+    return prompt if answer is None else f"{prompt} {answer}</s>"
+
+
+# -- tokenization as transformers 4.31's slow LlamaTokenizer does it ------------------------------
+SPIECE_UNDERLINE = "\u2581"
+
+
+def legacy_spacing(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """The ``legacy`` flag of the tokenizer's tokenizer_config.json (absent: True).
+
+    4.31's LlamaTokenizer.__init__ defaults to legacy=True when the file has no flag, as in
+    LISA-7B-v1; llama-2 tokenizers such as LISA-13B-llama2 say false. transformers 5 consumes the
+    flag without keeping it in ``init_kwargs`` (and its own default is False), so the file next to
+    the tokenizer is read unless ``model.checkpoint.load_tokenizer`` already pinned the value.
+    """
+    if "legacy" in tokenizer.init_kwargs:
+        return bool(tokenizer.init_kwargs["legacy"])
+    return _legacy_flag_in(str(tokenizer.name_or_path))
+
+
+def _legacy_flag_in(directory: str) -> bool:
+    path = Path(directory) / "tokenizer_config.json"
+    if not directory or not path.is_file():
+        return True
+    return bool(json.loads(path.read_text()).get("legacy", True))
+
+
+def _strip_flags(tokenizer: PreTrainedTokenizerBase) -> dict[str, tuple[bool, bool]]:
+    """Every no-split token -> (strip the text on its left, strip the text on its right).
+
+    transformers 4.31 ``PreTrainedTokenizer.tokenize`` (tokenization_utils.py) splits on
+    ``unique_no_split_tokens`` (all added tokens and all special tokens). A token found in
+    ``all_special_tokens_extended`` as an ``AddedToken`` strips by its own lstrip/rstrip flags;
+    every other one "We strip left and right by default". LlamaTokenizer.__init__ wraps bos, eos,
+    unk and pad in ``AddedToken(lstrip=False, rstrip=False)``, so ``<s>``, ``</s>``, ``<unk>``
+    strip nothing; LISA's ``<im_patch>``, ``<im_start>``, ``<im_end>`` and ``[SEG]`` come from
+    added_tokens.json as plain strings, so the whitespace on both sides of them is stripped.
+    """
+    decoder = {str(t): t for t in tokenizer.added_tokens_decoder.values()}
+    flags = {token: (True, True) for token in tokenizer.get_added_vocab()}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        token = getattr(tokenizer, name, None)
+        if token is None:
+            continue
+        added = decoder.get(str(token))
+        flags[str(token)] = (bool(getattr(added, "lstrip", False)), bool(getattr(added, "rstrip", False)))
+    return flags
+
+
+def split_on_added_tokens(text: str, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    """4.31's split of ``text`` into (piece, is_added_token), whitespace stripped around added tokens.
+
+    Empty pieces are dropped (4.31 skips "eventual empty (fully stripped) tokens").
+    """
+    flags = _strip_flags(tokenizer)
+    # Longest first: the leftmost match is the longest, as 4.31's Trie.split finds it.
+    pattern = "(" + "|".join(re.escape(t) for t in sorted(flags, key=len, reverse=True)) + ")"
+    parts = [p for p in re.split(pattern, text) if p]
+    added = [p in flags for p in parts]
+    for i, part in enumerate(parts):
+        if not added[i]:
+            continue
+        strip_left, strip_right = flags[part]
+        if strip_right and i + 1 < len(parts) and not added[i + 1]:
+            parts[i + 1] = parts[i + 1].lstrip()
+        if strip_left and i > 0 and not added[i - 1]:
+            parts[i - 1] = parts[i - 1].rstrip()
+    return [(p, a) for p, a in zip(parts, added) if p]
+
+
+def tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of ``text`` without BOS/EOS, as 4.31's slow LlamaTokenizer gives them.
+
+    Each plain piece between added tokens is encoded on its own, which for a sentencepiece
+    vocabulary means with the dummy prefix '▁' (and byte fallback), exactly as 4.31's
+    ``_tokenize`` hands each piece to ``sp_model.encode``. With ``legacy: false`` 4.31's
+    ``LlamaTokenizer.tokenize`` first turns '▁' in the text into spaces and prepends one '▁'; its
+    ``_tokenize`` then drops that '▁' from the first piece before encoding, and from every other
+    piece that does not start with a space it removes the leading '▁' of the first token (so
+    ``"ASSISTANT: [SEG]."`` ends ``'[SEG]' '.'``, not ``'[SEG]' '▁.'``).
+    """
+    legacy = legacy_spacing(tokenizer)
+    if not legacy:
+        text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+    ids: list[int] = []
+    for piece, is_added in split_on_added_tokens(text, tokenizer):
+        if is_added:
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+            continue
+        is_first = not legacy and piece.startswith(SPIECE_UNDERLINE)
+        if is_first:
+            piece = piece[1:]
+        piece_ids = _encode_piece(piece, tokenizer) if piece else []
+        if not legacy and not is_first and not piece.startswith(" ") and piece_ids:
+            first = tokenizer.convert_ids_to_tokens(piece_ids[0])
+            if first.startswith(SPIECE_UNDERLINE):
+                rest = [tokenizer.convert_tokens_to_ids(first[1:])] if len(first) > 1 else []
+                piece_ids = rest + piece_ids[1:]
+        ids.extend(piece_ids)
+    return ids
+
+
+def sentencepiece_model_file(tokenizer: PreTrainedTokenizerBase) -> Path | None:
+    """The tokenizer.model a LLaMA tokenizer was loaded from (None for other tokenizers)."""
+    candidates = [tokenizer.init_kwargs.get("vocab_file")]
+    if tokenizer.name_or_path:
+        candidates.append(Path(str(tokenizer.name_or_path)) / "tokenizer.model")
+    for candidate in candidates:
+        if candidate and str(candidate).endswith(".model") and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _sentencepiece(path: str, mtime_ns: int) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+def _encode_piece(piece: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """One plain piece, encoded on its own as 4.31's ``_tokenize`` does: ``sp_model.encode(piece)``.
+
+    With the checkpoint's tokenizer.model at hand that is literally sentencepiece (dummy prefix,
+    byte fallback), pieces mapped to ids through the tokenizer's vocabulary. transformers 5's fast
+    tokenizer agrees except for a piece that starts with a space (after ``</s>``): its Metaspace
+    adds no '▁' in front of an existing one, sentencepiece always does. Tokenizers without a
+    sentencepiece model (the tiny word-level one) encode the piece themselves.
+    """
+    model_file = sentencepiece_model_file(tokenizer)
+    if model_file is None:
+        return tokenizer(piece, add_special_tokens=False).input_ids
+    processor = _sentencepiece(str(model_file), model_file.stat().st_mtime_ns)
+    return tokenizer.convert_tokens_to_ids(processor.encode(piece, out_type=str))
+
+
+def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """What the tokenizer puts around a text: LISA's LlamaTokenizer adds BOS only
+    (add_bos_token=True, add_eos_token=False)."""
+    ids = tokenizer("").input_ids
+    if ids not in ([], [tokenizer.bos_token_id]):
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} frames a text with {tokenizer.convert_ids_to_tokens(ids)}; "
+            "LISA's LlamaTokenizer adds only BOS (add_bos_token=true, add_eos_token=false)"
+        )
+    return ids
 
 
 def tokenize_with_image(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids with ``IMAGE_PLACEHOLDER_ID`` where ``<image>`` stood (LLaVA's tokenizer_image_token).
 
-    Each chunk is tokenized on its own; the BOS of every chunk after the first is dropped.
+    The prompt is split on ``<image>`` first; each chunk is tokenized on its own (``tokenize_text``)
+    and only the first chunk gets BOS. The one tokenization used for every prompt the project
+    builds: evaluation, chat and training answers.
     """
     chunks = prompt.split(IMAGE_TOKEN)
     if len(chunks) != 2:
         raise ValueError(f"prompt must contain exactly one {IMAGE_TOKEN}, got {len(chunks) - 1}")
-    ids: list[int] = []
-    for i, chunk in enumerate(chunks):
-        chunk_ids = tokenizer(chunk).input_ids
-        if i > 0 and chunk_ids and chunk_ids[0] == tokenizer.bos_token_id:
-            chunk_ids = chunk_ids[1:]
-        if i > 0:
-            ids.append(IMAGE_PLACEHOLDER_ID)
-        ids.extend(chunk_ids)
-    return ids
+    before, after = (tokenize_text(chunk, tokenizer) for chunk in chunks)
+    return [*_leading_special_ids(tokenizer), *before, IMAGE_PLACEHOLDER_ID, *after]
 
 
 def seg_query_rows(ids: torch.Tensor, seg_id: int) -> torch.Tensor:

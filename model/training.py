@@ -11,7 +11,7 @@ from PIL import Image
 
 from model.inference import decoder_inputs, expand_image_slots, pad_rows
 from model.pipeline import SegmentationPipeline
-from model.prompt import build_prompt, seg_query_rows, tokenize_with_image
+from model.prompt import seg_query_rows
 from model.sam import decode_masks, sam_postprocess
 
 
@@ -90,8 +90,8 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
     image_embeds = model.project_images(features)
     full_ids, answer_starts = [], []
     for s in samples:
-        prompt_ids = tokenize_with_image(build_prompt(s.text, s.is_sentence, answer=None), pipe.bundle.tokenizer)
-        ids = tokenize_with_image(build_prompt(s.text, s.is_sentence, answer=s.answer), pipe.bundle.tokenizer)
+        prompt_ids = pipe.prompt_ids(s.text, s.is_sentence, answer=None)
+        ids = pipe.prompt_ids(s.text, s.is_sentence, answer=s.answer)
         full_ids.append(ids)
         answer_starts.append(len(prompt_ids) - 1 + image_embeds.shape[1])  # expanded row of the first answer token
     batch = expand_image_slots(full_ids, image_embeds.shape[1], tok.pad)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
 
 class CLIPVisionTower(nn.Module):
     """Features from CLIP hidden layer ``select_layer`` (LLaVA: -2) with the CLS token dropped."""
 
-    def __init__(self, *, model: CLIPVisionModel, processor: CLIPImageProcessor, select_layer: int = -2):
+    def __init__(self, *, model: CLIPVisionModel, processor: CLIPImageProcessorPil, select_layer: int = -2):
         super().__init__()
         self.clip = model
         self.processor = processor
@@ -87,9 +88,19 @@ def tiny_clip_config(image_size: int = 224, patch_size: int = 14, hidden_size: i
     )
 
 
-def clip_processor_for(image_size: int) -> CLIPImageProcessor:
-    """CLIP's preprocessing: resize shortest side, center crop, CLIP mean/std."""
-    return CLIPImageProcessor(
+def clip_processor_for(image_size: int) -> CLIPImageProcessorPil:
+    """CLIP's preprocessing: resize shortest side, center crop, CLIP mean/std (PIL backend)."""
+    return CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         do_center_crop=True, do_resize=True, do_normalize=True, do_convert_rgb=True,
     )
+
+
+def load_clip_processor(clip_dir: str | Path) -> CLIPImageProcessorPil:
+    """The CLIP directory's preprocessor_config.json through transformers 5's PIL-backed class.
+
+    LISA ran transformers 4.31's CLIPImageProcessor, which resizes and crops with PIL (bicubic on
+    uint8). transformers 5's default ``CLIPImageProcessor`` is the torchvision backend and differs
+    by up to one grey level on some pixels; its ``CLIPImageProcessorPil`` reproduces 4.31.
+    """
+    return CLIPImageProcessorPil.from_pretrained(str(clip_dir))

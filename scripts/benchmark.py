@@ -4,7 +4,9 @@ Random weights in a LLaMA shape (no download): ``--shape 7b`` is the real LLaMA-
 GPU, bf16), ``--shape 13b`` LLaMA-13B, ``--shape cpu32`` a 32-layer LLaMA narrowed to fit a CPU.
 One sample: ``text`` tokens around N image tokens (teacher forcing, as in evaluation). Prints
 JSON: median ms of each, measured speedup, the FLOPs ratio from csp.accounting for the same
-dims, their quotient, and peak memory (CUDA only).
+dims, their quotient, and peak memory (CUDA only). The spread of the repeats (interquartile range
+over median) is in the JSON too; above ``--max-spread`` (10%) a warning is printed and listed under
+``warnings``: the machine was busy or the clock noisy, and the medians deserve less trust.
 
     python scripts/benchmark.py --preset llava7b_224_p70 --shape cpu32
     python scripts/benchmark.py --preset llava7b_224_p70 --shape 7b --device cuda --dtype bf16
@@ -100,6 +102,22 @@ def peak_mb(fn, device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, interquartile range (inclusive quartiles) and their quotient of repeated timings."""
+    median = statistics.median(values)
+    if len(values) < 2:
+        return {"median": median, "iqr": 0.0, "iqr_over_median": 0.0}
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": median, "iqr": q3 - q1, "iqr_over_median": (q3 - q1) / median if median else float("inf")}
+
+
+def spread_warnings(spreads: dict[str, dict[str, float]], limit: float) -> list[str]:
+    """One warning per timing whose IQR / median exceeds ``limit``."""
+    return [f"{name}: repeats spread widely (IQR / median = {s['iqr_over_median']:.0%} > {limit:.0%}); "
+            "the machine was probably busy: re-run with more --repeats/--rounds on an idle machine"
+            for name, s in spreads.items() if s["iqr_over_median"] > limit]
+
+
 def run(args: argparse.Namespace) -> dict:
     device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
     torch.set_num_threads(args.threads) if args.threads else None
@@ -119,12 +137,16 @@ def run(args: argparse.Namespace) -> dict:
     csp_row = static_row(dims, schedule, n_img, args.text_tokens)
     speedup = statistics.median(plain_ms) / statistics.median(csp_ms)
     flops_ratio = base_row["TFLOPs"] / csp_row["TFLOPs"]
+    spreads = {"plain_ms": spread(plain_ms), "csp_ms": spread(csp_ms)}
+    warnings = spread_warnings(spreads, args.max_spread)
     return {
         "shape": args.shape, "device": str(device), "dtype": str(dtype).split(".")[-1],
         "schedule": {"Lc": schedule.Lc, "Nc": schedule.Nc, "Ls": schedule.Ls, "Np": schedule.Np},
         "image_tokens": n_img, "text_tokens": args.text_tokens, "repeats": len(plain_ms),
         "plain_ms_median": statistics.median(plain_ms), "csp_ms_median": statistics.median(csp_ms),
         "plain_ms_all": plain_ms, "csp_ms_all": csp_ms,
+        "plain_ms_iqr_over_median": spreads["plain_ms"]["iqr_over_median"],
+        "csp_ms_iqr_over_median": spreads["csp_ms"]["iqr_over_median"], "warnings": warnings,
         "speedup": speedup, "tflops_plain": base_row["TFLOPs"], "tflops_csp": csp_row["TFLOPs"],
         "flops_ratio": flops_ratio, "speedup_over_flops_ratio": speedup / flops_ratio,
         "navg": csp_row["Navg"],
@@ -147,6 +169,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--max-spread", type=float, default=0.10,
+                        help="warn when a timing's IQR / median exceeds this fraction")
     parser.add_argument("--output", help="also write the JSON here")
     return parser.parse_args(argv)
 
@@ -154,6 +178,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     report = run(args)
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from model.builder import LisaBundle, build_tiny_lisa
-from model.checkpoint import save_lisa_checkpoint
+from model.checkpoint import save_clip_dir, save_lisa_checkpoint
 
 #: Shard limit for the saved tiny checkpoint: small enough for several shards (~2 MB of weights).
 TINY_SHARD_BYTES = 256 * 1024
@@ -42,14 +42,6 @@ class SavedCheckpoint:
 
     checkpoint: Path
     clip_dir: Path
-
-
-def save_clip_dir(bundle: LisaBundle, clip_dir: Path) -> Path:
-    """The bundle's CLIP tower and processor as a Hugging Face CLIP directory."""
-    tower = bundle.model.vision_tower
-    tower.clip.save_pretrained(clip_dir)
-    tower.processor.save_pretrained(clip_dir)
-    return clip_dir
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ The expected Navg and TFLOPs are the paper's own numbers (Tables 1, 4, 5 and 6),
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -25,6 +26,7 @@ from csp.accounting import (
     total_flops,
 )
 from csp.schedule import ScheduleError, StageSchedule
+from csp.strategies import CLUSTERING_STRATEGIES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE_DIR = REPO_ROOT / "configs" / "schedule"
@@ -225,7 +227,11 @@ def test_preset_files_are_plain_group_files() -> None:
         assert "TFLOPs" in text
         cfg = yaml.safe_load(text)
         assert set(cfg) == {"Lc", "Nc", "Ls", "Np", "clustering", "clustering_kwargs"}
-        assert cfg["clustering_kwargs"] == {}
+        # every option of the strategy is a key, so that `schedule.clustering_kwargs.<option>=...` works as written
+        options = {f.name for f in dataclasses.fields(CLUSTERING_STRATEGIES[cfg["clustering"]])} - {"segmenter"}
+        assert set(cfg["clustering_kwargs"] or {}) == options, path.name
+        if cfg["clustering"] == "seg_first":
+            assert cfg["clustering_kwargs"]["weights"] is None  # no default weights: the user names the file
 
 
 def test_every_preset_validates_against_its_model() -> None:

@@ -7,7 +7,7 @@ import json
 
 from csp.accounting import MODEL_DIMS, static_row
 from csp.schedule import StageSchedule
-from scripts.benchmark import main
+from scripts.benchmark import main, spread, spread_warnings
 
 
 def test_benchmark_reports_json(tmp_path, capsys) -> None:
@@ -29,3 +29,17 @@ def test_benchmark_flops_ratio_for_7b_shape_matches_table6() -> None:
     base = static_row(dims, None, 256, 62)["TFLOPs"]
     p70 = static_row(dims, StageSchedule(Lc=7, Nc=80, Ls=7, Np=8), 256, 62)["TFLOPs"]
     assert abs(base / 4.12 - 1) < 0.03 and abs(p70 / 1.83 - 1) < 0.03
+
+
+def test_spread_is_reported_and_wide_spread_warns(capsys) -> None:
+    # inclusive quartiles of 10, 11, 12, 13, 100: Q1 = 11, Q3 = 13 -> IQR 2, median 12, 2/12 = 16.7%
+    wide = spread([10.0, 11.0, 12.0, 13.0, 100.0])
+    assert wide == {"median": 12.0, "iqr": 2.0, "iqr_over_median": 2.0 / 12.0}
+    # 10, 10, 10.5, 11, 11: Q1 = 10, Q3 = 11 -> 1/10.5 = 9.5%
+    narrow = spread([10.0, 11.0, 10.5, 10.0, 11.0])
+    assert narrow["iqr_over_median"] == 1.0 / 10.5
+    warnings = spread_warnings({"plain_ms": wide, "csp_ms": narrow}, 0.10)
+    assert len(warnings) == 1 and warnings[0].startswith("plain_ms: repeats spread widely (IQR / median = 17% > 10%)")
+    report = main(["--shape", "tiny", "--repeats", "3", "--warmup", "0", "--rounds", "1", "--max-spread", "-1"])
+    assert report["plain_ms_iqr_over_median"] >= 0 and len(report["warnings"]) == 2  # any spread exceeds -1
+    assert capsys.readouterr().err.count("WARNING: ") == 2

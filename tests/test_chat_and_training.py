@@ -16,7 +16,7 @@ import torch
 from model.builder import LisaBundle, build_tiny_lisa
 from model.inference import GenerationOutput, generate, teacher_forced
 from model.pipeline import ImageEncoding, SegmentationPipeline
-from model.prompt import IMAGE_PLACEHOLDER_ID, build_prompt, tokenize_with_image
+from model.prompt import IMAGE_PLACEHOLDER_ID, build_prompt, tokenize_with_image, user_message
 from model.sam import decode_masks, sam_postprocess
 from model.training import (
     LossWeights,
@@ -108,7 +108,7 @@ def test_generated_seg_matches_llama_forward(seg_chat: SegChat) -> None:
 
 def test_chat_returns_seg_masks_matching_teacher_forced(seg_chat: SegChat) -> None:
     image = seg_chat.enc.image
-    result = seg_chat.pipe.chat(image, "dog", is_sentence=False, max_new_tokens=MAX_NEW)
+    result = seg_chat.pipe.chat(image, user_message("dog", False), max_new_tokens=MAX_NEW)
     assert result.text.split()[-2:] == ["[SEG]", "</s>"]
     assert result.masks.shape == (1, 40, 56) and result.masks.dtype == bool
     tok = seg_chat.bundle.token_ids
@@ -142,7 +142,7 @@ def test_batch_of_two_lengths_matches_single_runs_and_teacher_forcing(seg_chat: 
 
 def test_generation_without_seg_or_eos_runs_to_max_new_tokens(tiny_bundle: LisaBundle) -> None:
     pipe = SegmentationPipeline(tiny_bundle)
-    result = pipe.chat(random_pil_image(24, 30, seed=4), "cat", is_sentence=False, max_new_tokens=5)
+    result = pipe.chat(random_pil_image(24, 30, seed=4), "What is the cat?", max_new_tokens=5)
     assert len(tiny_bundle.tokenizer(result.text, add_special_tokens=False).input_ids) == 5
     assert "[SEG]" not in result.text
     assert result.masks.shape == (0, 24, 30)

@@ -97,8 +97,18 @@ def test_fast_path_matches_masked_reference(case: int) -> None:
         assert ref_total == [c + text_rows for c in expected_counts]
 
 
+#: Schedules that keep every token in every stage, for a model of L layers and N image tokens:
+#: clustering + scattering + pruning, clustering + pruning ranked in it (Ls = 0), scattering + pruning.
+def _keep_all_schedules(L: int, n_img: int) -> list[StageSchedule]:
+    return [StageSchedule(Lc=3, Nc=n_img, Ls=1, Np=n_img), StageSchedule(Lc=2, Nc=n_img, Ls=0, Np=n_img),
+            StageSchedule(Lc=0, Nc=n_img, Ls=L - 2, Np=n_img)]
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_degenerate_schedules_equal_plain_exactly(name: str) -> None:
+def test_degenerate_schedules_equal_plain_exactly(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every token kept, the select/scatter path forced: bit for bit LlamaModel.forward."""
+    from csp.tokens import TokenState
+
     llm = MODELS[name]
     rng = random.Random(7)
     n_img = 24
@@ -106,12 +116,32 @@ def test_degenerate_schedules_equal_plain_exactly(name: str) -> None:
     embeds, valid, is_image, qrows, qvalid, *_ = random_batch(rng, 3, n_img, llm.config.hidden_size)
     keep = torch.stack([torch.arange(n_img)] * 3)
     inputs = DecoderInputs(embeds, valid, is_image, qrows, qvalid, cluster_keep=keep)
+    calls: list[str] = []
+    select, scatter = TokenState.select, TokenState.scatter_into
+    monkeypatch.setattr(TokenState, "select", lambda self, k: calls.append("select") or select(self, k))
+    monkeypatch.setattr(TokenState, "scatter_into", lambda self, f: calls.append("scatter") or scatter(self, f))
     with torch.no_grad():
-        plain = StageRunner(llm, None, n_img).forward(inputs).state
-        for sched in (StageSchedule(Lc=3, Nc=n_img, Ls=1, Np=n_img), StageSchedule(Lc=0, Nc=5, Ls=L, Np=3)):
-            got = StageRunner(llm, sched, n_img).forward(inputs).state
-            assert torch.equal(got.hidden, plain.hidden)
-            assert torch.equal(got.positions, plain.positions)
+        theirs = llm(inputs_embeds=embeds, attention_mask=valid.long()).last_hidden_state
+        expected_calls = [["select", "scatter", "select"], ["select", "select"], ["select"]]
+        for sched, expected in zip(_keep_all_schedules(L, n_img), expected_calls, strict=True):
+            calls.clear()
+            got = StageRunner(llm, sched, n_img, force_stages=True).forward(inputs).state
+            assert calls == expected, (sched, calls)  # the path really ran
+            assert torch.equal(got.valid, valid)
+            assert torch.equal(got.hidden[valid], theirs[valid]), sched
+            calls.clear()
+            StageRunner(llm, sched, n_img).forward(inputs)
+            assert calls == [], "by default a stage that keeps every token is skipped"
+
+
+@pytest.mark.parametrize("impl", ["eager", "flash_attention_2", "flex_attention"])
+def test_runner_refuses_attention_that_misreads_its_masks(impl: str) -> None:
+    llm = tiny_llm(2, 4, 4, 0)
+    llm.config._attn_implementation = impl  # as set_attn_implementation() or a loader would leave it
+    with pytest.raises(ValueError, match=rf"_attn_implementation is '{impl}'.*attn_implementation='sdpa'"):
+        StageRunner(llm, None, 16)
+    llm.config._attn_implementation = "sdpa"
+    StageRunner(llm, None, 16)  # accepted
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -90,11 +90,18 @@ def test_runtime_records_agree_with_static_calculator(image) -> None:
 
 
 def test_degenerate_schedules_give_plain_lisa_masks(image) -> None:
+    """Schedules that keep every token, with the select/scatter path forced: plain LISA's masks."""
+    from csp.runner import StageRunner
+    from csp.strategies import build_strategy
+
     bundle = build_tiny_lisa(seed=6)
     queries = [Query("the red car", False, "a"), Query("the dog", False, "b")]
     plain = SegmentationPipeline(bundle).segment(image, queries)
-    for schedule in (StageSchedule(Lc=3, Nc=256, Ls=1, Np=256), StageSchedule(Lc=0, Nc=9, Ls=6, Np=4)):
-        got = SegmentationPipeline(bundle, schedule).segment(image, queries)
+    for schedule in (StageSchedule(Lc=3, Nc=256, Ls=1, Np=256), StageSchedule(Lc=0, Nc=9, Ls=4, Np=256)):
+        pipe = SegmentationPipeline(bundle, schedule)
+        pipe.runner = StageRunner(bundle.model.model, schedule, 256, force_stages=True)
+        pipe.strategy = build_strategy("uniform")  # Nc = N: eq. 2 keeps every index
+        got = pipe.segment(image, queries)
         for a, b in zip(plain, got):
             assert np.array_equal(a.masks, b.masks)
             assert torch.equal(a.seg_embeddings, b.seg_embeddings)
@@ -126,3 +133,31 @@ def test_training_prunes_like_evaluation(image) -> None:
         train = training_loss(pipe, [sample]).seg_embeddings[0]
         evaluated = pipe.segment(image, [Query("the red car", False, "a")])[0].seg_embeddings
     torch.testing.assert_close(train, evaluated, atol=1e-6, rtol=1e-6)
+
+
+def test_image_encoded_once_whatever_queries_per_batch(image) -> None:
+    """CLIP and SAM's image encoder run once per image for 1 or several queries per LLM batch;
+    the results equal separate calls on each chunk (the behaviour before)."""
+    bundle = build_tiny_lisa(seed=6)
+    pipe = SegmentationPipeline(bundle, StageSchedule(Lc=2, Nc=64, Ls=1, Np=16, clustering="cls_attention"))
+    queries = [Query("the red car", False, "a"), Query("the dog", False, "b"), Query("what is left?", True, "c")]
+    calls = {"clip": 0, "sam": 0}
+    def counter(name: str):
+        return lambda *_: calls.__setitem__(name, calls[name] + 1)
+
+    hooks = [bundle.model.vision_tower.register_forward_hook(counter("clip")),
+             bundle.model.sam.image_encoder.register_forward_hook(counter("sam"))]
+    try:
+        for per_batch in (1,):  # the latency setting: one query per LLM call
+            calls.update(clip=0, sam=0)
+            got = pipe.segment(image, queries, queries_per_batch=per_batch)
+            assert calls == {"clip": 1, "sam": 1}, (per_batch, calls)
+            step = per_batch or len(queries)
+            assert [r.batch_size for r in got] == [min(step, len(queries) - i // step * step) for i in range(3)]
+            separate = [r for i in range(0, 3, step) for r in pipe.segment(image, queries[i: i + step])]
+            for a, b in zip(got, separate, strict=True):
+                assert a.sample_id == b.sample_id and np.array_equal(a.masks, b.masks)
+                assert torch.equal(a.seg_embeddings, b.seg_embeddings) and a.image_tokens == b.image_tokens
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -133,6 +133,7 @@ class FakeResult:
     image_tokens: list[int]
     total_tokens: list[int]
     llm_ms: float
+    batch_size: int = 1
 
 
 class FakePipeline:
@@ -144,13 +145,18 @@ class FakePipeline:
         self.calls: list[int] = []
         self.fail_after = fail_after
 
-    def segment(self, image: Image.Image, queries: list) -> list[FakeResult]:
+    def segment(self, image: Image.Image, queries: list, *, queries_per_batch: int | None = None) -> list[FakeResult]:
         if self.fail_after is not None and sum(self.calls) >= self.fail_after:
             raise KeyboardInterrupt("injected interruption")
-        self.calls.append(len(queries))
+        step = queries_per_batch or len(queries)
         mask = np.zeros((image.height, image.width), dtype=bool)
         mask[:, : image.width // 2] = True
-        return [FakeResult(q.sample_id, mask, [4, 2], [10, 8], 1.0) for q in queries]
+        out = []
+        for start in range(0, len(queries), step):
+            chunk = queries[start: start + step]
+            self.calls.append(len(chunk))
+            out += [FakeResult(q.sample_id, mask, [4, 2], [10, 8], 1.0, len(chunk)) for q in chunk]
+        return out
 
 
 def _groups(root: Path, splits: list[str]) -> list:
@@ -202,7 +208,8 @@ def test_loop_metrics_equal_independent_computation(tmp_path: Path) -> None:
             ious.append(i / u if u else 1.0)
             inter, union = inter + i, union + u
     split = metrics["splits"]["refcoco|unc|val"]
-    assert split["count"] == len(ious) and split["gIoU"] == pytest.approx(np.mean(ious))
+    assert split["evaluated"] == split["samples"] == len(ious) and split["failed"] == 0
+    assert split["gIoU"] == pytest.approx(np.mean(ious))
     assert split["cIoU"] == pytest.approx(inter / union)
     assert metrics["summary"]["Navg"] == pytest.approx(3.0)  # (4 + 2) / 2
     flops = sum(2 * (4 * n * 64 + 2 * n * n * 8 + 3 * n * 8 * 16) for n in (10, 8)) / 1e12
@@ -219,11 +226,11 @@ def test_interrupted_and_resumed_loop_equals_uninterrupted(tmp_path: Path) -> No
         evaluate_setting(FakePipeline(fail_after=5), groups, splits, tmp_path / "cut", DistContext(),
                          SettingOptions("f"))
     written = len((tmp_path / "cut" / "results.rank0.jsonl").read_text().splitlines())
-    assert 0 < written < full["summary"]["count"]
+    assert 0 < written < full["summary"]["evaluated"]
     resumed_pipe = FakePipeline()
     resumed = evaluate_setting(resumed_pipe, groups, splits, tmp_path / "cut", DistContext(),
                                SettingOptions("f", resume=True))
-    assert sum(resumed_pipe.calls) == full["summary"]["count"] - written  # finished samples are skipped
+    assert sum(resumed_pipe.calls) == full["summary"]["evaluated"] - written  # finished samples are skipped
     assert resumed == full
     assert (tmp_path / "cut" / "results.jsonl").read_text() == (tmp_path / "full" / "results.jsonl").read_text()
 
@@ -260,7 +267,7 @@ def test_demo_through_the_function(tmp_path: Path) -> None:
     per_subset = (entries + 1) // 2 + (entries // 2) * spec.expressions_per_entry  # string / list entries alternate
     base, method = results["baseline"], results["method"]
     for metrics in (base, method):
-        assert [m["count"] for m in metrics["splits"].values()] == [per_subset, per_subset]
+        assert [m["evaluated"] for m in metrics["splits"].values()] == [per_subset, per_subset]
         assert metrics["summary"]["failed"] == 0
     # tiny model: L = 6, N = 256; schedule (Lc, Nc, Ls, Np) = (2, 64, 1, 16) -> (2*64 + 256 + 3*16) / 6 = 72
     assert base["summary"]["Navg"] == pytest.approx(256.0)
@@ -301,6 +308,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_command_line(tmp_path: Path) -> None:
     out = run_eval(["+exp=demo", "--local_rank=0"], tmp_path / "run")  # as the DeepSpeed launcher appends it
     lines = out.stdout.strip().splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("setting")):]  # after the log lines
     assert lines[0].split()[:3] == ["setting", "refcoco", "val"] and "mIoU_drop" in lines[0]
     assert lines[1].startswith("LISA (tiny)") and lines[2].startswith("demo_tiny_csp")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -330,12 +338,16 @@ def test_killed_and_resumed_run_equals_uninterrupted(reference_run: Path, tmp_pa
             break
         time.sleep(0.02)
     proc.wait(timeout=60)
-    written = len(rank_file.read_text().splitlines())
+    from evaluation.records import read_records
+
+    written = len([r for r in read_records(rank_file) if r["status"] == "ok"])
     total = len((reference_run / "results.jsonl").read_text().splitlines())
     assert proc.returncode == -signal.SIGKILL and 0 < written < total, (proc.returncode, written, total)
     assert not (run_dir / "metrics.json").exists()
-    run_eval(SMALL + ["resume=true"], run_dir)
-    assert len(rank_file.read_text().splitlines()) == total  # finished samples were not evaluated again
+    out = run_eval(SMALL + ["resume=true"], run_dir)
+    # finished samples were not evaluated again
+    assert f"{written} of {total} samples already finished" in out.stdout + out.stderr
+    assert not rank_file.exists()  # merged into results.jsonl (a single process keeps no copy)
     assert comparable(run_dir) == comparable(reference_run)
 
 

@@ -21,26 +21,51 @@ from model.prompt import SYSTEM_PROMPT
 ADDED = ["<im_patch>", "<im_start>", "<im_end>", "[SEG]"]
 
 
-def write_released_tokenizer(directory: Path, vocab_size: int = 96) -> None:
-    """tokenizer.model (sentencepiece BPE) + tokenizer_config/special_tokens_map/added_tokens."""
+#: Sentences for the LLaMA-like vocabulary: every word of the golden prompts becomes one piece
+#: ('▁What'); '"What"' and ' .' give the pieces 'What' and '▁.' that the LLaMA vocabulary also has.
+LLAMA_LIKE_CORPUS = [
+    SYSTEM_PROMPT,
+    "USER: What is the dog on the left in this image? Please output segmentation mask. ASSISTANT: Sure, it is the cat.",
+    '"What" "Sure" . . .',
+]
+
+
+def write_released_tokenizer(directory: Path, vocab_size: int = 96, *, legacy: bool | None = False,
+                             llama_like: bool = False) -> None:
+    """tokenizer.model (sentencepiece BPE) + tokenizer_config/special_tokens_map/added_tokens.
+
+    ``legacy``: the tokenizer_config.json flag (None: absent, as in LISA-7B-v1). ``llama_like``:
+    train as LLaMA's tokenizer.model is set up (byte fallback, no normalisation, whitespace kept)
+    on ``LLAMA_LIKE_CORPUS`` with room for whole-word pieces.
+    """
     corpus = directory / "corpus.txt"
-    lines = [SYSTEM_PROMPT, "What is the red car in this image? Please output segmentation mask.",
-             "USER: ASSISTANT: Sure, it is the dog on the left."]
-    corpus.write_text("\n".join(lines * 40))
+    if llama_like:
+        corpus.write_text("\n".join(LLAMA_LIKE_CORPUS * 40))
+        options = dict(vocab_size=700, hard_vocab_limit=False, byte_fallback=True, normalization_rule_name="identity",
+                       remove_extra_whitespaces=False, split_digits=True)
+    else:
+        lines = [SYSTEM_PROMPT, "What is the red car in this image? Please output segmentation mask.",
+                 "USER: ASSISTANT: Sure, it is the dog on the left."]
+        corpus.write_text("\n".join(lines * 40))
+        options = dict(vocab_size=vocab_size)
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
+        input=str(corpus), model_prefix=str(directory / "tokenizer"), model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2, **options,
     )
     corpus.unlink()
     (directory / "tokenizer.vocab").unlink()
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+    pieces = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).get_piece_size()
+    config = {
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
         "model_max_length": 512, "padding_side": "right", "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "pad_token": "<unk>",
-    }))
+    }
+    if legacy is not None:
+        config["legacy"] = legacy
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
     (directory / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
-    (directory / "added_tokens.json").write_text(json.dumps({t: vocab_size + i for i, t in enumerate(ADDED)}))
+    (directory / "added_tokens.json").write_text(json.dumps({t: pieces + i for i, t in enumerate(ADDED)}))
 
 
 def test_checkpoint_with_sentencepiece_tokenizer_loads(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from csp.strategies.base import (
     ClusteringInputs,
     ClusteringStrategy,
     build_strategy,
+    check_strategy,
     register_strategy,
     topk_sorted,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ClusteringInputs",
     "ClusteringStrategy",
     "build_strategy",
+    "check_strategy",
     "register_strategy",
     "topk_sorted",
 ]

@@ -10,7 +10,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -87,6 +87,17 @@ def build_strategy(name: str, **kwargs: object) -> ClusteringStrategy:
         return CLUSTERING_STRATEGIES[name](**kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments {kwargs} for clustering strategy {name!r}: {err}") from err
+
+
+def check_strategy(schedule: Any) -> ClusteringStrategy:
+    """Build ``schedule``'s clustering strategy once to validate its name and options (e.g. that
+    seg_first's weights file exists) before anything runs; nothing heavy is loaded (ultralytics is
+    imported on first use). Errors name the ``schedule.clustering`` / ``clustering_kwargs`` keys."""
+    kwargs = dict(schedule.clustering_kwargs or {})
+    try:
+        return build_strategy(schedule.clustering, **kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"schedule.clustering={schedule.clustering!r} with clustering_kwargs={kwargs}: {err}") from err
 
 
 def uniform_indices(num_tokens: int, num_keep: int) -> torch.Tensor:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -143,6 +144,46 @@ def _strip_analytics(callbacks: dict[str, list[Any]]) -> None:
         callbacks[name] = [f for f in funcs if getattr(f, "__module__", "") != "ultralytics.utils.events"]
 
 
+def load_yolo_weights_only(path: str) -> torch.nn.Module:
+    """An ultralytics ``.pt`` checkpoint's model, read with ``torch.load(weights_only=True)``.
+
+    Ultralytics' default loader unpickles the whole file (any code it carries runs) and, on a
+    missing module, pip-installs it. Its safe mode (``torch_safe_load(..., safe_only=True)``) allows
+    only the torch and ultralytics classes a model is made of, never installs and never falls back
+    to a full unpickle; a file that needs more is refused here with what to do. ``path`` must be an
+    existing local file (``resolve_weights``), so ultralytics' asset lookup never downloads.
+    """
+    _import_ultralytics_offline()
+    from ultralytics.nn.tasks import _SafeLoad, guess_model_task, torch_safe_load
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    if not _SafeLoad.SUPPORTED:  # torch_safe_load would silently fall back to a full unpickle
+        raise RuntimeError(f"{path}: weights-only loading of YOLO checkpoints needs torch >= 2.6")
+    try:
+        ckpt, _ = torch_safe_load(path, safe_only=True)
+    except (TypeError, pickle.UnpicklingError, ModuleNotFoundError) as exc:
+        raise ValueError(
+            f"{path}: refused to load this YOLO checkpoint: it needs more than the weights-only allow-list of "
+            f"ultralytics' model classes ({exc}). Use an official ultralytics YOLO11-seg checkpoint (yolo11n-seg.pt), "
+            "or re-save your model with ultralytics' YOLO(...).save() in an environment you trust."
+        ) from exc
+    module = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(f"{path}: not an ultralytics checkpoint (no 'model' module inside)")
+    # What ultralytics' load_checkpoint does after reading the file, for inference.
+    module = module.float().eval()
+    module.args = {**DEFAULT_CFG_DICT, **ckpt.get("train_args", {})}
+    module.pt_path = str(path)
+    if not hasattr(module, "task"):
+        module.task = guess_model_task(module)
+    if not hasattr(module, "stride"):
+        module.stride = torch.tensor([32.0])
+    for layer in module.modules():
+        if hasattr(layer, "inplace"):
+            layer.inplace = True
+    return module
+
+
 class YoloSegmenter(InstanceSegmenter):
     """YOLO(11n)-seg through ultralytics, strictly offline; built lazily on the first image.
 
@@ -154,9 +195,7 @@ class YoloSegmenter(InstanceSegmenter):
         device: torch device string for ultralytics (``"cpu"``, ``"cuda:0"``, ...).
         max_det: most detections per image.
 
-    The ``.pt`` file is read by ultralytics' own loader (a pickled module, like any ultralytics
-    checkpoint); set ``ULTRALYTICS_SAFE_LOAD=1`` before the first import for its
-    ``weights_only`` allow-list loading.
+    The ``.pt`` file is read weights-only (``load_yolo_weights_only``): no code in it runs.
     """
 
     def __init__(
@@ -182,11 +221,15 @@ class YoloSegmenter(InstanceSegmenter):
         from ultralytics.models.yolo.segment import SegmentationPredictor
         from ultralytics.utils.torch_utils import get_flops
 
-        model = YOLO(self.weights, task="segment")
-        if model.task != "segment":
-            raise ValueError(f"{self.weights} is a {model.task!r} model; seg_first needs a segmentation model")
+        if self.weights.lower().endswith(_YAML_SUFFIXES):  # a packaged architecture file: random weights
+            module, overrides = YOLO(self.weights, task="segment").model, {}
+        else:
+            module, overrides = load_yolo_weights_only(self.weights), {"model": self.weights}
+        if module.task != "segment":
+            raise ValueError(f"{self.weights} is a {module.task!r} model; seg_first needs a segmentation model")
         overrides = {
-            **model.overrides,
+            **overrides,
+            "task": "segment",
             "conf": self.conf,
             "imgsz": self.imgsz,
             "device": self.device,
@@ -198,10 +241,10 @@ class YoloSegmenter(InstanceSegmenter):
             "save": False,
             "verbose": False,
         }
-        predictor = SegmentationPredictor(overrides=overrides, _callbacks=model.callbacks)
+        predictor = SegmentationPredictor(overrides=overrides)
         _strip_analytics(predictor.callbacks)
-        predictor.setup_model(model=model.model, verbose=False)
-        self._gflops = get_flops(model.model, self.imgsz) or None
+        predictor.setup_model(model=module, verbose=False)
+        self._gflops = get_flops(module, self.imgsz) or None
         return predictor
 
     def __call__(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,41 @@
+"""One table for many runs: every metrics.json under a directory (e.g. a Hydra multirun sweep).
+
+    python scripts/collect_runs.py multirun/2026-01-01/12-00-00        # prints and writes sweep_table.txt there
+
+A plain-LISA baseline evaluated by several jobs (``<job>/baseline/metrics.json``) appears once.
+``eval_ds.py -m ...`` already rewrites ``<sweep dir>/sweep_table.txt`` after every job; this
+script rebuilds it (or gathers runs from anywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.report import collect_runs, table  # noqa: E402
+
+SWEEP_TABLE = "sweep_table.txt"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="directory searched recursively for metrics.json")
+    parser.add_argument("--out", type=Path, default=None, help=f"table file (default: <root>/{SWEEP_TABLE})")
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.error(f"{args.root} is not a directory")
+    rows = collect_runs(args.root)
+    if not rows:
+        parser.error(f"no metrics.json under {args.root}")
+    text = table(rows)
+    (args.out or args.root / SWEEP_TABLE).write_text(text + "\n")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

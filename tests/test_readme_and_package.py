@@ -1,0 +1,141 @@
+"""What the README tells a user works as written: every `python eval_ds.py ...` command composes
+and passes the up-front checks (on stand-in model config files and miniature data), a multirun
+writes its sweep table, and the project installs as a package usable outside the repository."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from transformers import CLIPVisionConfig, LlamaConfig
+
+from datasets import write_miniature
+from evaluation.evaluate import check_samples, load_all_groups, validate_config
+from evaluation.report import summarize
+from tests.test_eval import ENV, MODEL_SHAPES, REPO, compose_cfg
+
+README = REPO / "README.md"
+COMMAND = re.compile(r"python eval_ds\.py([^`\n#]*)")
+PATCH = 14  # CLIP ViT-L/14
+
+
+def readme_commands() -> list[list[str]]:
+    """The argument lists of every `python eval_ds.py ...` in the README (code blocks and inline)."""
+    text = README.read_text(encoding="utf-8")
+    # <placeholders> (which may hold spaces) become one word
+    return [shlex.split(re.sub(r"<[^>]+>", "PLACEHOLDER", m.group(1))) for m in COMMAND.finditer(text)]
+
+
+def expand(args: list[str], weights: Path, data: Path, baseline: Path) -> list[list[str]]:
+    """Hydra overrides of one command: placeholders and the README's example paths replaced by
+    local ones, launcher-only arguments dropped, a multirun's comma values expanded."""
+    multirun = "-m" in args or "--multirun" in args
+    out: list[list[str]] = []
+    for arg in args:
+        if arg in ("-m", "--multirun") or arg.startswith("hydra."):
+            continue
+        key, _, value = arg.partition("=")
+        if key == "baseline" and "PLACEHOLDER" in value:
+            value = str(baseline)
+        value = value.replace("/data/weights", str(weights)).replace("/x/", f"{weights}/")
+        value = re.sub(r"^/data/lisa_data(set)?$", str(data), value)
+        values = value.split(",") if multirun and "," in value and "[" not in value else [value]
+        out.append([f"{key}={v}" if _ else key for v in values])
+    return [list(combo) for combo in itertools.product(*out)]
+
+
+def stub_model_files(cfg, weights: Path) -> None:
+    """config.json of the configured LISA checkpoint and CLIP directory (L and N of the real ones)."""
+    if cfg.model.kind != "lisa":
+        return
+    layers, tokens = MODEL_SHAPES[cfg.model.name]
+    ckpt, clip = Path(cfg.model.checkpoint), Path(cfg.model.vision_tower)
+    assert weights in ckpt.parents and weights in clip.parents, "README paths must be under LISA_WEIGHTS or /x/"
+    if not (ckpt / "config.json").is_file():
+        ckpt.mkdir(parents=True, exist_ok=True)
+        LlamaConfig(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                    vocab_size=100).to_json_file(ckpt / "config.json")
+    if not (clip / "config.json").is_file():
+        CLIPVisionConfig(image_size=int(tokens ** 0.5) * PATCH, patch_size=PATCH).save_pretrained(clip)
+
+
+def test_readme_eval_commands_compose_and_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands = readme_commands()
+    assert len(commands) >= 8, commands  # the Evaluation and weights sections
+    assert any("schedule.clustering_kwargs.weights=/data/weights/yolo11n-seg.pt" in c for c in commands)
+    weights, data = tmp_path / "weights", write_miniature(tmp_path / "data")
+    weights.mkdir()
+    (weights / "yolo11n-seg.pt").write_bytes(b"stand-in: seg_first is only validated, never run here")
+    monkeypatch.setenv("LISA_WEIGHTS", str(weights))
+    monkeypatch.setenv("LISA_DATASET_DIR", str(data))
+    # the baseline file the README's commands pass: a baseline run of the same model on the same samples
+    base_cfg = compose_cfg(["+exp=llava7b_224_baseline"])
+    stub_model_files(base_cfg, weights)
+    plan = validate_config(base_cfg)
+    groups = load_all_groups(plan.splits, data, None)
+    records = [{"split": s.split, "sample_id": s.sample_id, "status": "ok", "intersection": 1, "union": 2,
+                "navg": 256.0, "tflops": 3.0, "llm_ms": 1.0} for g in groups for s in g.samples]
+    baseline = tmp_path / "metrics.json"
+    import json
+
+    baseline.write_text(json.dumps(summarize(records, plan.splits, name="b", extra={"setting": plan.setting})))
+    checked = 0
+    for args in commands:
+        for overrides in expand(args, weights, data, baseline):
+            cfg = compose_cfg(overrides)
+            stub_model_files(cfg, weights)
+            plan = validate_config(cfg)
+            if cfg.get("miniature") is None:
+                check_samples(load_all_groups(plan.splits, Path(cfg.dataset_dir), cfg.max_samples_per_split), plan,
+                              strict=True)
+            checked += 1
+    assert checked >= len(commands) + 8  # the sweep expands to 9 jobs
+
+
+def test_multirun_writes_one_table_for_the_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "eval_ds.py"), "-m", "+exp=demo", "data=reasonseg", "baseline=null",
+           "max_samples_per_split=1", f"miniature.dir={tmp_path / 'mini'}", "schedule.Np=8,16", "progress=false",
+           f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = (sweep / "sweep_table.txt").read_text().splitlines()
+    assert lines[0].startswith("setting") and len(lines) == 3
+    assert lines[1].startswith("demo_tiny_csp (Lc=2, Nc=64, Ls=1, Np=8, uniform)")
+    assert lines[2].startswith("demo_tiny_csp (Lc=2, Nc=64, Ls=1, Np=16, uniform)")
+
+
+def test_package_installs_and_imports_outside_the_repository(tmp_path: Path) -> None:
+    """A wheel built from pyproject.toml holds every package; imported from elsewhere, it works."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "requirements.txt", "README.md", "eval_ds.py"):
+        shutil.copy(REPO / name, src / name)
+    for package in ("model", "csp", "datasets", "evaluation", "scripts"):
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-q", "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True,
+                           timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel = next((tmp_path / "wheel").glob("lvlm_csp-*.whl"))
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(site)
+    for path in ("model/pipeline.py", "csp/strategies/seg_first.py", "datasets/reason_seg.py",
+                 "evaluation/evaluate.py", "scripts/benchmark.py", "eval_ds.py"):
+        assert path in names, sorted(names)
+    code = ("import model.pipeline, model.checkpoint, csp, datasets.splits, evaluation.evaluate, eval_ds; "
+            "print(model.pipeline.__file__)")
+    env = {**ENV, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().startswith(str(site))
