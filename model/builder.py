@@ -129,8 +129,7 @@ class ToySizes:
     """Sizes of the ``toy`` preset (configs/model/toy.yaml): trainable from scratch on a CPU.
 
     The CLIP grid is ``clip_image_size / clip_patch_size`` squared: 112 / 14 -> N = 64 image tokens.
-    SAM is ``sam_arch: toy`` (the tiny sizes with windowed attention only: 1024 input, 64 x 64
-    embedding, out_dim 32).
+    SAM is ``sam_arch: toy`` (model.sam.build_toy_sam: 1024 input, 64 x 64 embedding, out_dim 64).
     """
 
     num_layers: int = 8
@@ -142,6 +141,9 @@ class ToySizes:
     clip_patch_size: int = 14
     clip_hidden_size: int = 64
     clip_layers: int = 3
+    #: Std of the LLM's initial weights; None: hidden_size ** -0.5. LLaMA's 0.02 (meant for pretrained widths)
+    #: leaves a from-scratch model of width 128 with near-uniform attention for hundreds of steps.
+    init_std: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ToySizes:
@@ -167,9 +169,18 @@ def build_toy_lisa(seed: int = 0, sizes: ToySizes = ToySizes()) -> LisaBundle:
                                heads=sizes.heads, projector=sizes.projector, intermediate_size=sizes.intermediate_size,
                                mm_hidden_size=clip_config.hidden_size)
     config.vision_tower = f"toy-clip-{sizes.clip_image_size}"
+    config.initializer_range = sizes.init_std or sizes.hidden_size**-0.5
     tower = CLIPVisionTower(model=CLIPVisionModel(clip_config), processor=clip_processor_for(sizes.clip_image_size))
     config.sam_arch = "toy"
-    model = LISAForCausalLM(config, visual_model=build_toy_sam(config.out_dim), vision_tower=tower)
+    config.out_dim = build_toy_sam().prompt_encoder.embed_dim
+    model = LISAForCausalLM(config, visual_model=build_toy_sam(), vision_tower=tower)
+    # The [SEG] prompt enters SAM's decoder beside its learned tokens (N(0, 1) entries); with PyTorch's
+    # default init the prompt is ~5x smaller and the decoder learns to ignore it. Unit-variance entries
+    # at init: the input of the last layer has second moment 1/6 per entry (ReLU of a default-init
+    # Linear of RMS-normalised states), so weights of std sqrt(6 / hidden_size).
+    last = model.model.text_hidden_fcs[0][2]
+    torch.nn.init.normal_(last.weight, std=(6.0 / sizes.hidden_size) ** 0.5)
+    torch.nn.init.zeros_(last.bias)
     return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
 
 
