@@ -14,10 +14,10 @@ from datasets.base import (
     group_by_image,
 )
 from datasets.miniature import MiniatureSpec, write_miniature
-from datasets.splits import SPLIT_LOADERS, TABLE1_SPLITS, check_split, load_groups, load_split, valid_splits
+from datasets.splits import SPLIT_LOADERS, check_split, load_groups, load_split, valid_splits
 
 __all__ = [
-    "IGNORE_LABEL", "SPLIT_LOADERS", "TABLE1_SPLITS", "AnnotationError", "DatasetLayoutError", "ImageGroup",
-    "MiniatureSpec", "Sample", "UnknownSplitError", "check_split", "group_by_image", "load_groups", "load_split",
+    "IGNORE_LABEL", "SPLIT_LOADERS", "AnnotationError", "DatasetLayoutError", "ImageGroup", "MiniatureSpec",
+    "Sample", "UnknownSplitError", "check_split", "group_by_image", "load_groups", "load_split",
     "valid_splits", "write_miniature",
 ]

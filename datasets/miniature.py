@@ -4,7 +4,8 @@
 
 - ``refer_seg/{refcoco,refcoco+,refcocog}/refs(<splitBy>).p`` + ``instances.json`` (rectilinear
   polygons, one two-polygon annotation and one RLE annotation per data set) and the JPEGs under
-  ``refer_seg/images/mscoco/images/train2014``; every split of the registry plus a ``train`` image;
+  ``refer_seg/images/mscoco/images/train2014``; every split of the registry plus a ``train`` split
+  (``train_images`` images);
 - ``reason_seg/ReasonSeg/{val,test}/<name>.{jpg,json}`` (LabelMe: target, "ignore" and "flag"
   shapes; one file encoded in cp1252);
 - ``rio/RIO_{common,uncommon}_all_thing.json`` + ``rio/val2014`` JPEGs (string and list
@@ -51,6 +52,8 @@ class MiniatureSpec:
     expressions_per_entry: int = 2
     min_side: int = 40
     max_side: int = 96
+    #: images of the refer ``train`` splits (``refs_per_image * sentences_per_ref`` samples each)
+    train_images: int = 1
 
 
 def expected_counts(spec: MiniatureSpec) -> dict[str, int]:
@@ -137,7 +140,7 @@ def _write_refer(root: Path, spec: MiniatureSpec, rng: np.random.Generator) -> N
     for dataset, (split_by, splits) in REFER_DATASETS.items():
         images, anns, refs = [], [], []
         for split in (*splits, "train"):
-            for _ in range(spec.images_per_split if split != "train" else 1):
+            for _ in range(spec.images_per_split if split != "train" else spec.train_images):
                 height, width = _size(spec, rng)
                 pixels = _image(height, width, rng)
                 file_name = f"COCO_train2014_{image_id:012d}.jpg"

@@ -1,7 +1,11 @@
 """Split registry: split names as LISA users write them -> loaders.
 
 ``refcoco|unc|val``, ``refcoco+|unc|testA``, ``refcocog|umd|test``, ``ReasonSeg|val``, ``RIO|common`` ...
-:data:`SPLIT_LOADERS` is the single list of valid splits; :func:`load_groups` is what evaluation uses.
+:data:`SPLIT_LOADERS` lists the paper's evaluation splits (Table 1 order). Any other split in the
+refer format (``<ds>|<splitBy>|<split>``, e.g. ``refcoco|unc|train`` or ``toyref|unc|val``: data
+set names are not restricted to the RefCOCO family) and any ``ReasonSeg|<split>`` (e.g.
+``ReasonSeg|train``) are read by the same loaders. :func:`load_groups` is what evaluation and
+training use.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from datasets import toy
 from datasets.base import ImageGroup, Sample, UnknownSplitError, group_by_image
 from datasets.reason_seg import load_reason_seg
 from datasets.refer import load_refer
@@ -34,19 +39,19 @@ def _registry() -> dict[str, SplitLoader]:
     return loaders
 
 
-def _toy_registry() -> dict[str, SplitLoader]:
-    """The synthetic toy world (datasets/toy.py), in the refer format: ``toyref|unc|{train,val,testA}``."""
-    from datasets import toy
+#: The splits of the published refer data sets, so that a typo (``refcoco|unc|test``) is an error
+#: rather than an empty split; data sets not listed here accept any split name.
+KNOWN_REFER_SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
+    "refcoco": {"unc": ("train", "val", "testA", "testB"), "google": ("train", "val", "test")},
+    "refcoco+": {"unc": ("train", "val", "testA", "testB")},
+    "refcocog": {"umd": ("train", "val", "test"), "google": ("train", "val")},
+    "refclef": {"unc": ("train", "val", "testA", "testB"), "berkeley": ("train", "val", "test")},
+    # The synthetic toy world (datasets/toy.py).
+    toy.DATASET: {toy.SPLIT_BY: toy.SPLITS},
+}
 
-    names = {f"{toy.DATASET}|{toy.SPLIT_BY}|{split}": split for split in toy.SPLITS}
-    return {name: partial(load_refer, dataset=toy.DATASET, split_by=toy.SPLIT_BY, split=split, name=name)
-            for name, split in names.items()}
-
-
-#: The paper's evaluation splits, in the column order of Table 1.
-TABLE1_SPLITS: tuple[str, ...] = tuple(_registry())
-#: Every split a loader knows: Table 1's, then the toy world's.
-SPLIT_LOADERS: dict[str, SplitLoader] = {**_registry(), **_toy_registry()}
+#: Every evaluation split, in the column order of the paper's Table 1.
+SPLIT_LOADERS: dict[str, SplitLoader] = _registry()
 
 
 def valid_splits() -> list[str]:
@@ -54,10 +59,31 @@ def valid_splits() -> list[str]:
     return list(SPLIT_LOADERS)
 
 
+def split_loader(name: str) -> SplitLoader:
+    """The loader of ``name``: a Table 1 split, ``<ds>|<splitBy>|<split>`` (refer format) or
+    ``ReasonSeg|<split>``; anything else raises :class:`UnknownSplitError`."""
+    if name in SPLIT_LOADERS:
+        return SPLIT_LOADERS[name]
+    parts = name.split("|")
+    if len(parts) == 3 and all(parts) and parts[0] not in ("ReasonSeg", "RIO"):
+        dataset, split_by, split = parts
+        known = KNOWN_REFER_SPLITS.get(dataset, {})
+        if known and split not in known.get(split_by, ()):
+            forms = [f"{dataset}|{by}|{sp}" for by, sps in known.items() for sp in sps]
+            raise UnknownSplitError(f"unknown split {name!r}; {dataset} has {', '.join(forms)}. Evaluation "
+                                    f"splits: {', '.join(SPLIT_LOADERS)}")
+        return partial(load_refer, dataset=dataset, split_by=split_by, split=split, name=name)
+    if len(parts) == 2 and parts[0] == "ReasonSeg" and parts[1]:
+        return partial(load_reason_seg, split=parts[1], name=name)
+    raise UnknownSplitError(
+        f"unknown split {name!r}; expected '<dataset>|<splitBy>|<split>' (refer format, e.g. refcoco|unc|train), "
+        f"'ReasonSeg|<split>', or one of the evaluation splits: {', '.join(SPLIT_LOADERS)}"
+    )
+
+
 def check_split(name: str) -> None:
-    """Raise :class:`UnknownSplitError` listing the valid names if ``name`` is not one."""
-    if name not in SPLIT_LOADERS:
-        raise UnknownSplitError(f"unknown split {name!r}; valid splits: {', '.join(SPLIT_LOADERS)}")
+    """Raise :class:`UnknownSplitError` with the accepted forms if no loader reads ``name``."""
+    split_loader(name)
 
 
 def parse_splits(value: Any, key: str = "splits") -> list[str]:
@@ -79,8 +105,7 @@ def parse_splits(value: Any, key: str = "splits") -> list[str]:
 
 def load_split(name: str, dataset_dir: str | Path) -> list[Sample]:
     """All samples of split ``name`` under ``dataset_dir`` (LISA's layout), in a deterministic order."""
-    check_split(name)
-    return SPLIT_LOADERS[name](Path(dataset_dir))
+    return split_loader(name)(Path(dataset_dir))
 
 
 def load_groups(name: str, dataset_dir: str | Path, max_samples: int | None = None) -> list[ImageGroup]:

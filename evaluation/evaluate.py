@@ -108,6 +108,10 @@ def validate_config(cfg: DictConfig, *, check_model_files: bool = True) -> Plan:
         if missing := [s for s in splits if s not in baseline.giou]:
             raise ValueError(f"baseline {baseline.path} has no gIoU for the configured splits {missing}; "
                              f"it has {sorted(baseline.giou)}")
+    mask_decoder = cfg.model.get("mask_decoder")
+    if mask_decoder and not Path(str(mask_decoder)).is_file():
+        raise FileNotFoundError(f"model.mask_decoder={str(mask_decoder)!r}: no such file (expected the "
+                                "mask_decoder.safetensors written by train_ds.py mode=decoder)")
     if check_model_files:
         _check_model_paths(cfg.model)
         if schedule is not None:
@@ -148,10 +152,19 @@ def check_baseline_setting(baseline: BaselineInfo, setting: Mapping[str, Any]) -
     if baseline.setting is None:
         raise ValueError(f"baseline {baseline.path} records no setting (model, dataset_dir, ...; written by an "
                          "older version): re-run the baseline, or use baseline=same_run")
-    diffs = setting_differences(baseline.setting, setting, BASELINE_KEYS)
+    # mIoU*_drop compares a fine-tuned mask decoder with the plain (released) model: not a difference.
+    diffs = setting_differences({**baseline.setting, "model": plain_model_setting(baseline.setting.get("model"))},
+                                {**setting, "model": plain_model_setting(setting.get("model"))}, BASELINE_KEYS)
     if diffs:
         raise ValueError(f"baseline {baseline.path} was produced by a different setting (baseline vs this run): "
                          + "; ".join(diffs))
+
+
+def plain_model_setting(model: Any) -> Any:
+    """The model part of a setting without a fine-tuned mask decoder (the baseline's model)."""
+    if not isinstance(model, Mapping):
+        return model
+    return {k: v for k, v in model.items() if k != "mask_decoder"}
 
 
 def check_run_dir(out_dir: Path, setting: Mapping[str, Any], *, resume: bool, overwrite: bool) -> None:
@@ -211,11 +224,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model_info = {"model": cfg.model.get("name"), "dataset_dir": str(dataset_dir), "setting": plan.setting}
     schedule, baseline = plan.schedule, plan.baseline
     results: dict[str, Any] = {"baseline": None}
-    if schedule is None or plan.same_run:
-        plain = SegmentationPipeline(bundle, schedule=None)
+    mask_decoder = cfg.model.get("mask_decoder")
+    # The method row: the schedule and/or a fine-tuned mask decoder (mIoU*); plain LISA otherwise.
+    has_method = schedule is not None or bool(mask_decoder)
+    if not has_method or plan.same_run:
+        plain = SegmentationPipeline(bundle, schedule=None)  # released mask decoder: a fine-tuned one loads below
         name = f"LISA ({cfg.model.get('name')})"
-        base_dir = out_dir if schedule is None else out_dir / "baseline"
-        setting = {**plan.setting, "schedule": None}
+        base_dir = out_dir if not has_method else out_dir / "baseline"
+        setting = {**plan.setting, "model": plain_model_setting(plan.setting["model"]), "schedule": None}
         opts = SettingOptions(name=name, extra={**model_info, "schedule": None, "setting": setting}, **common)
         metrics = evaluate_setting(plain, groups, plan.splits, base_dir, ctx, opts,
                                    baseline=None if plan.same_run else baseline, logger=logger)
@@ -223,12 +239,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             baseline = BaselineInfo(path=SAME_RUN, giou=giou_by_split(metrics), setting=setting,
                                     sample_ids=metrics["sample_ids"], failed=metrics["summary"]["failed"])
             metrics = _zero_drop(metrics, base_dir, ctx)
-        results["baseline" if schedule is not None else "method"] = metrics
-    if schedule is not None:
+        results["baseline" if has_method else "method"] = metrics
+    if has_method:
+        if mask_decoder:
+            from model.finetuned import load_mask_decoder
+
+            load_mask_decoder(bundle.model, mask_decoder, schedule=plan.schedule_cfg)
+            model_info = {**model_info, "mask_decoder": str(mask_decoder)}
         pipe = SegmentationPipeline(bundle, schedule=schedule)
-        schedule.validate(pipe.num_layers, pipe.num_image_tokens)
-        opts = SettingOptions(name=setting_name(cfg, schedule), extra={**model_info, "schedule": plan.schedule_cfg},
-                              **common)
+        if schedule is not None:
+            schedule.validate(pipe.num_layers, pipe.num_image_tokens)
+            name = setting_name(cfg, schedule)
+        else:
+            name = str(cfg.get("name") or cfg.model.get("name"))
+        # mIoU*: the paper's label for accuracy after fine-tuning only SAM's mask decoder (Table 6)
+        opts = SettingOptions(name=name + (" (mIoU*)" if mask_decoder else ""),
+                              extra={**model_info, "schedule": plan.schedule_cfg}, **common)
         results["method"] = evaluate_setting(pipe, groups, plan.splits, out_dir, ctx, opts, baseline=baseline,
                                              logger=logger)
     if ctx.is_main:

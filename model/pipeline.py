@@ -117,9 +117,10 @@ class SegmentationPipeline:
         """The checkpoint's ``mm_use_im_start_end``: whether ``<im_start>``/``<im_end>`` frame the image."""
         return self.model.extras.mm_use_im_start_end
 
-    def prompt_ids(self, text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSWER) -> list[int]:
+    def prompt_ids(self, text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSWER,
+                   question_template: str | None = None) -> list[int]:
         """Token ids of LISA's validation/training prompt for this checkpoint (image slot included)."""
-        prompt = build_prompt(text, is_sentence, answer=answer, use_im_start_end=self.use_im_start_end)
+        prompt = build_prompt(text, is_sentence, answer, question_template, use_im_start_end=self.use_im_start_end)
         return tokenize_with_image(prompt, self.bundle.tokenizer)
 
     def chat_ids(self, text: str) -> list[int]:

@@ -25,6 +25,21 @@ SEG_TOKEN = "[SEG]"
 IMAGE_PLACEHOLDER_ID = -200
 DEFAULT_ANSWER = "[SEG]."
 
+# LISA's training templates (utils/utils.py of dvlab-research/LISA), without their leading
+# "<image>\n", which build_prompt places. Short phrases fill {class_name}, sentences {sent}.
+SHORT_QUESTION_LIST = (
+    "Can you segment the {class_name} in this image?",
+    "Please segment the {class_name} in this image.",
+    "What is {class_name} in this image? Please respond with segmentation mask.",
+    "What is {class_name} in this image? Please output segmentation mask.",
+)
+LONG_QUESTION_LIST = (
+    "{sent} Please respond with segmentation mask.",
+    "{sent} Please output segmentation mask.",
+)
+ANSWER_LIST = ("It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].",
+               "[SEG].")
+
 
 @dataclass(frozen=True)
 class SpecialTokenIds:
@@ -60,21 +75,28 @@ def image_slot(use_im_start_end: bool = True) -> str:
     return IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN if use_im_start_end else IMAGE_TOKEN
 
 
-def user_message(text: str, is_sentence: bool) -> str:
-    """LISA's validation query: sentences verbatim, short phrases in the 'What is' template."""
+def user_message(text: str, is_sentence: bool, template: str | None = None) -> str:
+    """LISA's validation query: sentences verbatim, short phrases in the 'What is' template.
+
+    ``template``: one of LISA's training templates instead (``{class_name}`` / ``{sent}`` filled).
+    """
+    if template is not None:
+        return template.format(class_name=text, sent=text)
     if is_sentence:
         return f"{text} Please output segmentation mask."
     return f"What is {text} in this image? Please output segmentation mask."
 
 
-def build_prompt(text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSWER, *,
-                 use_im_start_end: bool = True) -> str:
+def build_prompt(text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSWER,
+                 question_template: str | None = None, *, use_im_start_end: bool = True) -> str:
     """The llava_v1 conversation: ``{system} USER: <im_start><image><im_end>\\n {q} ASSISTANT: {a}</s>``.
 
     As LISA's ValDataset writes it (``"\\n {}"``, with a space). With ``answer=None`` the prompt
-    ends at ``ASSISTANT:`` (for generation).
+    ends at ``ASSISTANT:`` (for generation). ``question_template``: one of LISA's training
+    templates for the question (see :func:`user_message`).
     """
-    return _conversation(f"{image_slot(use_im_start_end)}\n {user_message(text, is_sentence)}", answer)
+    question = user_message(text, is_sentence, question_template)
+    return _conversation(f"{image_slot(use_im_start_end)}\n {question}", answer)
 
 
 def chat_prompt(text: str, *, use_im_start_end: bool = True) -> str:

@@ -10,14 +10,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.inference import decoder_inputs, expand_image_slots, pad_rows
-from model.pipeline import SegmentationPipeline
+from model.pipeline import ImageEncoding, SegmentationPipeline
 from model.prompt import seg_query_rows
 from model.sam import decode_masks, sam_postprocess
 
 
 @dataclass
 class TrainingSample:
-    """One conversation: ``answer`` contains one [SEG] per ground-truth mask (``K x H x W``)."""
+    """One conversation: ``answer`` contains one [SEG] per ground-truth mask (``K x H x W``).
+
+    ``question_template``: one of LISA's training templates (model.prompt), None for the
+    evaluation question. Samples holding the same ``image`` object share one image encoding.
+    """
 
     image: Image.Image
     text: str
@@ -25,6 +29,7 @@ class TrainingSample:
     answer: str
     gt_masks: np.ndarray
     sample_id: str = "train"
+    question_template: str | None = None
 
 
 @dataclass
@@ -77,21 +82,74 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float, sca
     return (1 - (numerator + eps) / (denominator + eps)).sum() / (num_masks + 1e-8)
 
 
+@dataclass
+class DecoderFeatures:
+    """What SAM's mask decoder sees for one sample; everything upstream of it is frozen in the
+    mIoU* setting, so these can be computed once and cached.
+
+    ``sam_embedding``: ``1 x C x 64 x 64``; ``prompts``: ``K x out_dim`` [SEG] embeddings after
+    ``text_hidden_fcs``; sizes are SAM's resized (h, w) and the original (H, W).
+    """
+
+    sam_embedding: torch.Tensor
+    prompts: torch.Tensor
+    resized_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+def mask_logits(sam: torch.nn.Module, features: DecoderFeatures) -> torch.Tensor:
+    """``K x H x W`` mask logits at the original size (LISA's decoding and post-processing)."""
+    low_res = decode_masks(sam, features.sam_embedding, features.prompts)
+    return sam_postprocess(low_res, features.resized_size, features.original_size)
+
+
+def mask_loss_sums(logits: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unweighted BCE and Dice summed over the ``K`` masks of one sample (``K x H x W`` each)."""
+    k = gt.shape[0]
+    return sigmoid_ce_loss(logits, gt, k) * k, dice_loss(logits, gt, k) * k
+
+
+def decoder_loss(sam: torch.nn.Module, features: list[DecoderFeatures], gt_masks: list[torch.Tensor],
+                 weights: LossWeights = LossWeights()) -> TrainingLoss:
+    """The mask terms of :func:`training_loss` from decoder inputs (the frozen-LLM mIoU* setting).
+
+    ``gt_masks[i]``: ``K_i x H x W`` 0/1. The CE term is 0: no trainable parameter reaches it.
+    """
+    bce, dice, num_masks, prompts = 0.0, 0.0, 0, []
+    for feats, gt in zip(features, gt_masks, strict=True):
+        if gt.shape[0] != feats.prompts.shape[0]:
+            raise ValueError(f"{feats.prompts.shape[0]} [SEG] embeddings but {gt.shape[0]} masks")
+        b, d = mask_loss_sums(mask_logits(sam, feats), gt.to(feats.sam_embedding.device, torch.float32))
+        bce, dice, num_masks = bce + b, dice + d, num_masks + gt.shape[0]
+        prompts.append(feats.prompts)
+    bce = weights.bce * bce / (num_masks + 1e-8)
+    dice = weights.dice * dice / (num_masks + 1e-8)
+    zero = torch.zeros((), device=bce.device)
+    return TrainingLoss(loss=bce + dice, ce_loss=zero, mask_bce_loss=bce, mask_dice_loss=dice, seg_embeddings=prompts)
+
+
 def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
-                  weights: LossWeights = LossWeights()) -> TrainingLoss:
+                  weights: LossWeights = LossWeights(), encodings: dict[int, ImageEncoding] | None = None
+                  ) -> TrainingLoss:
     """Total loss and its parts for a batch; gradients reach only parameters that require them.
 
-    The CLIP tower and SAM image encoder run without gradients (frozen in LISA).
+    The CLIP tower and SAM image encoder run without gradients (frozen in LISA), so their outputs
+    may come precomputed: ``encodings`` maps ``id(sample.image)`` to the image's encoding (its
+    ``image_embeds`` are not used: the projector runs here, it may be trainable).
     """
     model, tok = pipe.model, pipe.bundle.token_ids
-    with torch.no_grad():
-        encodings = [pipe.encode_image(s.image) for s in samples]
+    with torch.no_grad():  # conversations about one image (LISA: up to 3) share its encoding
+        encoded = dict(encodings or {})
+        for s in samples:
+            if id(s.image) not in encoded:
+                encoded[id(s.image)] = pipe.encode_image(s.image)
+        encodings = [encoded[id(s.image)] for s in samples]
     features = torch.cat([e.clip_features for e in encodings])
     image_embeds = model.project_images(features)
     full_ids, answer_starts = [], []
     for s in samples:
-        prompt_ids = pipe.prompt_ids(s.text, s.is_sentence, answer=None)
-        ids = pipe.prompt_ids(s.text, s.is_sentence, answer=s.answer)
+        prompt_ids = pipe.prompt_ids(s.text, s.is_sentence, answer=None, question_template=s.question_template)
+        ids = pipe.prompt_ids(s.text, s.is_sentence, answer=s.answer, question_template=s.question_template)
         full_ids.append(ids)
         answer_starts.append(len(prompt_ids) - 1 + image_embeds.shape[1])  # expanded row of the first answer token
     batch = expand_image_slots(full_ids, image_embeds.shape[1], tok.pad)
@@ -117,12 +175,10 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
         if gt.shape[0] != seg_hidden.shape[0]:
             raise ValueError(f"sample {s.sample_id}: {seg_hidden.shape[0]} [SEG] tokens but {gt.shape[0]} masks")
         prompts.append(model.seg_head(seg_hidden))
-        low_res = decode_masks(model.sam, encodings[i].sam_embedding, prompts[-1])
-        pred = sam_postprocess(low_res, encodings[i].resized_size, encodings[i].original_size)
-        k = gt.shape[0]
-        bce = bce + sigmoid_ce_loss(pred, gt, k) * k
-        dice = dice + dice_loss(pred, gt, k) * k
-        num_masks += k
+        enc = encodings[i]
+        feats = DecoderFeatures(enc.sam_embedding, prompts[-1], enc.resized_size, enc.original_size)
+        b, d = mask_loss_sums(mask_logits(model.sam, feats), gt)
+        bce, dice, num_masks = bce + b, dice + d, num_masks + gt.shape[0]
     ce = torch.stack(ce_terms).sum() / sum(len(p) for p in pred_rows)
     bce = weights.bce * bce / (num_masks + 1e-8)
     dice = weights.dice * dice / (num_masks + 1e-8)

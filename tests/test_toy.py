@@ -19,7 +19,8 @@ from matplotlib.path import Path as PolyPath
 from PIL import Image
 
 from datasets import toy
-from datasets.splits import load_split, valid_splits
+from datasets.base import UnknownSplitError
+from datasets.splits import check_split, load_split, valid_splits
 from model.builder import ToySizes, build_from_config, layers_and_image_tokens
 from model.prompt import build_prompt, tokenize_with_image
 from model.tokenizer import build_tiny_tokenizer
@@ -76,9 +77,12 @@ def _shape_index(instances: dict, ref: dict) -> int:
     return [a["id"] for a in instances["annotations"] if a["image_id"] == ref["image_id"]].index(ref["ann_id"])
 
 
-def test_toy_splits_are_registered() -> None:
-    assert [s for s in valid_splits() if s.startswith("toyref")] == list(SPLIT_NAMES)
-    assert len([s for s in valid_splits() if not s.startswith("toyref")]) == 12  # Table 1 unchanged
+def test_toy_splits_are_registered(toy_root: Path) -> None:
+    for name in SPLIT_NAMES:
+        check_split(name)
+    with pytest.raises(UnknownSplitError, match=r"toyref\|unc\|testA"):
+        check_split("toyref|unc|test")  # a typo is an error, not an empty split
+    assert not any(s.startswith("toyref") for s in valid_splits())  # Table 1's columns unchanged
 
 
 def test_generator_is_deterministic_and_split_independent(tmp_path: Path, toy_root: Path) -> None:

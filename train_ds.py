@@ -1,0 +1,48 @@
+"""Train LISA: LISA's LoRA recipe, the mIoU* mask-decoder fine-tune, or every module (toy world).
+
+    python train_ds.py mode=lisa train_data=lisa dataset_dir=/data/lisa_dataset model=...
+    python train_ds.py mode=decoder +exp=llava7b_224_p70 train_data=refcoco dataset_dir=...
+    deepspeed --num_gpus 8 train_ds.py mode=lisa ...
+    python train_ds.py ... trainer.resume=true hydra.run.dir=outputs/train/<name>/<stamp>
+
+Thin: launcher arguments are stripped, the ranks share one run directory, then Hydra composes
+configs/train.yaml and :func:`training.train.train` does the work.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from evaluation.distributed import (
+    barrier,
+    context_from_env,
+    init_distributed,
+    run_stamp,
+    share_run_stamp,
+    shutdown,
+    strip_launcher_args,
+)
+
+OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from training.train import train
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    sys.argv = strip_launcher_args(sys.argv)  # DeepSpeed appends --local_rank=N, which Hydra rejects
+    ctx = init_distributed(context_from_env())
+    share_run_stamp(ctx)
+    if ctx.rank > 0:  # one .hydra/ and one log file per run directory
+        sys.argv += ["hydra.output_subdir=null",
+                     f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/train_ds.rank{ctx.rank}.log"]
+    main()
+    barrier(ctx)
+    shutdown(ctx)
