@@ -239,3 +239,20 @@ def test_toy_preset_sizes() -> None:
     assert bundle.model.num_layers == 4 and bundle.model.vision_tower.num_patches == 64
     assert bundle.model.config.sam_arch == "toy" and bundle.model.sam.image_encoder.patch_embed.proj.out_channels == 16
     assert ToySizes().num_image_tokens == 64
+
+
+def test_training_experiments_compose() -> None:
+    """train_ds.py +exp=toy (full mode on the toy world) and +exp=toy_decoder (the mIoU* fine-tune)."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.test_eval import CONFIGS
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        full = compose(config_name="train", overrides=["+exp=toy"])
+        decoder = compose(config_name="train", overrides=["+exp=toy_decoder", "schedule=toy_p70"])
+    assert full.mode.name == "full" and full.model.kind == "toy" and full.toy.train_images > 0
+    assert [s.split for s in full.train_data.sources] == ["toyref|unc|train"]
+    assert list(full.train_data.val_splits) == ["toyref|unc|val"]
+    assert decoder.mode.name == "decoder" and decoder.model.name == "toy_trained"
+    assert (decoder.schedule.Lc, decoder.schedule.Nc, decoder.schedule.Ls, decoder.schedule.Np) == (2, 20, 2, 4)
+    assert layers_and_image_tokens(full.model) == (8, 64)
