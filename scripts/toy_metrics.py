@@ -4,7 +4,7 @@
 
 Both numbers come from evaluation itself (``evaluation.evaluate.evaluate``, plain LISA, the
 evaluation prompt) on ``toyref|unc|val`` written from the toy spec in ``configs/exp/demo.yaml``:
-``gIoU`` / ``cIoU`` over the whole split, and ``check`` over its first ``--check-samples`` samples,
+``gIoU`` / ``cIoU`` over the whole split, and ``check`` over its first ``--check-samples`` samples (24),
 which ``tests/test_toy_checkpoint.py`` recomputes (a few seconds) and compares.
 """
 
@@ -30,10 +30,17 @@ def demo_toy_spec() -> dict[str, Any]:
 
 
 def evaluate_checkpoint(checkpoint: Path, out_dir: Path, max_samples: int | None) -> dict[str, Any]:
-    """Plain-LISA metrics.json mapping of ``checkpoint`` on the toy val split (first ``max_samples``)."""
+    """Plain-LISA metrics.json mapping of ``checkpoint`` on the toy val split (first ``max_samples``).
+
+    With ``max_samples`` only that many val images are written (every image has at least one sample,
+    and the first images and their sample ids do not depend on how many are written).
+    """
     from evaluation.evaluate import evaluate
 
-    toy = ",".join(f"{k}:{v}" for k, v in demo_toy_spec().items())
+    spec = demo_toy_spec()
+    if max_samples is not None:
+        spec["val_images"] = min(int(spec["val_images"]), int(max_samples))
+    toy = ",".join(f"{k}:{v}" for k, v in spec.items())
     overrides = [
         "model=toy_trained", f"model.checkpoint={checkpoint}", f"model.vision_tower={checkpoint / 'vision_tower'}",
         f"data.splits=[{SPLIT}]", f"dataset_dir={out_dir / 'data'}", f"output_dir={out_dir / 'run'}",
@@ -50,15 +57,15 @@ def record(checkpoint: Path, check_samples: int) -> dict[str, Any]:
         full = evaluate_checkpoint(checkpoint, Path(tmp) / "full", None)
         check = evaluate_checkpoint(checkpoint, Path(tmp) / "check", check_samples)
     split, part = full["splits"][SPLIT], check["splits"][SPLIT]
-    return {"split": SPLIT, "toy": demo_toy_spec(), "samples": split["count"], "gIoU": split["gIoU"],
-            "cIoU": split["cIoU"], "check": {"max_samples_per_split": check_samples, "samples": part["count"],
+    return {"split": SPLIT, "toy": demo_toy_spec(), "samples": split["evaluated"], "gIoU": split["gIoU"],
+            "cIoU": split["cIoU"], "check": {"max_samples_per_split": check_samples, "samples": part["evaluated"],
                                              "gIoU": part["gIoU"], "cIoU": part["cIoU"]}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m scripts.toy_metrics", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=REPO / "assets" / "toy_lisa")
-    parser.add_argument("--check-samples", type=int, default=60)
+    parser.add_argument("--check-samples", type=int, default=24)
     args = parser.parse_args(argv)
     metrics = record(args.checkpoint.resolve(), args.check_samples)
     path = args.checkpoint / "metrics.json"
