@@ -313,7 +313,8 @@ def test_demo_command_line(tmp_path: Path) -> None:
     out = run_eval(["+exp=demo", "--local_rank=0"], tmp_path / "run")  # as the DeepSpeed launcher appends it
     lines = out.stdout.strip().splitlines()
     lines = lines[next(i for i, line in enumerate(lines) if line.startswith("setting")):]  # after the log lines
-    assert lines[0].split()[:3] == ["setting", "toyref", "val"] and "mIoU_drop" in lines[0]
+    assert lines[0].split()[:3] == ["setting", "refcoco", "val"] and "mIoU_drop" in lines[0]
+    assert "toyref val" in lines[0]  # after Table 1's columns
     assert lines[1].startswith("LISA (toy_trained)") and lines[2].startswith("demo_toy_csp")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics["splits"]) == 13 and metrics["summary"]["failed"] == 0
