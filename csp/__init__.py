@@ -1,4 +1,6 @@
-"""LVLM_CSP: the clustering / scattering / pruning image-token schedule and its accounting."""
+"""LVLM_CSP and the token-reduction baselines: the method registry (csp.methods), the stage runner
+that executes a method's per-layer token plan (csp.runner), CSP's schedule and clustering
+strategies, and the efficiency accounting."""
 
 from csp.schedule import ScheduleError, StageSchedule
 

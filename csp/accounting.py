@@ -7,8 +7,9 @@ no embedding, LM head, vision tower, projector, SAM, or clustering-module cost.
 
 Two sources of per-layer token counts are supported:
 
-- static: a :class:`~csp.schedule.StageSchedule` and an assumed text length
-  (:func:`static_row`), which reproduces the paper's tables;
+- static: a :class:`~csp.schedule.StageSchedule` or any registered method (csp.methods) and an
+  assumed text length (:func:`static_row`), which reproduces the paper's tables; methods whose
+  counts depend on the data (PruMerge's IQR, FEATHER's grid union) have no static row;
 - runtime: what each layer actually processed for each sample (:class:`TokenRecord`,
   produced by the model runner), summarised by :func:`summarize_records`.
 """
@@ -17,9 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from csp.schedule import StageSchedule
+
+class TokenCounts(Protocol):
+    """Anything that prescribes per-layer image-token counts: a StageSchedule or a Method."""
+
+    def validate(self, num_layers: int, num_image_tokens: int) -> None: ...
+
+    def image_tokens_per_layer(self, num_layers: int, num_image_tokens: int) -> list[int] | None: ...
+
+
+class DataDependentCountError(ValueError):
+    """The method's token counts depend on the data, so there is no static Navg / TFLOPs."""
 
 #: Text tokens (system + user prompt + answer) of a typical LISA evaluation prompt; with it the
 #: LLaVA-1.5-7B / 224 baseline comes to 4.17 TFLOPs (the paper's Table 6: 4.12).
@@ -89,27 +100,36 @@ def total_flops(total_tokens_per_layer: Sequence[int], dims: ModelDims) -> float
 
 def static_row(
     dims: ModelDims,
-    schedule: StageSchedule | None,
+    schedule: TokenCounts | None,
     num_image_tokens: int,
     text_tokens: int = DEFAULT_TEXT_TOKENS,
 ) -> dict[str, Any]:
-    """Navg and TFLOPs that a schedule prescribes, for one sample with ``text_tokens`` text tokens.
+    """Navg and TFLOPs that a schedule (or method) prescribes, for one sample with ``text_tokens``
+    text tokens.
 
     ``schedule=None`` is the plain model (all N image tokens in every layer). Returns a dict with
     ``Navg`` (float, tokens), ``Navg_floor`` (int, the paper rounds down), ``TFLOPs``
     (FLOPs / 1e12), ``image_tokens`` and ``total_tokens`` (per-layer lists, length L, where
-    total = text_tokens + image tokens).
+    total = text_tokens + image tokens). Raises DataDependentCountError for data-dependent counts.
     """
-    if text_tokens < 0:
-        raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
     layers = dims.num_layers
     if schedule is None:
         image = [num_image_tokens] * layers
     else:
         schedule.validate(layers, num_image_tokens)
         image = schedule.image_tokens_per_layer(layers, num_image_tokens)
+        if image is None:
+            raise DataDependentCountError(f"{schedule!r}: its token counts depend on the data")
+    return counts_row(dims, image, text_tokens)
+
+
+def counts_row(dims: ModelDims, image: Sequence[int], text_tokens: int = DEFAULT_TEXT_TOKENS) -> dict[str, Any]:
+    """:func:`static_row` for explicit per-layer image-token counts (length L)."""
+    if text_tokens < 0:
+        raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
+    _check_num_layers(image, dims, "image token counts")
     total = [text_tokens + n for n in image]
-    return _summary(image, total, dims)
+    return _summary(list(image), total, dims)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""[SEG]-query attention over image tokens for one decoder layer (eq. 8), without n x n matrices."""
+"""Query-row attention over the tokens of one decoder layer (eq. 8 and the baselines' variants),
+without n x n matrices."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb, repeat_kv
 
 
-def seg_attention_scores(
+def query_attention_scores(
     layer: LlamaDecoderLayer,
     hidden: torch.Tensor,
     rotary: tuple[torch.Tensor, torch.Tensor],
     key_valid: torch.Tensor,
     query_cols: torch.Tensor,
     query_valid: torch.Tensor,
+    *,
+    use_rope: bool = True,
 ) -> torch.Tensor:
     """Attention probabilities of the query rows, head-averaged and averaged over rows.
 
@@ -23,9 +26,11 @@ def seg_attention_scores(
         layer: the decoder layer whose attention ranks the tokens.
         hidden: ``B x T`` x d input hidden states of that layer.
         rotary: (cos, sin), each ``B x T x head_dim``, for the tokens' original positions.
-        key_valid: ``B x T`` False on padding.
+        key_valid: ``B x T`` keys the softmax runs over (False on padding; FEATHER passes the image
+            tokens only); causality is applied on top.
         query_cols: ``B x Q`` columns of the query rows (tokens before each [SEG]).
         query_valid: ``B x Q`` False on padded query slots.
+        use_rope: False scores without rotary embeddings (FEATHER's no_rope variant).
 
     Returns:
         ``B x T`` scores: softmax over all visible keys per head, mean over heads and rows.
@@ -40,8 +45,9 @@ def seg_attention_scores(
     cos, sin = rotary
     cos_q = cos.gather(1, query_cols.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
     sin_q = sin.gather(1, query_cols.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
-    q, _ = apply_rotary_pos_emb(q, q, cos_q, sin_q)
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    if use_rope:
+        q, _ = apply_rotary_pos_emb(q, q, cos_q, sin_q)
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
     k = repeat_kv(k, attn.num_key_value_groups)
     logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # B x H x Q x T
     cols = torch.arange(length, device=x.device)
@@ -50,12 +56,3 @@ def seg_attention_scores(
     probs = logits.softmax(dim=-1).mean(dim=1)  # B x Q x T
     weights = query_valid.float()
     return (probs * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
-
-
-def top_image_tokens(scores: torch.Tensor, is_image: torch.Tensor, num_keep: int) -> torch.Tensor:
-    """``B x T`` keep-mask of the ``num_keep`` highest-scoring image tokens per sample."""
-    available = int(is_image.sum(dim=1).min())
-    k = min(num_keep, available)
-    ranked = scores.masked_fill(~is_image, float("-inf")).topk(k, dim=1).indices
-    keep = torch.zeros_like(is_image)
-    return keep.scatter(1, ranked, True)

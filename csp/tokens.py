@@ -1,7 +1,9 @@
 """The set of tokens a decoder layer processes, per sample, and the moves between stages.
 
 Tokens are physically gathered (right-padded per batch); every token carries its ORIGINAL
-position id, which is also its row in the full ``sys | img | usr | out`` sequence.
+position id, which is also its row in the full ``sys | img | usr | out`` sequence, and its
+``source``: its index on the image grid (0..N-1), or -1 for text and for image-slot tokens that are
+not on the grid (merged "extra" tokens of PruMerge, VisionZip's CLS and contextual tokens).
 """
 
 from __future__ import annotations
@@ -26,12 +28,18 @@ class TokenState:
     positions: torch.Tensor
     valid: torch.Tensor
     is_image: torch.Tensor
+    source: torch.Tensor
 
     @classmethod
-    def full(cls, embeds: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor) -> TokenState:
+    def full(cls, embeds: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor,
+             source: torch.Tensor | None = None) -> TokenState:
+        """All rows of a batch; ``source`` (``B x T``) defaults to the rank among the image rows."""
         batch, length = valid.shape
         positions = torch.arange(length, device=embeds.device).expand(batch, length)
-        return cls(embeds, positions * valid, valid, is_image & valid)
+        is_image = is_image & valid
+        if source is None:
+            source = torch.where(is_image, is_image.long().cumsum(dim=1) - 1, -1)
+        return cls(embeds, positions * valid, valid, is_image, source.masked_fill(~is_image, -1))
 
     def select(self, keep: torch.Tensor) -> TokenState:
         """Keep the tokens where ``keep`` (``B x T``) is True, in order, re-padded on the right."""
@@ -47,6 +55,7 @@ class TokenState:
             positions=self.positions.gather(1, order) * valid,
             valid=valid,
             is_image=self.is_image.gather(1, order) & valid,
+            source=self.source.gather(1, order).masked_fill(~valid, -1),
         )
 
     def scatter_into(self, full: TokenState) -> TokenState:
@@ -54,7 +63,7 @@ class TokenState:
         hidden = full.hidden.clone()
         rows = self.valid.nonzero(as_tuple=True)
         hidden[rows[0], self.positions[rows]] = self.hidden[rows]
-        return TokenState(hidden, full.positions, full.valid, full.is_image)
+        return TokenState(hidden, full.positions, full.valid, full.is_image, full.source)
 
     def rows_of(self, positions: torch.Tensor) -> torch.Tensor:
         """Column index of each original position ``B x Q`` in this state (must be present)."""
@@ -66,6 +75,40 @@ class TokenState:
     def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image tokens, total tokens) per sample, ``B`` each."""
         return self.is_image.sum(dim=1), self.valid.sum(dim=1)
+
+
+@dataclass
+class KeptImageTokens:
+    """Which grid image tokens are active from layer ``first_layer`` on (until the next entry).
+
+    Attributes:
+        stage: what produced this set: ``input`` (no reduction), ``clustering``, ``scattering``,
+            ``pruning``, or the method's own stage name (e.g. ``merging`` for PruMerge/VisionZip).
+        first_layer: the first decoder layer that processes this set.
+        indices: ``B x K`` long, indices into the N image tokens of the ORIGINAL image grid,
+            ascending per sample, padded with -1 where a sample keeps fewer; on the model's device.
+            For merged-token methods (PruMerge, PruMerge+, VisionZip) these are the kept
+            (merged-into) grid tokens; tokens not on the grid are not listed.
+        num_extra: image-slot tokens per sample that are not on the grid (PruMerge's one extra
+            token, VisionZip's CLS and contextual tokens); 0 for selection-only methods.
+    """
+
+    stage: str
+    first_layer: int
+    indices: torch.Tensor
+    num_extra: int = 0
+
+
+def grid_indices(state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid indices of the active on-grid image tokens: (``B x T`` ascending, -1 padded; ``B`` counts).
+
+    No host synchronisation: the caller trims the width to the largest count when it reads the
+    counts anyway (the runner does it with the token records, once per forward).
+    """
+    on_grid = state.is_image & (state.source >= 0)
+    big = torch.iinfo(torch.long).max
+    ordered = torch.where(on_grid, state.source, big).sort(dim=1).values
+    return ordered.masked_fill(ordered == big, -1), on_grid.sum(dim=1)
 
 
 def attention_mask(valid: torch.Tensor) -> torch.Tensor | None:

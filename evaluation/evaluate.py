@@ -1,6 +1,7 @@
-"""``evaluate(cfg)``: one model, plain LISA and/or one LVLM_CSP schedule, on the configured splits.
+"""``evaluate(cfg)``: one model, plain LISA and/or one method (an LVLM_CSP schedule or any registered
+method, ``configs/method``), on the configured splits.
 
-Order of checks (fail before anything expensive): split names, the schedule's keys, the clustering
+Order of checks (fail before anything expensive): split names, the method's / schedule's keys, the clustering
 strategy and its options (e.g. seg_first's weights file), the baseline file, the model paths and
 the schedule against the model's config files (:func:`validate_config`); then the run directory
 (a resumed run must have been produced by the same setting, a fresh run must not silently delete
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from csp.methods import Method, build_method
+from csp.methods.lvlm_csp import LvlmCsp
 from csp.schedule import StageSchedule
 from csp.strategies import check_strategy
 from datasets.base import ImageGroup
@@ -82,6 +85,8 @@ class Plan:
     """What :func:`validate_config` checked: everything but the data and the weights."""
 
     splits: list[str]
+    method: Method | None
+    method_info: dict[str, Any]
     schedule: StageSchedule | None
     schedule_cfg: dict[str, Any] | None
     baseline: BaselineInfo | None = None
@@ -98,8 +103,9 @@ def validate_config(cfg: DictConfig, *, check_model_files: bool = True) -> Plan:
     splits = parse_splits(cfg.data.splits, "data.splits")
     for split in splits:
         check_split(split)
-    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") is not None else None
-    schedule = StageSchedule.from_mapping(schedule_cfg)
+    method, method_info = resolve_method(cfg)
+    schedule = method.schedule if isinstance(method, LvlmCsp) else None
+    schedule_cfg = method_info["schedule"]
     if schedule is not None:
         check_strategy(schedule)  # unknown name, bad option, missing weights file: now, not after the baseline
     baseline, same_run = None, cfg.get("baseline") == SAME_RUN
@@ -114,11 +120,11 @@ def validate_config(cfg: DictConfig, *, check_model_files: bool = True) -> Plan:
                                 "mask_decoder.safetensors written by train_ds.py mode=decoder)")
     if check_model_files:
         _check_model_paths(cfg.model)
-        if schedule is not None:
+        if method is not None:
             from model.builder import layers_and_image_tokens
 
-            schedule.validate(*layers_and_image_tokens(cfg.model))  # before any data or weights are read
-    plan = Plan(splits, schedule, schedule_cfg, baseline, same_run)
+            method.validate(*layers_and_image_tokens(cfg.model))  # before any data or weights are read
+    plan = Plan(splits, method, method_info, schedule, schedule_cfg, baseline, same_run)
     plan.setting = run_setting(cfg, plan)
     if baseline is not None:
         check_baseline_setting(baseline, plan.setting)
@@ -134,7 +140,9 @@ def run_setting(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
         dataset_dir = "miniature " + json.dumps(spec, sort_keys=True)
     else:
         dataset_dir = str(cfg.get("dataset_dir"))
-    return {"model": model, "schedule": plan.schedule_cfg, "splits": plan.splits, "dataset_dir": dataset_dir,
+    method = plan.method_info["method"]
+    return {"model": model, "method": method, "schedule": plan.schedule_cfg, "splits": plan.splits,
+            "dataset_dir": dataset_dir,
             "max_samples_per_split": cfg.get("max_samples_per_split")}
 
 
@@ -194,8 +202,12 @@ def check_run_dir(out_dir: Path, setting: Mapping[str, Any], *, resume: bool, ov
             "it (finished samples are kept) or overwrite=true to delete them and start again")
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate as configured; returns ``{"method": metrics, "baseline": metrics | None}`` on every rank."""
+def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
+    """Evaluate as configured; returns ``{"method": metrics, "baseline": metrics | None}`` on every rank.
+
+    ``bundle``: an already loaded model for ``cfg.model`` (scripts/run_table.py evaluates a whole
+    table with one load); None loads it.
+    """
     ctx = init_distributed()
     torch.manual_seed(int(cfg.get("seed", 0)))
     plan = validate_config(cfg)
@@ -216,23 +228,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from model.builder import build_from_config
     from model.pipeline import SegmentationPipeline
 
-    bundle = build_from_config(cfg.model)
+    bundle = bundle if bundle is not None else build_from_config(cfg.model)
     logger = make_logger(cfg, out_dir, ctx)
     common = {"resume": resume, "strict": strict, "overwrite": overwrite,
               "queries_per_batch": cfg.get("queries_per_batch"), "progress": bool(cfg.get("progress", True)),
               "progress_interval_s": float(cfg.get("progress_interval_s", 30.0))}
     model_info = {"model": cfg.model.get("name"), "dataset_dir": str(dataset_dir), "setting": plan.setting}
-    schedule, baseline = plan.schedule, plan.baseline
+    method, baseline = plan.method, plan.baseline
     results: dict[str, Any] = {"baseline": None}
     mask_decoder = cfg.model.get("mask_decoder")
     # The method row: the schedule and/or a fine-tuned mask decoder (mIoU*); plain LISA otherwise.
-    has_method = schedule is not None or bool(mask_decoder)
+    has_method = method is not None or bool(mask_decoder)
     if not has_method or plan.same_run:
         plain = SegmentationPipeline(bundle, schedule=None)  # released mask decoder: a fine-tuned one loads below
         name = f"LISA ({cfg.model.get('name')})"
         base_dir = out_dir if not has_method else out_dir / "baseline"
-        setting = {**plan.setting, "model": plain_model_setting(plan.setting["model"]), "schedule": None}
-        opts = SettingOptions(name=name, extra={**model_info, "schedule": None, "setting": setting}, **common)
+        setting = {**plan.setting, "model": plain_model_setting(plan.setting["model"]), "method": None,
+                   "schedule": None}
+        opts = SettingOptions(name=name, extra={**model_info, "method": None, "schedule": None, "setting": setting},
+                              **common)
         metrics = evaluate_setting(plain, groups, plan.splits, base_dir, ctx, opts,
                                    baseline=None if plan.same_run else baseline, logger=logger)
         if plan.same_run:
@@ -246,15 +260,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
             load_mask_decoder(bundle.model, mask_decoder, schedule=plan.schedule_cfg)
             model_info = {**model_info, "mask_decoder": str(mask_decoder)}
-        pipe = SegmentationPipeline(bundle, schedule=schedule)
-        if schedule is not None:
-            schedule.validate(pipe.num_layers, pipe.num_image_tokens)
-            name = setting_name(cfg, schedule)
-        else:
-            name = str(cfg.get("name") or cfg.model.get("name"))
+        pipe = SegmentationPipeline(bundle, method=method)
+        name = setting_name(cfg, method) if method is not None else str(cfg.get("name") or cfg.model.get("name"))
         # mIoU*: the paper's label for accuracy after fine-tuning only SAM's mask decoder (Table 6)
         opts = SettingOptions(name=name + (" (mIoU*)" if mask_decoder else ""),
-                              extra={**model_info, "schedule": plan.schedule_cfg}, **common)
+                              extra={**model_info, **plan.method_info}, **common)
         results["method"] = evaluate_setting(pipe, groups, plan.splits, out_dir, ctx, opts, baseline=baseline,
                                              logger=logger)
     if ctx.is_main:
@@ -269,10 +279,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def setting_name(cfg: DictConfig, schedule: StageSchedule) -> str:
-    """Row name of a schedule: ``<name> (Lc=.., Nc=.., Ls=.., Np=.., <clustering>)``, so that the jobs of a
-    sweep (which share ``name``) tell apart."""
-    described = schedule.describe()
+def resolve_method(cfg: DictConfig) -> tuple[Method | None, dict[str, Any]]:
+    """The configured method and what metrics.json records about it.
+
+    ``schedule`` is LVLM_CSP's config: with ``method`` null (or ``method=csp``) a schedule means CSP;
+    any other ``method`` takes its parameters from its own node and needs ``schedule: null``.
+    """
+    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") is not None else None
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") is not None else None
+    if method_cfg is None or method_cfg.get("name") == "csp":
+        params = {k: v for k, v in (method_cfg or {}).items() if k != "name"}
+        if params and schedule_cfg is not None:
+            raise ValueError(f"method=csp has parameters {sorted(params)} and a schedule is set too; give "
+                             "CSP's (Lc, Nc, Ls, Np) in one place (schedule=<preset> or schedule.Lc=...)")
+        schedule_cfg = schedule_cfg if schedule_cfg is not None else (params or None)
+        if method_cfg is not None and schedule_cfg is None:
+            raise ValueError("method=csp needs a schedule: schedule=<configs/schedule preset>")
+        schedule = StageSchedule.from_mapping(schedule_cfg)
+        info = {"method": "csp" if schedule is not None else None, "schedule": schedule_cfg}
+        return (None if schedule is None else LvlmCsp(schedule)), info
+    if schedule_cfg is not None:
+        raise ValueError(f"method={method_cfg.get('name')} but a CSP schedule is set too; schedule is "
+                         "LVLM_CSP's config: set schedule=null with another method")
+    return build_method(method_cfg), {"method": method_cfg, "schedule": None}
+
+
+def setting_name(cfg: DictConfig, method: Method) -> str:
+    """Row name of a method: ``<name> <its settings>`` (CSP: ``(Lc=.., Nc=.., Ls=.., Np=.., <clustering>)``),
+    so that the jobs of a sweep (which share ``name``) tell apart."""
+    described = method.describe()
     name = str(cfg.get("name") or "")
     return f"{name} {described}" if name else described
 

@@ -7,16 +7,18 @@ as one batch through the (optionally scheduled) decoder.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from PIL import Image
 
 from csp.accounting import ModelDims
-from csp.runner import StageRunner
+from csp.methods import Method, ReducedImages, VisionFeatures
+from csp.runner import StageRunner, as_method
 from csp.schedule import StageSchedule
-from csp.strategies import ClusteringInputs, ClusteringStrategy, build_strategy
+from csp.strategies import ClusteringInputs
+from csp.tokens import KeptImageTokens
 from model.builder import LisaBundle
 from model.inference import generate, teacher_forced
 from model.prompt import DEFAULT_ANSWER, build_prompt, chat_prompt, tokenize_with_image
@@ -44,6 +46,7 @@ class QueryResult:
     masks: np.ndarray | None = field(repr=False, default=None)  # K x H x W, one per [SEG]
     seg_embeddings: torch.Tensor | None = field(repr=False, default=None)
     batch_size: int = 1  # queries that ran through the LLM together (llm_ms is their time / batch_size)
+    kept_image_tokens: list[KeptImageTokens] = field(repr=False, default_factory=list)  # this query's row
 
 
 @dataclass
@@ -53,6 +56,7 @@ class ChatResult:
     seg_embeddings: torch.Tensor
     image_tokens: list[int]
     total_tokens: list[int]
+    kept_image_tokens: list[KeptImageTokens] = field(repr=False, default_factory=list)
 
 
 @dataclass
@@ -66,6 +70,8 @@ class ImageEncoding:
     cls_attention: torch.Tensor | None  # 1 x N
     image_embeds: torch.Tensor  # 1 x N x d (projector output)
     sam_embedding: torch.Tensor  # 1 x C x 64 x 64
+    reduced: ReducedImages | None = None  # a before-LLM reducer's tokens (features 1 x M x C)
+    reduced_embeds: torch.Tensor | None = None  # 1 x M x d, their projector output
 
 
 class Timer:
@@ -92,17 +98,30 @@ class Timer:
 
 
 class SegmentationPipeline:
-    """LISA inference with an optional LVLM_CSP schedule."""
+    """LISA inference with an optional image-token reduction method (a CSP schedule is LVLM_CSP)."""
 
-    def __init__(self, bundle: LisaBundle, schedule: StageSchedule | None = None):
+    def __init__(self, bundle: LisaBundle, schedule: StageSchedule | None = None, *, method: Method | None = None):
+        if schedule is not None and method is not None:
+            raise ValueError("give a schedule (LVLM_CSP) or a method, not both")
         self.bundle = bundle
         self.model = bundle.model
-        self.schedule = schedule
+        self.method = as_method(schedule) if method is None else method
         tower = self.model.vision_tower
-        self.runner = StageRunner(self.model.model, schedule, tower.num_patches)
-        self.strategy: ClusteringStrategy | None = None
-        if schedule is not None and schedule.clusters(tower.num_patches):
-            self.strategy = build_strategy(schedule.clustering, **dict(schedule.clustering_kwargs))
+        self.runner = StageRunner(self.model.model, self.method, tower.num_patches)
+        self.strategy  # noqa: B018  (builds CSP's clustering strategy now: bad settings fail here)
+
+    @property
+    def schedule(self) -> StageSchedule | None:
+        """LVLM_CSP's schedule, if the method is CSP."""
+        return self.runner.schedule
+
+    @property
+    def strategy(self) -> object | None:
+        """CSP's clustering strategy when it clusters (None otherwise)."""
+        schedule = self.schedule
+        if schedule is None or not schedule.clusters(self.num_image_tokens):
+            return None
+        return self.method.strategy
 
     @property
     def num_layers(self) -> int:
@@ -136,20 +155,34 @@ class SegmentationPipeline:
         rgb = to_rgb_array(image)
         device, tower = self.bundle.device, self.model.vision_tower
         pixels = tower.processor(images=Image.fromarray(rgb), return_tensors="pt")["pixel_values"].to(device)
-        layer = self.strategy.cls_attention_layer if self.strategy is not None else None
-        features, cls_row = tower(pixels, cls_attention_layer=layer)
+        layer = self.method.cls_attention_layer if self.method is not None else None
+        features, cls_row, hidden = tower.encode(pixels, cls_attention_layer=layer)
         sam_input, resized = sam_preprocess(rgb)
         sam = self.model.sam
         embedding = sam.image_encoder(sam_input.unsqueeze(0).to(device=device, dtype=self.bundle.dtype))
+        reduced = None
+        if self.method is not None:
+            vision = VisionFeatures(hidden_states=hidden, layers=tower.encoder_layers,
+                                    select_layer=tower.select_layer, grid=tower.grid)
+            reduced = self.method.reduce_images(vision)
         return ImageEncoding(
             image=Image.fromarray(rgb), original_size=rgb.shape[:2], resized_size=resized,
             clip_features=features, cls_attention=cls_row, image_embeds=self.model.project_images(features),
-            sam_embedding=embedding,
+            sam_embedding=embedding, reduced=reduced,
+            reduced_embeds=None if reduced is None else self.model.project_images(reduced.features),
         )
 
+    def image_inputs(self, enc: ImageEncoding, size: int) -> dict[str, torch.Tensor | None]:
+        """The image-slot embeddings (and, after a reducer, their validity and grid sources) for
+        ``size`` queries of one image, as keyword arguments of teacher_forced / generate."""
+        if enc.reduced is None:
+            return {"image_embeds": enc.image_embeds.expand(size, -1, -1)}
+        return {"image_embeds": enc.reduced_embeds.expand(size, -1, -1),
+                "image_valid": enc.reduced.valid.expand(size, -1), "image_source": enc.reduced.source.expand(size, -1)}
+
     def cluster(self, enc: ImageEncoding, sample_ids: list[str]) -> torch.Tensor | None:
-        """``B x Nc`` clustered indices for B queries of one image (None: no clustering stage)."""
-        if self.strategy is None:
+        """``B x Nc`` indices kept before the LLM for B queries of one image (None: all tokens)."""
+        if self.method is None or not self.runner.plan.input_keep:
             return None
         size = len(sample_ids)
         tower = self.model.vision_tower
@@ -158,7 +191,10 @@ class SegmentationPipeline:
             crop_size=tower.config.image_size, images=[enc.image] * size, sample_ids=sample_ids,
             cls_attention=None if enc.cls_attention is None else enc.cls_attention.expand(size, -1),
         )
-        return self.strategy.select(inputs, self.schedule.Nc)
+        keep = self.method.select_input(inputs)
+        if keep is None:  # a forced input stage that keeps every token (StageRunner(always_move_tokens=True))
+            keep = torch.arange(inputs.num_tokens, device=enc.clip_features.device).expand(size, -1)
+        return keep
 
     def masks_for(self, enc: ImageEncoding, prompts: torch.Tensor) -> np.ndarray:
         """``K x out_dim`` prompt embeddings -> ``K x H x W`` bool masks at the original size."""
@@ -192,18 +228,26 @@ class SegmentationPipeline:
     def _segment_encoded(self, enc: ImageEncoding, queries: list[Query],
                          keep: torch.Tensor | None) -> list[QueryResult]:
         """One LLM batch over an encoded image; ``keep``: ``B x Nc`` clustered indices or None."""
-        ids = [self.prompt_ids(q.text, q.is_sentence) for q in queries]
+        ids, prompt_lengths = [], []
+        for q in queries:
+            ids.append(self.prompt_ids(q.text, q.is_sentence))
+            prompt = self.prompt_ids(q.text, q.is_sentence, answer=None)
+            if ids[-1][: len(prompt)] != prompt:
+                raise ValueError(f"query {q.sample_id!r}: the prompt with its answer does not start with the "
+                                 "tokens of the prompt alone, so the last prompt row is undefined")
+            prompt_lengths.append(len(prompt))
         tok = self.bundle.token_ids
         with Timer(self.bundle.device) as timer:
-            out = teacher_forced(self.model, self.runner, ids, enc.image_embeds.expand(len(queries), -1, -1),
-                                 tok.seg, tok.pad, cluster_keep=keep)
+            out = teacher_forced(self.model, self.runner, ids, seg_id=tok.seg, pad_id=tok.pad, cluster_keep=keep,
+                                 prompt_lengths=prompt_lengths, **self.image_inputs(enc, len(queries)))
         results = []
-        for query, emb, record in zip(queries, out.seg_embeddings, out.records):
+        for i, (query, emb, record) in enumerate(zip(queries, out.seg_embeddings, out.records)):
             masks = self.masks_for(enc, emb)
             results.append(QueryResult(
                 sample_id=query.sample_id, mask=masks[0], masks=masks, image_tokens=record.image_tokens,
                 total_tokens=record.total_tokens, llm_ms=timer.ms / len(queries), seg_embeddings=emb,
                 batch_size=len(queries),
+                kept_image_tokens=[replace(k, indices=k.indices[i: i + 1]) for k in out.kept_image_tokens],
             ))
         return results
 
@@ -218,9 +262,10 @@ class SegmentationPipeline:
         enc = self.encode_image(image)
         ids = [self.chat_ids(text)]
         tok = self.bundle.token_ids
-        out = generate(self.model, self.runner, ids, enc.image_embeds, tok.seg, tok.eos, tok.pad,
-                       max_new_tokens=max_new_tokens, cluster_keep=self.cluster(enc, [sample_id]))
+        out = generate(self.model, self.runner, ids, seg_id=tok.seg, eos_id=tok.eos, pad_id=tok.pad,
+                       max_new_tokens=max_new_tokens, cluster_keep=self.cluster(enc, [sample_id]),
+                       **self.image_inputs(enc, 1))
         text_out = self.bundle.tokenizer.decode(out.generated[0], skip_special_tokens=False)
         record = out.records[0]
         return ChatResult(text_out, self.masks_for(enc, out.seg_embeddings[0]), out.seg_embeddings[0],
-                          record.image_tokens, record.total_tokens)
+                          record.image_tokens, record.total_tokens, out.kept_image_tokens)

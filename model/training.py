@@ -159,7 +159,11 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
     keep = torch.cat([pipe.cluster(e, [s.sample_id]) for e, s in zip(encodings, samples)]) if pipe.strategy else None
     # Pruning is ranked by the [SEG] rows only, as in evaluation; text rows always survive, so the
     # answer-prediction rows are read from the same final state afterwards.
-    inputs = decoder_inputs(model, batch, image_embeds, seg_rows, keep)
+    if any(e.reduced is not None for e in encodings):
+        raise ValueError(f"training with a before-LLM reducer ({pipe.method.name}) is not supported: the loss "
+                         "is computed on the N grid tokens; train with plain LISA, CSP or an in-LLM method")
+    last = torch.tensor([[a - 1] for a in answer_starts])  # the last prompt row, for last-row methods
+    inputs = decoder_inputs(model, batch, image_embeds, seg_rows, keep, last_rows=last)
     out = pipe.runner.forward(inputs)
     seg_states = out.rows(inputs.query_rows)
     pred, _ = pad_rows(pred_rows)

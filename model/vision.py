@@ -40,7 +40,15 @@ class CLIPVisionTower(nn.Module):
     def forward(
         self, pixel_values: torch.Tensor, cls_attention_layer: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``B x 3 x S x S`` -> (``B x N x C`` patch features, ``B x N`` CLS attention or None).
+        """``B x 3 x S x S`` -> (``B x N x C`` patch features, ``B x N`` CLS attention or None)."""
+        features, row, _ = self.encode(pixel_values, cls_attention_layer)
+        return features, row
+
+    def encode(
+        self, pixel_values: torch.Tensor, cls_attention_layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+        """Like ``forward``, plus CLIP's hidden states (entry i = input of encoder layer i, each
+        ``B x (1 + N) x C``), which before-LLM reducers (PruMerge, VisionZip) read.
 
         The CLS attention row (eq. 3: softmax over the image keys of q_cls . K_img / sqrt(d_head),
         averaged over heads) is computed from the chosen layer's own projections by a forward
@@ -60,7 +68,7 @@ class CLIPVisionTower(nn.Module):
             if handle is not None:
                 handle.remove()
         features = out.hidden_states[self.select_layer][:, 1:]
-        return features, captured.get("row")
+        return features, captured.get("row"), tuple(out.hidden_states)
 
 
 def cls_attention_row(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,15 @@
-"""Static Navg / TFLOPs table of every schedule preset in configs/schedule (paper eqs. 9-11).
+"""Static Navg / TFLOPs table of every schedule preset in configs/schedule and of every method's
+table preset in configs/exp/table*_<method>*.yaml (paper eqs. 9-11).
 
 Usage:
-    python scripts/flops_table.py [--json] [--text-tokens 62] [--schedule-dir DIR]
+    python scripts/flops_table.py [--json] [--text-tokens 62] [--schedule-dir DIR] [--exp-dir DIR]
 
-Each preset's model and image-token count N come from its name prefix (``PRESET_FAMILIES``);
-the plain-model baseline of each Table 6 family is added as ``<family>_baseline``. TFLOPs count
-only the LLM decoder layers, a multiply-add as 2 FLOPs (see csp/accounting.py).
+Each schedule preset's model and image-token count N come from its name prefix
+(``PRESET_FAMILIES``); a method preset's from its ``override /model``. The plain-model baseline of
+each Table 6 family is added as ``<family>_baseline``. Methods whose counts depend on the data
+(PruMerge+'s uniform samples, FEATHER's grid union, PruMerge with keep=iqr) get no Navg / TFLOPs
+but ``data_dependent`` (why) and, where the rule bounds it, ``Navg_range``. TFLOPs count only the
+LLM decoder layers, a multiply-add as 2 FLOPs (see csp/accounting.py).
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ import yaml
 # Make ``csp`` importable when run as ``python scripts/flops_table.py``.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from csp.accounting import DEFAULT_TEXT_TOKENS, MODEL_DIMS, static_row
+from csp.accounting import DEFAULT_TEXT_TOKENS, MODEL_DIMS, counts_row, static_row
+from csp.methods import build_method
+from csp.methods.lvlm_csp import LvlmCsp
 from csp.schedule import ScheduleError, StageSchedule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SCHEDULE_DIR = REPO_ROOT / "configs" / "schedule"
+EXP_DIR = REPO_ROOT / "configs" / "exp"
+METHOD_DIR = REPO_ROOT / "configs" / "method"
 
 #: Preset name prefix -> (key of MODEL_DIMS, N image tokens). A preset named ``<prefix>`` or
 #: ``<prefix>_...`` belongs to that family.
@@ -44,7 +52,7 @@ PRESET_FAMILIES: dict[str, tuple[str, int]] = {
 #: Families whose plain-model row is added to the table (Table 6's 0% column).
 BASELINE_FAMILIES: tuple[str, ...] = ("llava7b_224", "llava7b_336", "llava13b_224")
 
-COLUMNS: tuple[str, ...] = ("name", "Lc", "Nc", "Ls", "Np", "Navg", "TFLOPs")
+COLUMNS: tuple[str, ...] = ("name", "method", "Lc", "Nc", "Ls", "Np", "Navg", "TFLOPs")
 
 
 def family_of(name: str) -> str:
@@ -84,28 +92,90 @@ def make_row(
     fields = ("Lc", "Nc", "Ls", "Np", "clustering")
     return {
         "name": name,
+        "method": None if schedule is None else "csp",
         "model": model,
         "N": num_image_tokens,
         **{f: getattr(schedule, f) if schedule is not None else None for f in fields},
         "Navg": stats["Navg"],
         "Navg_floor": stats["Navg_floor"],
         "TFLOPs": stats["TFLOPs"],
+        "data_dependent": None,
     }
 
 
+def _defaults(exp: dict[str, Any], path: Path) -> dict[str, str]:
+    """``override /<group>: <choice>`` entries of an experiment file's defaults list."""
+    out = {}
+    for entry in exp.get("defaults") or []:
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                out[key.replace("override", "").strip().lstrip("/")] = value
+    if "model" not in out:
+        raise ValueError(f"{path}: a method preset needs '- override /model: <model>' in its defaults")
+    return out
+
+
+def load_method_presets(exp_dir: Path = EXP_DIR, schedule_dir: Path = SCHEDULE_DIR,
+                        method_dir: Path = METHOD_DIR) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every ``table*_*.yaml`` experiment: name -> (model config name, method config incl. ``name``)."""
+    presets = {}
+    for path in sorted(exp_dir.glob("table*_*.yaml"), key=lambda p: natural_key(p.stem)):
+        exp = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        groups = _defaults(exp, path)
+        method = groups.get("method") or "csp"
+        if method == "csp":
+            schedule = exp.get("schedule")
+            if schedule is None:
+                schedule = yaml.safe_load((schedule_dir / f"{groups['schedule']}.yaml").read_text(encoding="utf-8"))
+            cfg = {"name": "csp", **schedule}
+        else:
+            cfg = yaml.safe_load((method_dir / f"{method}.yaml").read_text(encoding="utf-8"))
+            cfg.update(exp.get("method") or {})
+        presets[path.stem] = (groups["model"], cfg)
+    return presets
+
+
+def method_row(name: str, model_name: str, cfg: dict[str, Any], text_tokens: int) -> dict[str, Any]:
+    """One row for a method preset: Navg / TFLOPs, or why they depend on the data."""
+    if model_name not in PRESET_FAMILIES:
+        raise ValueError(f"preset {name}: model {model_name!r} is not one of {sorted(PRESET_FAMILIES)}")
+    model, n = PRESET_FAMILIES[model_name]
+    dims = MODEL_DIMS[model]
+    method = build_method(cfg)
+    method.validate(dims.num_layers, n)
+    schedule = method.schedule if isinstance(method, LvlmCsp) else None
+    fields = ("Lc", "Nc", "Ls", "Np", "clustering")
+    row = {"name": name, "method": method.name, "model": model, "N": n,
+           **{f: getattr(schedule, f) if schedule is not None else None for f in fields},
+           "Navg": None, "Navg_floor": None, "TFLOPs": None, "data_dependent": method.data_dependent(),
+           "params": {k: v for k, v in cfg.items() if k != "name"}}
+    counts = method.image_tokens_per_layer(dims.num_layers, n)
+    if counts is not None:
+        stats = counts_row(dims, counts, text_tokens)
+        row.update(Navg=stats["Navg"], Navg_floor=stats["Navg_floor"], TFLOPs=stats["TFLOPs"])
+    elif (bounds := method.count_range(dims.num_layers, n)) is not None:
+        low, high = bounds
+        row["Navg_range"] = [counts_row(dims, low, text_tokens)["Navg"], counts_row(dims, high, text_tokens)["Navg"]]
+    return row
+
+
 def build_rows(
-    text_tokens: int = DEFAULT_TEXT_TOKENS, schedule_dir: Path = SCHEDULE_DIR
+    text_tokens: int = DEFAULT_TEXT_TOKENS, schedule_dir: Path = SCHEDULE_DIR, exp_dir: Path = EXP_DIR
 ) -> list[dict[str, Any]]:
-    """Baseline rows first, then every preset in natural name order."""
+    """Baseline rows first, then every schedule preset, then every method preset (natural order)."""
     rows = [make_row(f"{f}_baseline", f, None, text_tokens) for f in BASELINE_FAMILIES]
     for name, schedule in load_presets(schedule_dir).items():
         rows.append(make_row(name, family_of(name), schedule, text_tokens))
+    for name, (model_name, cfg) in load_method_presets(exp_dir, schedule_dir).items():
+        rows.append(method_row(name, model_name, cfg, text_tokens))
     return rows
 
 
 def format_cell(row: dict[str, Any], col: str) -> str:
     """One table cell: ``-`` for a missing value, Navg with 2 decimals, TFLOPs with 3."""
     value = row[col]
+    if value is None and col == "Navg" and row.get("data_dependent"):
+        return "data-dependent" if "Navg_range" not in row else "{:.2f}-{:.2f}".format(*row["Navg_range"])
     if value is None:
         return "-"
     if col == "Navg":
@@ -136,6 +206,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_TEXT_TOKENS,
         help="text tokens per sample (system + prompt + answer), default %(default)s",
     )
+    parser.add_argument("--exp-dir", type=Path, default=EXP_DIR,
+                        help="directory of experiment files (table*_<method>*.yaml), default configs/exp")
     parser.add_argument(
         "--schedule-dir",
         type=Path,
@@ -147,7 +219,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = build_rows(args.text_tokens, args.schedule_dir)
+    rows = build_rows(args.text_tokens, args.schedule_dir, args.exp_dir)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
 

@@ -1,6 +1,8 @@
-"""Slow, obviously-right LVLM_CSP: the full sequence through every layer, inactive image tokens
+"""Slow, obviously-right token plans: the full sequence through every layer, inactive image tokens
 hidden as keys by a mask, written with explicit LLaMA math (no transformers layer code).
 
+It takes the same :class:`csp.plan.TokenPlan` as the runner (so every registered in-LLM method is
+checked against it) but computes every score and every keep rule itself, from the definitions.
 One sample at a time, float64, full attention matrices: an oracle, not an implementation.
 """
 
@@ -8,6 +10,9 @@ from __future__ import annotations
 
 import torch
 from transformers import LlamaModel
+
+from csp.plan import Prune, Scatter, TokenPlan, TopFraction, TopK, TopKUnionGrid
+from csp.scorers import QueryAttention, TextSimilarity
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -24,8 +29,8 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def layer_attention(layer, h: torch.Tensor, visible: torch.Tensor, theta: float, eps: float):
-    """Returns (attention output ``T x d``, probabilities ``H x T x T``) under ``visible`` (T x T)."""
+def qkv(layer, h: torch.Tensor, theta: float, eps: float, with_rope: bool = True):
+    """Per-head q, k, v (``H x T x D``, k and v repeated for grouped heads) of a layer's input."""
     attn = layer.self_attn
     w = lambda lin: lin.weight.double()  # noqa: E731
     x = rms_norm(h, layer.input_layernorm.weight.double(), eps)
@@ -35,14 +40,24 @@ def layer_attention(layer, h: torch.Tensor, visible: torch.Tensor, theta: float,
     q = (x @ w(attn.q_proj).T).view(length, heads, head_dim).transpose(0, 1)
     k = (x @ w(attn.k_proj).T).view(length, kv_heads, head_dim).transpose(0, 1)
     v = (x @ w(attn.v_proj).T).view(length, kv_heads, head_dim).transpose(0, 1)
-    positions = torch.arange(length)
-    q, k = rope(q, positions, theta), rope(k, positions, theta)
+    if with_rope:
+        positions = torch.arange(length)
+        q, k = rope(q, positions, theta), rope(k, positions, theta)
     k = k.repeat_interleave(heads // kv_heads, dim=0)
     v = v.repeat_interleave(heads // kv_heads, dim=0)
+    return q, k, v
+
+
+def layer_attention(layer, h: torch.Tensor, visible: torch.Tensor, theta: float, eps: float):
+    """Returns (attention output ``T x d``, probabilities ``H x T x T``) under ``visible`` (T x T)."""
+    attn = layer.self_attn
+    length = h.shape[0]
+    q, k, v = qkv(layer, h, theta, eps)
+    heads, head_dim = q.shape[0], q.shape[-1]
     logits = (q @ k.transpose(-1, -2)) / head_dim**0.5
     logits = logits.masked_fill(~visible, float("-inf"))
     probs = logits.softmax(-1)
-    out = (probs @ v).transpose(0, 1).reshape(length, heads * head_dim) @ w(attn.o_proj).T
+    out = (probs @ v).transpose(0, 1).reshape(length, heads * head_dim) @ attn.o_proj.weight.double().T
     return out, probs
 
 
@@ -53,47 +68,113 @@ def layer_mlp(layer, h: torch.Tensor, eps: float) -> torch.Tensor:
     return (gate * (x @ mlp.up_proj.weight.double().T)) @ mlp.down_proj.weight.double().T
 
 
+def instruction_rows(length: int, image_rows: torch.Tensor, last_row: int) -> torch.Tensor:
+    """Text rows after the image up to the last prompt row."""
+    return torch.arange(int(image_rows.max()) + 1, last_row + 1)
+
+
+def raters(e0: torch.Tensor, image_rows: torch.Tensor, last_row: int) -> torch.Tensor:
+    """SparseVLM: m_t = mean over image rows v of softmax over text t of (e_v . e_t); m_t > mean(m)."""
+    text = instruction_rows(e0.shape[0], image_rows, last_row)
+    m = (e0[image_rows] @ e0[text].T).softmax(dim=-1).mean(dim=0)
+    return text[m > m.mean()]
+
+
+def oracle_scores(event: Prune, layer, h: torch.Tensor, active: torch.Tensor, e0: torch.Tensor,
+                  image_rows: torch.Tensor, query_rows: torch.Tensor, last_row: int | None,
+                  theta: float, eps: float) -> torch.Tensor:
+    """``T`` scores of the event's scorer, written out from its definition."""
+    scorer = event.scorer
+    length = h.shape[0]
+    if isinstance(scorer, TextSimilarity):
+        text = instruction_rows(length, image_rows, last_row)
+        x = h / h.norm(dim=-1, keepdim=True)
+        return (x @ x[text].T).max(dim=-1).values
+    assert isinstance(scorer, QueryAttention), f"the oracle has no definition for {scorer!r}"
+    rows = {"seg": lambda: query_rows, "last": lambda: torch.tensor([last_row]),
+            "raters": lambda: raters(e0, image_rows, last_row)}[scorer.rows]()
+    q, k, _ = qkv(layer, h, theta, eps, with_rope=scorer.rope)
+    logits = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5  # H x T x T
+    keys = active.clone()
+    if scorer.keys == "image":
+        keys &= torch.zeros(length, dtype=torch.bool).index_fill(0, image_rows, True)
+    visible = torch.ones(length, length, dtype=torch.bool).tril() & keys[None, :]
+    probs = logits.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return probs.mean(0)[rows].mean(0)
+
+
+def oracle_keep(event: Prune, scores: torch.Tensor, candidates: torch.Tensor, grid_index: torch.Tensor) -> torch.Tensor:
+    """The candidate rows (``C``) the event's keep rule keeps, from its definition."""
+    ranked = candidates[scores[candidates].argsort(descending=True)]
+    rule = event.keep
+    if isinstance(rule, TopK):
+        return ranked[: rule.k]
+    if isinstance(rule, TopFraction):
+        return ranked[: max(1, int(len(ranked) * rule.fraction))]
+    if isinstance(rule, TopKUnionGrid):
+        g = grid_index[candidates]
+        grid = candidates[((g // rule.side) % rule.stride == 0) & ((g % rule.side) % rule.stride == 0)]
+        return torch.unique(torch.cat([ranked[: rule.k], grid]))
+    raise AssertionError(f"the oracle has no definition for {rule!r}")
+
+
 def reference_forward(
     llm: LlamaModel, embeds: torch.Tensor, image_rows: torch.Tensor, query_rows: torch.Tensor,
-    schedule: tuple[int, int, int, int] | None, cluster_keep: torch.Tensor | None,
-) -> tuple[torch.Tensor, list[int], list[int]]:
-    """One sample ``T x d`` (no padding) -> (final-norm states ``T x d``, image/total per layer).
+    plan: TokenPlan, cluster_keep: torch.Tensor | None = None, last_row: int | None = None,
+    grid_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[int], list[int], list[torch.Tensor]]:
+    """One sample ``T x d`` (no padding) -> (final-norm states ``T x d``, image/total per layer, and
+    the grid indices active at layer 0 and after every change of the image set).
 
-    ``image_rows``: the N image rows; ``query_rows``: rows averaged for the pruning score;
-    ``schedule``: (Lc, Nc, Ls, Np) or None; ``cluster_keep``: the Nc chosen image indices.
-    Positions are the full-sequence rows; inactive tokens are hidden as keys.
+    ``image_rows``: the image-slot rows; ``query_rows``: the [SEG] rows; ``plan``: the method's plan;
+    ``cluster_keep``: grid indices kept before layer 0 (``plan.input_keep``); ``last_row``: the
+    last prompt row; ``grid_index``: ``T`` grid index of every row (-1 off the grid; default: the
+    image rows in order). Positions are the full-sequence rows; inactive tokens are hidden as keys.
     """
     config = llm.config
     theta, eps = config.rope_parameters["rope_theta"], config.rms_norm_eps
-    length, num_layers, n_img = embeds.shape[0], len(llm.layers), len(image_rows)
+    length = embeds.shape[0]
+    if grid_index is None:
+        grid_index = torch.full((length,), -1, dtype=torch.long)
+        grid_index[image_rows] = torch.arange(len(image_rows))
     e0 = embeds.double()
     h = e0.clone()
     active = torch.ones(length, dtype=torch.bool)
-    Lc, Nc, Ls, Np = schedule if schedule is not None else (0, n_img, num_layers, n_img)
-    clusters = Lc > 0 and Nc < n_img
-    prunes = Np < n_img and num_layers - Lc - Ls > 0
-    if clusters:
+    if plan.input_keep:
         active[image_rows] = False
-        active[image_rows[cluster_keep]] = True
+        active[image_rows[torch.isin(grid_index[image_rows], cluster_keep)]] = True
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    image_counts, total_counts = [], []
+    image_counts, total_counts, kept = [], [], []
+    pending = None
+
+    def grid_now() -> torch.Tensor:
+        rows = image_rows[active[image_rows]]
+        g = grid_index[rows]
+        return g[g >= 0].sort().values
+
     for idx, layer in enumerate(llm.layers):
-        if clusters and Ls > 0 and idx == Lc:
-            dropped = image_rows[~active[image_rows]]
+        event = plan.at(idx)
+        if isinstance(event, Scatter):
+            dropped = ~active
             h[dropped] = e0[dropped]  # eq. 7: unselected tokens return with layer-0 embeddings
             active[:] = True
+        elif isinstance(event, Prune):
+            scores = pending if event.score_layer < idx else oracle_scores(
+                event, layer, h, active, e0, image_rows, query_rows, last_row, theta, eps)
+            candidates = image_rows[active[image_rows]]
+            keep = oracle_keep(event, scores, candidates, grid_index)
+            active[image_rows] = False
+            active[keep] = True
+        if idx == 0 or event is not None:
+            kept.append(grid_now())
         image_counts.append(int(active[image_rows].sum()))
         total_counts.append(int(active.sum()))
+        ahead = plan.scored_before(idx)
+        pending = None if ahead is None else oracle_scores(
+            ahead, layer, h, active, e0, image_rows, query_rows, last_row, theta, eps)
         visible = causal & active[None, :]
         visible |= torch.eye(length, dtype=torch.bool)  # inactive rows keep a finite (unused) output
-        out, probs = layer_attention(layer, h, visible, theta, eps)
+        out, _ = layer_attention(layer, h, visible, theta, eps)
         h = h + out
         h = h + layer_mlp(layer, h, eps)
-        if prunes and idx == Lc + Ls - 1:
-            score = probs.mean(0)[query_rows].mean(0)  # heads, then query rows
-            candidates = image_rows[active[image_rows]]
-            k = min(Np, len(candidates))
-            top = candidates[score[candidates].topk(k).indices]
-            active[image_rows] = False
-            active[top] = True
-    return rms_norm(h, llm.norm.weight.double(), eps), image_counts, total_counts
+    return rms_norm(h, llm.norm.weight.double(), eps), image_counts, total_counts, kept

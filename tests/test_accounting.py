@@ -388,9 +388,10 @@ def test_invalid_schedule_construct(kwargs: dict[str, Any]) -> None:
 def test_script_text_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert flops_table.main([]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["name", "Lc", "Nc", "Ls", "Np", "Navg", "TFLOPs"]
-    assert lines[1].split() == ["llava7b_224_baseline", "-", "-", "-", "-", "256.00", "4.172"]
-    assert len(lines) == 1 + 3 + len(_expected_preset_names())
+    assert lines[0].split() == ["name", "method", "Lc", "Nc", "Ls", "Np", "Navg", "TFLOPs"]
+    assert lines[1].split() == ["llava7b_224_baseline", "-", "-", "-", "-", "-", "256.00", "4.172"]
+    method_presets = sorted(p.stem for p in (REPO_ROOT / "configs" / "exp").glob("table*_*.yaml"))
+    assert len(lines) == 1 + 3 + len(_expected_preset_names()) + len(method_presets)
 
 
 def test_script_text_tokens_option(capsys: pytest.CaptureFixture[str]) -> None:

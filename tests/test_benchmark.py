@@ -12,7 +12,8 @@ from scripts.benchmark import main, spread, spread_warnings
 
 def test_benchmark_reports_json(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
-    report = main(["--shape", "tiny", "--repeats", "1", "--warmup", "0", "--rounds", "1", "--output", str(out)])
+    report = main(["--shape", "tiny", "--repeats", "1", "--warmup", "0", "--rounds", "1", "--output", str(out),
+                   "--threads", "1", "--methods", "table1_fastv,table1_visionzip,table1_prumerge_plus"])
     printed = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == printed
     assert report["schedule"] == {"Lc": 7, "Nc": 80, "Ls": 7, "Np": 8}
@@ -21,6 +22,16 @@ def test_benchmark_reports_json(tmp_path, capsys) -> None:
     # the FLOPs ratio is the accounting's, for the benchmark's own (tiny) dims
     assert report["navg"] == 78.0
     assert abs(report["flops_ratio"] - report["tflops_plain"] / report["tflops_csp"]) < 1e-12
+    # every other method is timed in the same run; Navg is what its runner processed
+    methods = report["methods"]
+    assert sorted(methods) == ["table1_fastv", "table1_prumerge_plus", "table1_visionzip"]
+    assert methods["table1_fastv"]["navg"] == (2 * 256 + 30 * 64) / 32
+    assert methods["table1_visionzip"]["navg"] == 68 + 12
+    assert methods["table1_prumerge_plus"]["navg"] == 13 + 85 + 1  # the upper bound: no overlap
+    assert methods["table1_prumerge_plus"]["data_dependent"] is not None
+    for row in methods.values():
+        assert row["ms_median"] > 0
+        assert row["speedup"] == report["plain_ms_median"] / row["ms_median"]
 
 
 def test_benchmark_flops_ratio_for_7b_shape_matches_table6() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
+from csp.plan import TokenPlan
 from csp.runner import DecoderInputs, StageRunner
 from csp.schedule import StageSchedule
 from tests.reference_csp import reference_forward
@@ -82,9 +83,8 @@ def test_fast_path_matches_masked_reference(case: int) -> None:
         out = runner.forward(DecoderInputs(embeds, valid, is_image, qrows, qvalid, cluster_keep=keep))
     expected_counts = schedule.image_tokens_per_layer(len(llm.layers), n_img)
     for i in range(batch):
-        ref, ref_img, ref_total = reference_forward(
-            llm, embeds[i, : lengths[i]], img_rows[i], torch.tensor(queries[i]),
-            (schedule.Lc, schedule.Nc, schedule.Ls, schedule.Np), keep[i],
+        ref, ref_img, ref_total, ref_kept = reference_forward(
+            llm, embeds[i, : lengths[i]], img_rows[i], torch.tensor(queries[i]), runner.plan, keep[i],
         )
         state = out.state
         cols = state.valid[i].nonzero().flatten()
@@ -95,6 +95,18 @@ def test_fast_path_matches_masked_reference(case: int) -> None:
         assert out.records[i].total_tokens == ref_total
         text_rows = lengths[i] - n_img
         assert ref_total == [c + text_rows for c in expected_counts]
+        assert len(out.kept_image_tokens) == len(ref_kept)
+        for entry, want in zip(out.kept_image_tokens, ref_kept, strict=True):
+            got = entry.indices[i]
+            assert torch.equal(got[got >= 0], want), f"{schedule} {entry.stage}@{entry.first_layer}"
+    stages = [(k.stage, k.first_layer) for k in out.kept_image_tokens]
+    clusters, L = schedule.clusters(n_img), len(llm.layers)
+    expected_stages = [("clustering" if clusters else "input", 0)]
+    if clusters and schedule.Ls > 0:
+        expected_stages.append(("scattering", schedule.Lc))
+    if schedule.prunes(L, n_img):
+        expected_stages.append(("pruning", schedule.Lc + schedule.Ls))
+    assert stages == expected_stages
 
 
 #: Schedules that keep every token in every stage, for a model of L layers and N image tokens:
@@ -125,7 +137,7 @@ def test_degenerate_schedules_equal_plain_exactly(name: str, monkeypatch: pytest
         expected_calls = [["select", "scatter", "select"], ["select", "select"], ["select"]]
         for sched, expected in zip(_keep_all_schedules(L, n_img), expected_calls, strict=True):
             calls.clear()
-            got = StageRunner(llm, sched, n_img, force_stages=True).forward(inputs).state
+            got = StageRunner(llm, sched, n_img, always_move_tokens=True).forward(inputs).state
             assert calls == expected, (sched, calls)  # the path really ran
             assert torch.equal(got.valid, valid)
             assert torch.equal(got.hidden[valid], theirs[valid]), sched
@@ -168,5 +180,13 @@ def test_reference_itself_equals_llama_forward() -> None:
     embeds = torch.randn(30, llm.config.hidden_size)
     with torch.no_grad():
         theirs = llm(inputs_embeds=embeds[None]).last_hidden_state[0]
-    ref, _, _ = reference_forward(llm, embeds, torch.arange(4, 14), torch.tensor([20]), None, None)
+    ref, *_ = reference_forward(llm, embeds, torch.arange(4, 14), torch.tensor([20]), TokenPlan())
     torch.testing.assert_close(ref.float(), theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_runner_refuses_attention_without_boolean_masks() -> None:
+    config = LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2)
+    config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="attn_implementation.*'eager'"):
+        StageRunner(LlamaModel(config), None, 4)

@@ -92,15 +92,14 @@ def test_runtime_records_agree_with_static_calculator(image) -> None:
 def test_degenerate_schedules_give_plain_lisa_masks(image) -> None:
     """Schedules that keep every token, with the select/scatter path forced: plain LISA's masks."""
     from csp.runner import StageRunner
-    from csp.strategies import build_strategy
 
     bundle = build_tiny_lisa(seed=6)
     queries = [Query("the red car", False, "a"), Query("the dog", False, "b")]
     plain = SegmentationPipeline(bundle).segment(image, queries)
     for schedule in (StageSchedule(Lc=3, Nc=256, Ls=1, Np=256), StageSchedule(Lc=0, Nc=9, Ls=4, Np=256)):
         pipe = SegmentationPipeline(bundle, schedule)
-        pipe.runner = StageRunner(bundle.model.model, schedule, 256, force_stages=True)
-        pipe.strategy = build_strategy("uniform")  # Nc = N: eq. 2 keeps every index
+        pipe.runner = StageRunner(bundle.model.model, schedule, 256, always_move_tokens=True)
+        assert pipe.method.schedule.clustering == "uniform"  # Nc = N: eq. 2 keeps every index
         got = pipe.segment(image, queries)
         for a, b in zip(plain, got):
             assert np.array_equal(a.masks, b.masks)

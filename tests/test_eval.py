@@ -19,11 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from csp.accounting import ModelDims
-from csp.schedule import StageSchedule
 from datasets import DatasetLayoutError, MiniatureSpec, UnknownSplitError, load_groups, write_miniature
 from datasets.splits import check_split
 from evaluation.distributed import DistContext, shard, strip_launcher_args
-from evaluation.evaluate import SettingOptions, evaluate, evaluate_setting
+from evaluation.evaluate import SettingOptions, evaluate, evaluate_setting, resolve_method
 from evaluation.loop import SampleFailedError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,10 +56,10 @@ def test_every_experiment_composes(exp: str) -> None:
     for split in cfg.data.splits:
         check_split(split)
     layers, tokens = MODEL_SHAPES[cfg.model.name]
-    schedule = StageSchedule.from_mapping(container["schedule"])
-    assert (schedule is None) == exp.endswith("_baseline")
-    if schedule is not None:
-        schedule.validate(layers, tokens)
+    method, _ = resolve_method(cfg)  # a schedule (CSP) or a configs/method node
+    assert (method is None) == exp.endswith("_baseline")
+    if method is not None:
+        method.validate(layers, tokens)
     if exp.startswith(("llava7b_224", "llava7b_336", "llava13b_224")):
         assert exp.startswith(cfg.model.name)
     if exp.startswith(("t4_", "t5_")):
@@ -378,3 +377,18 @@ def test_baseline_missing_a_configured_split_fails_before_evaluating(tmp_path: P
     cfg = compose_cfg(SMALL[:2] + [f"output_dir={tmp_path}", f"baseline={baseline}"])
     with pytest.raises(ValueError, match=r"no gIoU for the configured splits \['ReasonSeg\|val'\]"):
         evaluate(cfg)
+
+
+def test_method_and_schedule_resolve_to_one_method() -> None:
+    """schedule is CSP's config; another method takes its own node and refuses a schedule beside it."""
+    csp, info = resolve_method(compose_cfg(["+exp=llava7b_224_p70"]))
+    assert csp.name == "csp" and info["method"] == "csp" and csp.schedule.Nc == 80
+    fastv, info = resolve_method(compose_cfg(["+exp=table1_fastv"]))
+    assert (fastv.name, fastv.layer, fastv.keep) == ("fastv", 2, 64) and info["schedule"] is None
+    with pytest.raises(ValueError, match="schedule is LVLM_CSP's config"):
+        resolve_method(compose_cfg(["+exp=table1_fastv", "schedule=table1"]))
+    with pytest.raises(ValueError, match="method=csp needs a schedule"):
+        resolve_method(compose_cfg(["method=csp"]))
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        resolve_method(compose_cfg(["+method.name=nope"]))
+    assert resolve_method(compose_cfg([]))[0] is None

@@ -1,0 +1,26 @@
+"""Image-token reduction methods; importing this package registers all of them.
+
+One module per method: ``lvlm_csp`` (csp), ``prumerge`` (prumerge, prumerge_plus), ``visionzip``,
+``fastv``, ``simignore``, ``sparsevlm``, ``pyramiddrop``, ``feather``.
+"""
+
+from csp.methods import (  # noqa: F401  (each module registers its methods)
+    fastv,
+    feather,
+    lvlm_csp,
+    prumerge,
+    pyramiddrop,
+    simignore,
+    sparsevlm,
+    visionzip,
+)
+from csp.methods.base import (
+    METHODS,
+    Method,
+    ReducedImages,
+    VisionFeatures,
+    build_method,
+    register_method,
+)
+
+__all__ = ["METHODS", "Method", "ReducedImages", "VisionFeatures", "build_method", "register_method"]

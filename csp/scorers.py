@@ -1,0 +1,142 @@
+"""Scorers: small strategy objects with one ``score`` method that rank the active tokens.
+
+A scorer sees one decoder layer's INPUT (hidden states of the active tokens, their rotary
+embeddings, the layer itself) and the batch, and returns ``B x T`` scores over the active
+columns (higher = more important); the plan's keep rule then picks among the image tokens.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from csp.scoring import query_attention_scores
+from csp.tokens import TokenState
+
+if TYPE_CHECKING:
+    from csp.runner import DecoderInputs
+
+
+@dataclass
+class ScoreContext:
+    """What a scorer may look at.
+
+    Attributes:
+        layer: the decoder layer whose input and weights rank the tokens.
+        hidden: ``B x T x d`` input hidden states of that layer (active tokens only).
+        rotary: (cos, sin), each ``B x T x head_dim``, at the active tokens' original positions.
+        state: the active tokens (positions, validity, image flags, grid indices).
+        inputs: the whole batch (layer-0 embeddings of every row, query rows, last prompt rows).
+    """
+
+    layer: LlamaDecoderLayer
+    hidden: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    state: TokenState
+    inputs: DecoderInputs
+
+
+class Scorer(ABC):
+    """Ranks active tokens; see :class:`ScoreContext`."""
+
+    @abstractmethod
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        """``B x T`` scores over the active columns (only image columns are used)."""
+
+
+def instruction_rows(inputs: DecoderInputs) -> torch.Tensor:
+    """``B x T`` True on the text rows after the image up to the last prompt row (the user's
+    instruction and ``ASSISTANT:``), the text that SparseVLM and Simignore compare with the image."""
+    if inputs.last_rows is None:
+        raise ValueError("this method needs DecoderInputs.last_rows (the last prompt row of each sample)")
+    length = inputs.valid.shape[1]
+    cols = torch.arange(length, device=inputs.valid.device)
+    last_image = torch.where(inputs.is_image, cols, -1).amax(dim=1, keepdim=True)
+    return inputs.valid & (cols > last_image) & (cols <= inputs.last_rows[:, :1])
+
+
+def pad_true_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B x T`` mask -> (``B x Q`` row indices of the True entries, ascending; ``B x Q`` validity),
+    Q = the largest count (one host read)."""
+    counts = mask.sum(dim=1, keepdim=True)
+    width = max(1, int(counts.max()))
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device) < counts
+    return order * valid, valid
+
+
+def sparsevlm_raters(inputs: DecoderInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseVLM's text raters, from the layer-0 embeddings: ``m = mean_v softmax_t(V_v . T_t)``
+    over the instruction rows t and image rows v; raters are the t with ``m_t > mean(m)``.
+
+    Returns (``B x R`` rater rows; ``B x R`` validity).
+    """
+    text = instruction_rows(inputs)
+    embeds = inputs.embeds.float()
+    logits = embeds @ embeds.transpose(1, 2)  # B x T x T, rows: image, cols: text
+    logits = logits.masked_fill(~text[:, None, :], float("-inf"))
+    probs = logits.softmax(dim=-1).nan_to_num(0.0)  # image rows: softmax over the text columns
+    image = inputs.is_image & inputs.valid
+    m = (probs * image[:, :, None]).sum(dim=1) / image.sum(dim=1, keepdim=True).clamp(min=1)  # B x T
+    mean = (m * text).sum(dim=1, keepdim=True) / text.sum(dim=1, keepdim=True).clamp(min=1)
+    return pad_true_rows(text & (m > mean))
+
+
+@dataclass(frozen=True)
+class QueryAttention(Scorer):
+    """Attention of query rows in the layer, softmax per head, mean over heads then rows.
+
+    Attributes:
+        rows: ``seg`` (the rows before each [SEG]; at chat prefill the last prompt row: CSP),
+            ``last`` (the last prompt row: FastV, PyramidDrop, FEATHER) or ``raters``
+            (SparseVLM's text raters).
+        rope: apply RoPE to q and k (False: FEATHER).
+        keys: ``visible`` (softmax over every key the row sees, causal) or ``image`` (over the
+            active image keys only: FEATHER).
+    """
+
+    rows: str = "seg"
+    rope: bool = True
+    keys: str = "visible"
+
+    def __post_init__(self) -> None:
+        if self.rows not in ("seg", "last", "raters"):
+            raise ValueError(f"QueryAttention.rows must be seg, last or raters, got {self.rows!r}")
+        if self.keys not in ("visible", "image"):
+            raise ValueError(f"QueryAttention.keys must be visible or image, got {self.keys!r}")
+
+    def query(self, inputs: DecoderInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``B x Q`` original rows, ``B x Q`` validity) of the query rows."""
+        if self.rows == "seg":
+            return inputs.query_rows, inputs.query_valid
+        if self.rows == "last":
+            if inputs.last_rows is None:
+                raise ValueError("rows='last' needs DecoderInputs.last_rows (the last prompt row)")
+            return inputs.last_rows, torch.ones_like(inputs.last_rows, dtype=torch.bool)
+        return sparsevlm_raters(inputs)
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        rows, valid = self.query(ctx.inputs)
+        cols = ctx.state.rows_of(rows * valid)
+        keys = ctx.state.valid if self.keys == "visible" else ctx.state.is_image
+        return query_attention_scores(ctx.layer, ctx.hidden, ctx.rotary, keys, cols, valid, use_rope=self.rope)
+
+
+@dataclass(frozen=True)
+class TextSimilarity(Scorer):
+    """Simignore: cosine similarity of each image token's embedding with the instruction tokens'
+    embeddings, max over the text tokens (= the order in which a descending sort of all
+    (image, text) pairs first meets each image token). Used at layer 0 (the embeddings)."""
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        text_full = instruction_rows(ctx.inputs)
+        rows, valid = pad_true_rows(text_full)
+        cols = ctx.state.rows_of(rows * valid)
+        x = torch.nn.functional.normalize(ctx.hidden.float(), dim=-1)
+        text = x.gather(1, cols.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # B x Q x d
+        sim = (x @ text.transpose(1, 2)).masked_fill(~valid[:, None, :], float("-inf"))  # B x T x Q
+        return sim.amax(dim=-1)

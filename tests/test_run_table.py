@@ -1,0 +1,40 @@
+"""scripts/run_table.py: the Table 1 grid end to end on the embedded default (tiny LISA, miniature data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from datasets.miniature import MiniatureSpec, write_miniature
+from scripts.run_table import TABLES, run
+
+
+def test_table1_grid_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+    data = write_miniature(tmp_path / "mini", MiniatureSpec(images_per_split=1, refs_per_image=1, sentences_per_ref=1))
+    out = tmp_path / "table1"
+    # the presets are for LLaVA-7B's 32 layers: the tiny model gets 32 layers too
+    args = ["table=1", f"output_dir={out}", "model=tiny", "model.num_layers=32", f"dataset_dir={data}",
+            "max_samples_per_split=1", "data.splits=[refcoco|unc|val]"]
+    text = run(args)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["setting", "refcoco", "val"] and lines[0].split()[-5:] == [
+        "mIoU_drop", "Navg", "TFLOPs", "T_LVLM", "ms"]
+    labels = ["LISA"] + [label for label, _ in TABLES[1]["rows"]]
+    assert [line.split()[0] for line in lines[1:]] == [label.split()[0] for label in labels]
+    navg = {}
+    for preset in ["baseline"] + [p for _, p in TABLES[1]["rows"]]:
+        metrics = json.loads((out / preset / "metrics.json").read_text())
+        assert metrics["summary"]["count"] == 1 and metrics["summary"]["failed"] == 0
+        navg[preset] = metrics["summary"]["Navg"]
+    # fixed-count presets measure exactly Table 1's Navg
+    assert navg["baseline"] == 256
+    assert {p: navg[p] for p in ("table1_csp", "table1_prumerge", "table1_visionzip", "table1_fastv",
+                                 "table1_sparsevlm", "table1_pyramiddrop")} == {
+        "table1_csp": 73, "table1_prumerge": 75, "table1_visionzip": 80, "table1_fastv": 76,
+        "table1_sparsevlm": 76, "table1_pyramiddrop": 81}
+    assert navg["table1_simignore"] == (5 * 201 + 27 * 53) / 32
+    assert 86 <= navg["table1_prumerge_plus"] <= 99 and 76.25 <= navg["table1_feather"] <= 87.25
+    before = {p: (out / p / "results.jsonl").read_text() for p in navg}
+    assert run(args) == text  # resumed: nothing re-run, same table
+    assert {p: (out / p / "results.jsonl").read_text() for p in navg} == before
+    assert (out / "table.txt").read_text() == text + "\n"
