@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from datasets import toy
 from datasets.base import ImageGroup, Sample, UnknownSplitError, group_by_image
 from datasets.reason_seg import load_reason_seg
 from datasets.refer import load_refer
@@ -39,12 +40,14 @@ def _registry() -> dict[str, SplitLoader]:
 
 
 #: The splits of the published refer data sets, so that a typo (``refcoco|unc|test``) is an error
-#: rather than an empty split; data sets not listed here (e.g. ``toyref``) accept any split name.
+#: rather than an empty split; data sets not listed here accept any split name.
 KNOWN_REFER_SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
     "refcoco": {"unc": ("train", "val", "testA", "testB"), "google": ("train", "val", "test")},
     "refcoco+": {"unc": ("train", "val", "testA", "testB")},
     "refcocog": {"umd": ("train", "val", "test"), "google": ("train", "val")},
     "refclef": {"unc": ("train", "val", "testA", "testB"), "berkeley": ("train", "val", "test")},
+    # The synthetic toy world (datasets/toy.py).
+    toy.DATASET: {toy.SPLIT_BY: toy.SPLITS},
 }
 
 #: Every evaluation split, in the column order of the paper's Table 1.
@@ -52,7 +55,7 @@ SPLIT_LOADERS: dict[str, SplitLoader] = _registry()
 
 
 def valid_splits() -> list[str]:
-    """Split names in Table 1's column order."""
+    """Split names: Table 1's column order, then the toy world's."""
     return list(SPLIT_LOADERS)
 
 

@@ -32,6 +32,7 @@ from csp.strategies import check_strategy
 from datasets.base import ImageGroup
 from datasets.miniature import MiniatureSpec, write_miniature
 from datasets.splits import check_split, load_groups, parse_splits
+from datasets.toy import ToySpec, write_toyref
 from evaluation import records as rec
 from evaluation.distributed import DistContext, barrier, broadcast_object, gather_to_main, init_distributed, shard
 from evaluation.loop import Pipeline, SampleFailedError, SampleOutcome, evaluate_group
@@ -473,18 +474,31 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def prepare_dataset_dir(cfg: DictConfig, out_dir: Path, ctx: DistContext) -> Path:
-    """``cfg.dataset_dir``, or the miniature data sets written first when ``cfg.miniature`` is set."""
+    """``cfg.dataset_dir``, or the miniature data sets written first when ``cfg.miniature`` is set;
+    with ``cfg.toy`` (datasets.toy.ToySpec fields) the toy world is written into that directory too."""
     mini = cfg.get("miniature")
     if mini is None:
         if not cfg.get("dataset_dir"):
             raise ValueError("dataset_dir is not set: point it at LISA's dataset directory (see configs/data)")
-        return Path(str(cfg.dataset_dir))
-    root = Path(str(mini.get("dir") or out_dir / "miniature"))
-    if ctx.is_main:
-        spec = {k: v for k, v in OmegaConf.to_container(mini, resolve=True).items() if k != "dir"}
-        write_miniature(root, MiniatureSpec(**spec))
+        root = Path(str(cfg.dataset_dir))
+    else:
+        root = Path(str(mini.get("dir") or out_dir / "miniature"))
+        if ctx.is_main:
+            spec = {k: v for k, v in OmegaConf.to_container(mini, resolve=True).items() if k != "dir"}
+            write_miniature(root, MiniatureSpec(**spec))
+    if cfg.get("toy") is not None and ctx.is_main:
+        write_toyref(root, toy_spec(cfg.toy))
     barrier(ctx)
     return root
+
+
+def toy_spec(node: Any) -> ToySpec:
+    """``toy:`` config node -> :class:`ToySpec`; unknown keys are an error naming them."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    unknown = sorted(set(values) - set(ToySpec.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"toy: unknown keys {unknown}; expected ToySpec fields {sorted(ToySpec.__dataclass_fields__)}")
+    return ToySpec(**values)
 
 
 def make_logger(cfg: DictConfig, out_dir: Path, ctx: DistContext) -> Any:

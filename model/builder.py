@@ -24,12 +24,12 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from model.lisa import LISAForCausalLM
 from model.prompt import SpecialTokenIds
-from model.sam import build_sam_vit_h, build_tiny_sam
+from model.sam import build_sam_vit_h, build_tiny_sam, build_toy_sam
 from model.tokenizer import build_tiny_tokenizer
 from model.vision import CLIPVisionTower, clip_processor_for, load_clip_processor, tiny_clip_config
 
 #: SAM architectures by the config key ``sam_arch`` (LISA's configs have none: ViT-H).
-SAM_BUILDERS: dict[str, Callable[[], Sam]] = {"vit_h": build_sam_vit_h, "tiny": build_tiny_sam}
+SAM_BUILDERS: dict[str, Callable[[], Sam]] = {"vit_h": build_sam_vit_h, "tiny": build_tiny_sam, "toy": build_toy_sam}
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -89,14 +89,15 @@ def cast_model(model: torch.nn.Module, *, dtype: torch.dtype, device: torch.devi
 
 
 def tiny_llama_config(vocab_size: int, *, num_layers: int = 6, hidden_size: int = 64, heads: int = 4,
-                      kv_heads: int | None = None, projector: str = "linear") -> LlamaConfig:
+                      kv_heads: int | None = None, projector: str = "linear", intermediate_size: int | None = None,
+                      mm_hidden_size: int | None = None) -> LlamaConfig:
     """LLaMA at tiny width with LISA's extra fields (as LISA's config.json carries them)."""
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2 + 16,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or hidden_size * 2 + 16,
         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
         max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
     )
-    config.mm_hidden_size = tiny_clip_config().hidden_size
+    config.mm_hidden_size = mm_hidden_size or tiny_clip_config().hidden_size
     config.mm_projector_type = projector
     config.mm_vision_select_layer = -2
     config.mm_use_im_start_end = True
@@ -123,6 +124,66 @@ def build_tiny_lisa(seed: int = 0, *, num_layers: int = 6, hidden_size: int = 64
     return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
 
 
+@dataclass(frozen=True)
+class ToySizes:
+    """Sizes of the ``toy`` preset (configs/model/toy.yaml): trainable from scratch on a CPU.
+
+    The CLIP grid is ``clip_image_size / clip_patch_size`` squared: 112 / 14 -> N = 64 image tokens.
+    SAM is ``sam_arch: toy`` (model.sam.build_toy_sam: 1024 input, 64 x 64 embedding, out_dim 64).
+    """
+
+    num_layers: int = 8
+    hidden_size: int = 128
+    heads: int = 4
+    intermediate_size: int = 256
+    projector: str = "mlp2x_gelu"
+    clip_image_size: int = 112
+    clip_patch_size: int = 14
+    clip_hidden_size: int = 64
+    clip_layers: int = 3
+    #: Std of the LLM's initial weights; None: hidden_size ** -0.5. LLaMA's 0.02 (meant for pretrained widths)
+    #: leaves a from-scratch model of width 128 with near-uniform attention for hundreds of steps.
+    init_std: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> ToySizes:
+        """The preset's sizes from a ``model`` config node (other keys are ignored)."""
+        known = {f: cfg[f] for f in cls.__dataclass_fields__ if cfg.get(f) is not None}
+        return cls(**known)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.clip_image_size // self.clip_patch_size) ** 2
+
+
+def build_toy_lisa(seed: int = 0, sizes: ToySizes = ToySizes()) -> LisaBundle:
+    """The toy-world LISA: real classes, seeded random weights, a word tokenizer that knows every
+    word of the toy data set (datasets/toy.py) and of LISA's answer templates."""
+    from datasets.toy import TOKENIZER_WORDS
+
+    tokenizer = build_tiny_tokenizer(TOKENIZER_WORDS)
+    torch.manual_seed(seed)
+    clip_config = tiny_clip_config(sizes.clip_image_size, sizes.clip_patch_size, sizes.clip_hidden_size,
+                                   sizes.clip_layers)
+    config = tiny_llama_config(len(tokenizer), num_layers=sizes.num_layers, hidden_size=sizes.hidden_size,
+                               heads=sizes.heads, projector=sizes.projector, intermediate_size=sizes.intermediate_size,
+                               mm_hidden_size=clip_config.hidden_size)
+    config.vision_tower = f"toy-clip-{sizes.clip_image_size}"
+    config.initializer_range = sizes.init_std or sizes.hidden_size**-0.5
+    tower = CLIPVisionTower(model=CLIPVisionModel(clip_config), processor=clip_processor_for(sizes.clip_image_size))
+    config.sam_arch = "toy"
+    config.out_dim = build_toy_sam().prompt_encoder.embed_dim
+    model = LISAForCausalLM(config, visual_model=build_toy_sam(), vision_tower=tower)
+    # The [SEG] prompt enters SAM's decoder beside its learned tokens (N(0, 1) entries); with PyTorch's
+    # default init the prompt is ~5x smaller and the decoder learns to ignore it. Unit-variance entries
+    # at init: the input of the last layer has second moment 1/6 per entry (ReLU of a default-init
+    # Linear of RMS-normalised states), so weights of std sqrt(6 / hidden_size).
+    last = model.model.text_hidden_fcs[0][2]
+    torch.nn.init.normal_(last.weight, std=(6.0 / sizes.hidden_size) ** 0.5)
+    torch.nn.init.zeros_(last.bias)
+    return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
+
+
 def load_vision_tower(clip_dir: str | Path, select_layer: int = -2) -> CLIPVisionTower:
     """CLIP from its own directory (LISA checkpoints carry no vision-tower weights)."""
     clip_dir = Path(clip_dir)
@@ -143,6 +204,9 @@ def layers_and_image_tokens(cfg: Mapping[str, Any]) -> tuple[int, int]:
     if kind == "tiny":
         clip = tiny_clip_config()
         return int(cfg.get("num_layers", 6)), (clip.image_size // clip.patch_size) ** 2
+    if kind == "toy":
+        sizes = ToySizes.from_config(cfg)
+        return sizes.num_layers, sizes.num_image_tokens
     from model.checkpoint import check_model_paths, read_lisa_config
 
     check_model_paths(cfg)
@@ -152,7 +216,7 @@ def layers_and_image_tokens(cfg: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def build_from_config(cfg: Mapping[str, Any]) -> LisaBundle:
-    """Hydra ``model`` node -> bundle. ``kind``: ``tiny`` | ``lisa`` (released) | ``fresh``.
+    """Hydra ``model`` node -> bundle. ``kind``: ``tiny`` | ``toy`` | ``lisa`` (released) | ``fresh``.
 
     Paths are checked before anything is loaded.
     """
@@ -165,9 +229,13 @@ def build_from_config(cfg: Mapping[str, Any]) -> LisaBundle:
         bundle = build_tiny_lisa(int(cfg.get("seed", 0)), num_layers=int(cfg.get("num_layers", 6)))
         cast_model(bundle.model, dtype=dtype or torch.float32, device=device)
         return bundle
+    if kind == "toy":
+        bundle = build_toy_lisa(int(cfg.get("seed", 0)), ToySizes.from_config(cfg))
+        cast_model(bundle.model, dtype=dtype or torch.float32, device=device)
+        return bundle
     check_model_paths(cfg)
     if kind == "lisa":
         return load_lisa_checkpoint(cfg["checkpoint"], cfg["vision_tower"], dtype=dtype, device=device)
     if kind == "fresh":
         return build_fresh_lisa(cfg["llava"], cfg["vision_tower"], cfg["sam_checkpoint"], dtype=dtype, device=device)
-    raise ValueError(f"model.kind must be one of tiny, lisa, fresh; got {kind!r}")
+    raise ValueError(f"model.kind must be one of tiny, toy, lisa, fresh; got {kind!r}")

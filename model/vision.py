@@ -87,11 +87,12 @@ def cls_attention_row(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Te
     return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
-def tiny_clip_config(image_size: int = 224, patch_size: int = 14) -> CLIPVisionConfig:
-    """A CLIP ViT with the real patch geometry (N = (224/14)^2 = 256) and tiny width."""
+def tiny_clip_config(image_size: int = 224, patch_size: int = 14, hidden_size: int = 32,
+                     num_layers: int = 3) -> CLIPVisionConfig:
+    """A CLIP ViT at tiny width; the defaults keep the real patch geometry (N = (224/14)^2 = 256)."""
     return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        image_size=image_size, patch_size=patch_size, projection_dim=32,
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=hidden_size,
     )
 
 

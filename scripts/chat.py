@@ -43,7 +43,7 @@ from model.pipeline import SegmentationPipeline  # noqa: E402
 from visualize.token_maps import draw_mask, new_token_map, strategy_selections, token_map  # noqa: E402
 
 #: The toy LISA of the training issue (a LISA checkpoint directory in ``save_lisa_checkpoint``'s
-#: layout with its CLIP directory in ``clip/``); the default model when it exists.
+#: layout with its CLIP directory in ``vision_tower/``, as train_ds.py writes it); the default model when it exists.
 TOY_CHECKPOINT = ROOT / "assets" / "toy_lisa"
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 #: Strategies compared in the token map that need no extra files (seg_first needs YOLO weights).
@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--version", default=None,
                         help="LISA checkpoint directory (default: assets/toy_lisa if present, else tiny random LISA)")
     parser.add_argument("--vision-tower", "--vision_tower", dest="vision_tower", default=None,
-                        help="CLIP directory (default: <version>/clip for the toy model)")
+                        help="CLIP directory (default: <version>/vision_tower for the toy model)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
                         help="default: bf16 on GPU (LISA's default), fp32 on CPU")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -81,7 +81,7 @@ def default_checkpoint() -> tuple[Path, Path] | None:
     (looked up at run time, so that a later checkout with the toy model uses it)."""
     if not TOY_CHECKPOINT.is_dir():
         return None
-    return TOY_CHECKPOINT, TOY_CHECKPOINT / "clip"
+    return TOY_CHECKPOINT, TOY_CHECKPOINT / "vision_tower"  # train_ds.py writes its CLIP tower there
 
 
 def load_bundle(args: argparse.Namespace) -> LisaBundle:

@@ -27,14 +27,18 @@ from evaluation.loop import SampleFailedError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-EXPS = sorted(p.stem for p in (CONFIGS / "exp").glob("*.yaml"))
+#: Evaluation experiments (training ones, e.g. exp/toy.yaml for train_ds.py, override the training `mode` group).
+EXPS = sorted(p.stem for p in (CONFIGS / "exp").glob("*.yaml") if "override /mode:" not in p.read_text())
+#: Row names of the two demos (the toy world's and the tiny random model's).
+DEMO_NAMES = {"demo": "demo_toy_csp", "demo_tiny": "demo_tiny_csp"}
 #: (L, N) of each model config: LLaMA-7B 32 layers, 13B 40; CLIP 224 -> 256 tokens, 336 -> 576; tiny: 6, 256.
-MODEL_SHAPES = {"tiny": (6, 256), "llava7b_224": (32, 256), "llava7b_336": (32, 576), "llava13b_224": (40, 256)}
+MODEL_SHAPES = {"tiny": (6, 256), "llava7b_224": (32, 256), "llava7b_336": (32, 576), "llava13b_224": (40, 256),
+                "toy_trained": (8, 64)}
 #: Single-threaded subprocesses: identical float reductions in 1- and 2-process runs.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline",
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 #: Small, fast demo variant: one setting on the two ReasonSeg splits (6 images).
-SMALL = ["+exp=demo", "data=reasonseg", "baseline=null"]
+SMALL = ["+exp=demo_tiny", "data=reasonseg", "baseline=null"]
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
@@ -48,7 +52,7 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
 def test_every_experiment_composes(exp: str) -> None:
     cfg = compose_cfg([f"+exp={exp}"])
     container = OmegaConf.to_container(cfg, resolve=True)
-    assert container["name"] == ("demo_tiny_csp" if exp == "demo" else exp)
+    assert container["name"] == DEMO_NAMES.get(exp, exp)
     for split in cfg.data.splits:
         check_split(split)
     layers, tokens = MODEL_SHAPES[cfg.model.name]
@@ -105,8 +109,8 @@ def test_schedule_too_deep_for_the_model_fails_before_data(tmp_path: Path) -> No
     dataset directory is even looked at."""
     from csp.schedule import ScheduleError
 
-    cfg = compose_cfg(["+exp=demo", f"dataset_dir={tmp_path / 'nowhere'}", f"output_dir={tmp_path}", "miniature=null",
-                       "schedule.Lc=5", "schedule.Ls=3"])
+    cfg = compose_cfg(["+exp=demo_tiny", f"dataset_dir={tmp_path / 'nowhere'}", f"output_dir={tmp_path}",
+                       "miniature=null", "schedule.Lc=5", "schedule.Ls=3"])
     with pytest.raises(ScheduleError, match="exceeds the model's 6 decoder layers"):
         evaluate(cfg)
 
@@ -268,9 +272,9 @@ def test_demo_through_the_function(tmp_path: Path) -> None:
     for metrics in (base, method):
         assert [m["evaluated"] for m in metrics["splits"].values()] == [per_subset, per_subset]
         assert metrics["summary"]["failed"] == 0
-    # tiny model: L = 6, N = 256; schedule (Lc, Nc, Ls, Np) = (2, 64, 1, 16) -> (2*64 + 256 + 3*16) / 6 = 72
-    assert base["summary"]["Navg"] == pytest.approx(256.0)
-    assert method["summary"]["Navg"] == pytest.approx((2 * 64 + 256 + 3 * 16) / 6)
+    # toy model: L = 8, N = 64; schedule (Lc, Nc, Ls, Np) = (2, 20, 2, 4) -> (2*20 + 2*64 + 4*4) / 8 = 23
+    assert base["summary"]["Navg"] == pytest.approx(64.0)
+    assert method["summary"]["Navg"] == pytest.approx((2 * 20 + 2 * 64 + 4 * 4) / 8)
     assert method["summary"]["TFLOPs"] < base["summary"]["TFLOPs"]
     drop = 100 * np.mean([base["splits"][s]["gIoU"] - method["splits"][s]["gIoU"] for s in method["splits"]])
     assert method["summary"]["mIoU_drop"] == pytest.approx(drop)
@@ -309,9 +313,10 @@ def test_demo_command_line(tmp_path: Path) -> None:
     lines = out.stdout.strip().splitlines()
     lines = lines[next(i for i, line in enumerate(lines) if line.startswith("setting")):]  # after the log lines
     assert lines[0].split()[:3] == ["setting", "refcoco", "val"] and "mIoU_drop" in lines[0]
-    assert lines[1].startswith("LISA (tiny)") and lines[2].startswith("demo_tiny_csp")
+    assert "toyref val" in lines[0]  # after Table 1's columns
+    assert lines[1].startswith("LISA (toy_trained)") and lines[2].startswith("demo_toy_csp")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert len(metrics["splits"]) == 12 and metrics["summary"]["failed"] == 0
+    assert len(metrics["splits"]) == 13 and metrics["summary"]["failed"] == 0
     assert metrics["summary"]["mIoU_drop"] is not None and metrics["summary"]["T_LVLM_ms"] > 0
     assert (tmp_path / "run" / "baseline" / "results.jsonl").is_file()
 

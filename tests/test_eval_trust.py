@@ -70,7 +70,7 @@ def test_single_split_string_and_comma_list_are_accepted() -> None:
      "bad arguments {'depth': 3} for clustering strategy 'cls_attention'"),
 ])
 def test_bad_strategy_fails_before_any_data_or_model(tmp_path: Path, overrides, error, match) -> None:
-    cfg = compose_cfg(["+exp=demo", f"dataset_dir={tmp_path / 'nowhere'}", "miniature=null",
+    cfg = compose_cfg(["+exp=demo_tiny", f"dataset_dir={tmp_path / 'nowhere'}", "miniature=null",
                        f"output_dir={tmp_path / 'run'}", *overrides])
     with pytest.raises(error, match=match):
         evaluate(cfg)  # baseline=same_run: before the fix plain LISA was evaluated first
@@ -121,7 +121,7 @@ def test_resume_after_interruption_in_the_baseline_counts_its_samples(tmp_path: 
     """Ctrl-C during the same_run baseline, then resume: before the fix the method's (empty) directory
     made it print "holds no finished samples" although the baseline's were there and were kept."""
     run = tmp_path / "run"
-    args = ["+exp=demo", "data=reasonseg", "miniature=null", f"dataset_dir={mini}", f"output_dir={run}", *ONE]
+    args = ["+exp=demo_tiny", "data=reasonseg", "miniature=null", f"dataset_dir={mini}", f"output_dir={run}", *ONE]
     evaluate(compose_cfg(args))
     for path in [*run.glob("results*.jsonl"), run / "metrics.json"]:  # as if stopped before the method ran
         path.unlink()
@@ -188,7 +188,7 @@ def test_empty_split_warns_loudly_and_fails_with_strict(tmp_path: Path, mini: Pa
 # ---------------------------------------------------------------- baselines
 
 def test_baseline_not_json_other_setting_other_samples_and_recorded(tmp_path: Path, mini: Path) -> None:
-    args = ["+exp=demo", "data=reasonseg", "miniature=null", f"dataset_dir={mini}", *ONE]
+    args = ["+exp=demo_tiny", "data=reasonseg", "miniature=null", f"dataset_dir={mini}", *ONE]
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     with pytest.raises(ValueError, match=rf"baseline='{broken}' is not JSON"):
@@ -308,7 +308,7 @@ def test_row_names_carry_the_schedule_and_sweeps_get_one_table(tmp_path: Path) -
 
     names = []
     for lc in (1, 2):
-        cfg = compose_cfg(["+exp=demo", f"schedule.Lc={lc}"])
+        cfg = compose_cfg(["+exp=demo_tiny", f"schedule.Lc={lc}"])
         schedule = validate_config(cfg).schedule
         names.append(setting_name(cfg, schedule))
     assert names == ["demo_tiny_csp (Lc=1, Nc=64, Ls=1, Np=16, uniform)",

@@ -226,11 +226,13 @@ def test_chat_cli_defaults_to_the_toy_checkpoint_and_asks_for_queries(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved_tiny_checkpoint) -> None:
     import shutil
 
-    toy = tmp_path / "assets" / "toy_lisa"  # the layout scripts/chat.py expects: checkpoint + clip/
+    real = chat.default_checkpoint()  # the committed toy LISA (train_ds.py +exp=toy) is the default
+    assert real is not None and all((path / "config.json").is_file() for path in real)
+    toy = tmp_path / "assets" / "toy_lisa"  # the layout scripts/chat.py expects: checkpoint + vision_tower/
     shutil.copytree(saved_tiny_checkpoint.checkpoint, toy)
-    shutil.copytree(saved_tiny_checkpoint.clip_dir, toy / "clip")
+    shutil.copytree(saved_tiny_checkpoint.clip_dir, toy / "vision_tower")
     monkeypatch.setattr(chat, "TOY_CHECKPOINT", toy)
-    assert chat.default_checkpoint() == (toy, toy / "clip")
+    assert chat.default_checkpoint() == (toy, toy / "vision_tower")
     image = tmp_path / "photo.png"
     rgb_image(64, 80).save(image)
     answers = iter(["first question", "second question", ""])  # no --query: ask until an empty line

@@ -358,7 +358,7 @@ def test_eval_labels_finetuned_decoder_rows(mini: Path, tmp_path: Path) -> None:
     path = save_mask_decoder(bundle.model, tmp_path / "dec.safetensors", schedule=SCHEDULE_DICT, model_name="tiny")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[
-            "+exp=demo", f"dataset_dir={mini}", "miniature=null", f"output_dir={tmp_path / 'eval'}",
+            "+exp=demo_tiny", f"dataset_dir={mini}", "miniature=null", f"output_dir={tmp_path / 'eval'}",
             "data.splits=[refcoco|unc|val]", "max_samples_per_split=1", f"model.mask_decoder={path}",
             f"model.num_layers={LAYERS}", *SCHEDULE[1:]])
     results = evaluate(cfg)

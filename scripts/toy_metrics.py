@@ -1,0 +1,79 @@
+"""Record the toy LISA checkpoint's validation metrics in ``<checkpoint>/metrics.json``.
+
+    python -m scripts.toy_metrics [--checkpoint assets/toy_lisa] [--check-samples 60]
+
+Both numbers come from evaluation itself (``evaluation.evaluate.evaluate``, plain LISA, the
+evaluation prompt) on ``toyref|unc|val`` written from the toy spec in ``configs/exp/toy_p70.yaml``:
+``gIoU`` / ``cIoU`` over the whole split, and ``check`` over its first ``--check-samples`` samples (24),
+which ``tests/test_toy_checkpoint.py`` recomputes (a few seconds) and compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+SPLIT = "toyref|unc|val"
+
+
+def val_toy_spec() -> dict[str, Any]:
+    """The ``toy:`` node of configs/exp/toy_p70.yaml: the whole val split, as the README's toy table."""
+    return dict(OmegaConf.load(REPO / "configs" / "exp" / "toy_p70.yaml")["toy"])
+
+
+def evaluate_checkpoint(checkpoint: Path, out_dir: Path, max_samples: int | None) -> dict[str, Any]:
+    """Plain-LISA metrics.json mapping of ``checkpoint`` on the toy val split (first ``max_samples``).
+
+    With ``max_samples`` only that many val images are written (every image has at least one sample,
+    and the first images and their sample ids do not depend on how many are written).
+    """
+    from evaluation.evaluate import evaluate
+
+    spec = val_toy_spec()
+    if max_samples is not None:
+        spec["val_images"] = min(int(spec["val_images"]), int(max_samples))
+    toy = ",".join(f"{k}:{v}" for k, v in spec.items())
+    overrides = [
+        "model=toy_trained", f"model.checkpoint={checkpoint}", f"model.vision_tower={checkpoint / 'vision_tower'}",
+        f"data.splits=[{SPLIT}]", f"dataset_dir={out_dir / 'data'}", f"output_dir={out_dir / 'run'}",
+        f"toy={{{toy}}}", f"max_samples_per_split={'null' if max_samples is None else max_samples}",
+        "baseline=null",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=overrides)
+    return evaluate(cfg)["method"]
+
+
+def record(checkpoint: Path, check_samples: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        full = evaluate_checkpoint(checkpoint, Path(tmp) / "full", None)
+        check = evaluate_checkpoint(checkpoint, Path(tmp) / "check", check_samples)
+    split, part = full["splits"][SPLIT], check["splits"][SPLIT]
+    return {"split": SPLIT, "toy": val_toy_spec(), "samples": split["evaluated"], "gIoU": split["gIoU"],
+            "cIoU": split["cIoU"], "check": {"max_samples_per_split": check_samples, "samples": part["evaluated"],
+                                             "gIoU": part["gIoU"], "cIoU": part["cIoU"]}}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m scripts.toy_metrics", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=REPO / "assets" / "toy_lisa")
+    parser.add_argument("--check-samples", type=int, default=24)
+    args = parser.parse_args(argv)
+    metrics = record(args.checkpoint.resolve(), args.check_samples)
+    path = args.checkpoint / "metrics.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    metrics = {**{k: v for k, v in previous.items() if k == "training"}, **metrics}
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The toy world (datasets/toy.py): determinism, the refer format, exact masks, unambiguous
+expressions, and a tokenizer that knows every word.
+
+Expected values are computed here from the documented geometry and rules (a separate
+point-in-polygon test from matplotlib, a separate parser of the expressions), not by the
+generator's own helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.path import Path as PolyPath
+from PIL import Image
+
+from datasets import toy
+from datasets.base import UnknownSplitError
+from datasets.splits import check_split, load_split, valid_splits
+from model.builder import ToySizes, build_from_config, layers_and_image_tokens
+from model.prompt import build_prompt, tokenize_with_image
+from model.tokenizer import build_tiny_tokenizer
+
+SPEC = toy.ToySpec(seed=5, train_images=6, val_images=5, testA_images=3)
+SPLIT_NAMES = ("toyref|unc|train", "toyref|unc|val", "toyref|unc|testA")
+# The documented colours and geometry (datasets/toy.py docstrings), written out independently.
+COLORS = {"red": (220, 40, 40), "green": (40, 175, 60), "blue": (40, 80, 220), "yellow": (235, 210, 30),
+          "purple": (150, 55, 190)}
+MARGIN, AREA_RATIO = 10.0, 1.5
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toy.write_toyref(tmp_path_factory.mktemp("toy"), SPEC)
+
+
+def _vertices(shape: dict) -> np.ndarray | None:
+    x, y, r = shape["cx"], shape["cy"], shape["radius"]
+    if shape["kind"] == "circle":
+        return None
+    if shape["kind"] == "square":
+        s = 0.88 * r
+        return np.array([[x - s, y - s], [x + s, y - s], [x + s, y + s], [x - s, y + s]])
+    if shape["kind"] == "triangle":
+        big = 1.3 * r
+        half = big * np.sqrt(3) / 2
+        return np.array([[x, y - big], [x + half, y + big / 2], [x - half, y + big / 2]])
+    outer = 1.4 * r
+    points = []
+    for k in range(10):
+        radius = outer if k % 2 == 0 else 0.45 * outer
+        angle = np.deg2rad(-90 + 36 * k)
+        points.append([x + radius * np.cos(angle), y + radius * np.sin(angle)])
+    return np.array(points)
+
+
+def _full_mask(shape: dict, size: int) -> np.ndarray:
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    verts = _vertices(shape)
+    if verts is None:
+        return (xs - shape["cx"]) ** 2 + (ys - shape["cy"]) ** 2 <= shape["radius"] ** 2
+    centres = np.stack([xs.ravel(), ys.ravel()], axis=1)
+    return PolyPath(verts).contains_points(centres).reshape(size, size)
+
+
+def _scene(root: Path, sample_image: Path) -> list[dict]:
+    scenes = json.loads((root / "refer_seg/toyref/scenes.json").read_text())
+    return scenes[sample_image.name]
+
+
+def _shape_index(instances: dict, ref: dict) -> int:
+    """Draw-order index of the ref's shape: annotations are written per image in draw order."""
+    return [a["id"] for a in instances["annotations"] if a["image_id"] == ref["image_id"]].index(ref["ann_id"])
+
+
+def test_toy_splits_are_registered(toy_root: Path) -> None:
+    for name in SPLIT_NAMES:
+        check_split(name)
+    with pytest.raises(UnknownSplitError, match=r"toyref\|unc\|testA"):
+        check_split("toyref|unc|test")  # a typo is an error, not an empty split
+    assert not any(s.startswith("toyref") for s in valid_splits())  # Table 1's columns unchanged
+
+
+def test_generator_is_deterministic_and_split_independent(tmp_path: Path, toy_root: Path) -> None:
+    again = toy.write_toyref(tmp_path / "again", SPEC)
+    files = sorted(p.relative_to(toy_root) for p in toy_root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for rel in files:
+        assert (toy_root / rel).read_bytes() == (again / rel).read_bytes(), rel
+    # A val image depends on (seed, split, index) only, not on how many train images were written.
+    fewer = toy.write_toyref(tmp_path / "fewer", toy.ToySpec(seed=5, train_images=1, val_images=2, testA_images=0))
+    name = "refer_seg/images/mscoco/images/train2014/toyref_val_000001.jpg"
+    assert (fewer / name).read_bytes() == (toy_root / name).read_bytes()
+    other_seed = toy.write_toyref(tmp_path / "seed6", toy.ToySpec(seed=6, train_images=0, val_images=2, testA_images=0))
+    assert (other_seed / name).read_bytes() != (toy_root / name).read_bytes()
+
+
+def test_refer_format_and_exact_masks(toy_root: Path) -> None:
+    refs = pickle.loads((toy_root / "refer_seg/toyref/refs(unc).p").read_bytes())
+    instances = json.loads((toy_root / "refer_seg/toyref/instances.json").read_text())
+    anns = {a["id"]: a for a in instances["annotations"]}
+    for name, split in zip(SPLIT_NAMES, toy.SPLITS):
+        samples = load_split(name, toy_root)
+        split_refs = [r for r in refs if r["split"] == split]
+        assert len(samples) == len(split_refs) >= SPEC.images(split)  # one sentence per ref, >= 1 ref per image
+        assert len({s.image_path for s in samples}) == SPEC.images(split)
+        for sample, ref in zip(samples, split_refs):
+            assert sample.sample_id == f"ref{ref['ref_id']}_s0" and sample.text == ref["sentences"][0]["sent"]
+            shapes = _scene(toy_root, sample.image_path)
+            full = [_full_mask(s, SPEC.image_size) for s in shapes]
+            target = _shape_index(instances, ref)
+            visible = full[target] & ~np.any(full[target + 1:], axis=0) if target + 1 < len(full) else full[target]
+            gt = sample.gt_mask()
+            assert gt.dtype == np.uint8 and set(np.unique(gt)) <= {0, 1}
+            assert np.array_equal(gt == 1, visible), f"{name} {sample.sample_id}: mask differs from the drawn shape"
+            assert anns[ref["ann_id"]]["area"] == int(visible.sum())
+            assert visible.sum() >= 0.6 * full[target].sum()  # occlusion stays partial
+            with Image.open(sample.image_path) as image:
+                assert image.format == "JPEG" and image.size == (SPEC.image_size, SPEC.image_size)
+                pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+            colour = np.array(COLORS[shapes[target]["color"]], dtype=np.float64)
+            assert np.abs(pixels[visible] - colour).mean() < 20, "the JPEG shows the shape's colour under its mask"
+
+
+# -- unambiguity, checked with an independent parser ---------------------------------------------
+DESC = r"(?:(?P<{p}color>red|green|blue|yellow|purple) )?(?P<{p}kind>circle|square|triangle|star|shape)"
+PATTERNS = {
+    "attribute": re.compile(rf"^the {DESC.format(p='t')}$"),
+    "position": re.compile(rf"^the {DESC.format(p='t')} (?P<word>on the left|on the right|at the top|at the bottom)$"),
+    "relation": re.compile(rf"^the {DESC.format(p='t')} (?P<word>above|below|to the left of|to the right of) "
+                           rf"the {DESC.format(p='a')}$"),
+    "superlative": re.compile(rf"^the (?P<word>largest|smallest) {DESC.format(p='t')}$"),
+}
+# Signed distance "a is <word> of b" in pixels (image y grows downwards).
+AHEAD = {"left": lambda a, b: b["cx"] - a["cx"], "right": lambda a, b: a["cx"] - b["cx"],
+         "top": lambda a, b: b["cy"] - a["cy"], "bottom": lambda a, b: a["cy"] - b["cy"]}
+WORDS = {"on the left": "left", "on the right": "right", "at the top": "top", "at the bottom": "bottom",
+         "to the left of": "left", "to the right of": "right", "above": "top", "below": "bottom"}
+
+
+def _matching(shapes: list[dict], color: str | None, kind: str) -> list[int]:
+    return [i for i, s in enumerate(shapes) if color in (None, s["color"]) and kind in ("shape", s["kind"])]
+
+
+def _check_unambiguous(text: str, shapes: list[dict], areas: list[int], target: int) -> str:
+    kind, match = next((k, m) for k, p in PATTERNS.items() if (m := p.match(text)))
+    cands = _matching(shapes, match["tcolor"], match["tkind"])
+    assert target in cands
+    others = [j for j in cands if j != target]
+    if kind == "attribute":
+        assert not others
+    elif kind == "position":
+        ahead = AHEAD[WORDS[match["word"]]]
+        assert others and all(ahead(shapes[target], shapes[j]) >= MARGIN for j in others)
+    elif kind == "relation":
+        anchors = _matching(shapes, match["acolor"], match["akind"])
+        assert len(anchors) == 1 and anchors[0] != target
+        anchor = shapes[anchors[0]]
+        ahead = AHEAD[WORDS[match["word"]]]
+        assert ahead(shapes[target], anchor) >= MARGIN
+        assert all(ahead(shapes[j], anchor) <= -MARGIN for j in others if j != anchors[0])
+    else:
+        assert others
+        if match["word"] == "largest":
+            assert all(areas[target] >= AREA_RATIO * areas[j] for j in others)
+        else:
+            assert all(areas[j] >= AREA_RATIO * areas[target] for j in others)
+    return kind
+
+
+def test_every_expression_names_exactly_its_shape(tmp_path: Path) -> None:
+    spec = toy.ToySpec(seed=1, train_images=40, val_images=0, testA_images=0)
+    root = toy.write_toyref(tmp_path, spec)
+    instances = json.loads((root / "refer_seg/toyref/instances.json").read_text())
+    refs = pickle.loads((root / "refer_seg/toyref/refs(unc).p").read_bytes())
+    seen = set()
+    for sample, ref in zip(load_split("toyref|unc|train", root), refs, strict=True):
+        shapes = _scene(root, sample.image_path)
+        areas = [int(_full_mask(s, spec.image_size).sum()) for s in shapes]
+        target = _shape_index(instances, ref)
+        seen.add(_check_unambiguous(sample.text, shapes, areas, target))
+    assert seen == set(PATTERNS), "every expression type occurs"
+
+
+def test_referents_flags_ambiguity() -> None:
+    """Hand-made scenes: two circles 5 px apart are not 'the circle on the left'; 30 px apart they are."""
+    def circle(cx: float, color: str = "red", radius: float = 10.0) -> toy.Shape:
+        return toy.Shape("circle", color, cx, 60.0, radius)
+
+    left = toy.Expression("position", toy.Description(None, "circle"), "left")
+    areas = [314.0, 314.0]
+    assert toy.referents(left, [circle(40), circle(45)], areas) == [0, 1]
+    assert toy.referents(left, [circle(40), circle(70)], areas) == [0]
+    assert toy.referents(left, [circle(40)], [314.0]) == []  # "on the left" presupposes two circles
+    largest = toy.Expression("superlative", toy.Description("red", None), "largest")
+    assert toy.referents(largest, [circle(30), circle(90)], [400.0, 300.0]) == [0, 1]  # ratio 1.33 < 1.5
+    assert toy.referents(largest, [circle(30), circle(90)], [460.0, 300.0]) == [0]
+
+
+def test_spec_errors_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="min_shapes"):
+        toy.write_toyref(tmp_path, toy.ToySpec(min_shapes=1))
+    with pytest.raises(ValueError, match="image counts"):
+        toy.write_toyref(tmp_path, toy.ToySpec(val_images=-1))
+    with pytest.raises(ValueError, match="image_size"):
+        toy.write_toyref(tmp_path, toy.ToySpec(image_size=60))
+
+
+def test_command_line_writes_the_data_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    toy.main(["--out", str(tmp_path), "--train-images", "1", "--val-images", "2", "--testA-images", "0"])
+    assert "toyref" in capsys.readouterr().out
+    assert len({s.image_path for s in load_split("toyref|unc|val", tmp_path)}) == 2
+
+
+# -- tokenizer and model preset ------------------------------------------------------------------
+def test_tokenizer_knows_every_toy_word(toy_root: Path) -> None:
+    tokenizer = build_tiny_tokenizer(toy.TOKENIZER_WORDS)
+    unk = tokenizer.unk_token_id
+    texts = [s.text for name in SPLIT_NAMES for s in load_split(name, toy_root)]
+    words = {"attribute": [None], "position": list(toy.POSITIONS), "relation": list(toy.RELATIONS),
+             "superlative": ["largest", "smallest"]}
+    descriptions = [toy.Description(c, k) for c in (None, *toy.COLORS) for k in (None, *toy.KINDS)]
+    texts += [toy.Expression(kind, d, w, d).text() for kind in toy.EXPRESSION_TYPES for w in words[kind]
+              for d in descriptions]
+    for text in texts:
+        ids = tokenize_with_image(build_prompt(text, is_sentence=False), tokenizer)
+        assert unk not in ids, f"<unk> in the prompt of {text!r}"
+
+
+def test_toy_preset_sizes() -> None:
+    cfg = {"kind": "toy", "seed": 0, "num_layers": 4, "hidden_size": 64, "heads": 4, "intermediate_size": 96,
+           "clip_image_size": 112, "clip_patch_size": 14, "clip_hidden_size": 32, "dtype": "float32"}
+    assert layers_and_image_tokens(cfg) == (4, 64)  # N = (112 / 14)^2
+    bundle = build_from_config(cfg)
+    assert bundle.model.num_layers == 4 and bundle.model.vision_tower.num_patches == 64
+    assert bundle.model.config.sam_arch == "toy" and bundle.model.sam.image_encoder.patch_embed.proj.out_channels == 16
+    assert ToySizes().num_image_tokens == 64
+
+
+def test_training_experiments_compose() -> None:
+    """train_ds.py +exp=toy (full mode on the toy world) and +exp=toy_decoder (the mIoU* fine-tune)."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.test_eval import CONFIGS
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        full = compose(config_name="train", overrides=["+exp=toy"])
+        decoder = compose(config_name="train", overrides=["+exp=toy_decoder", "schedule=toy_p70"])
+    assert full.mode.name == "full" and full.model.kind == "toy" and full.toy.train_images > 0
+    assert [s.split for s in full.train_data.sources] == ["toyref|unc|train"]
+    assert list(full.train_data.val_splits) == ["toyref|unc|val"]
+    assert decoder.mode.name == "decoder" and decoder.model.name == "toy_trained"
+    assert (decoder.schedule.Lc, decoder.schedule.Nc, decoder.schedule.Ls, decoder.schedule.Np) == (2, 20, 2, 4)
+    assert layers_and_image_tokens(full.model) == (8, 64)

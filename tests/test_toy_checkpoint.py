@@ -1,0 +1,44 @@
+"""The committed toy LISA (assets/toy_lisa, trained by ``python train_ds.py +exp=toy``) loads in the
+released layout and reproduces the val gIoU recorded in its metrics.json.
+
+The recorded ``check`` numbers were computed by ``python -m scripts.toy_metrics`` (evaluation over the
+first ``max_samples_per_split`` samples of ``toyref|unc|val``); recomputing them here runs the same
+evaluation on a freshly generated toy val split. Tolerance: 1e-6 absolute on gIoU, so a change in
+any mask pixel of the checked samples, in the data generator or in the model is caught (one pixel of
+one 128 x 128 mask moves gIoU by more than 1e-5), while the float order of the mean is free.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model.builder import build_from_config
+from model.checkpoint import read_lisa_config
+from scripts.toy_metrics import REPO, SPLIT, evaluate_checkpoint
+
+ASSET = REPO / "assets" / "toy_lisa"
+
+
+def test_committed_checkpoint_is_small_and_complete() -> None:
+    files = {p.relative_to(ASSET).as_posix(): p.stat().st_size for p in ASSET.rglob("*") if p.is_file()}
+    assert "config.json" in files and "metrics.json" in files and "vision_tower/config.json" in files
+    assert any(name.endswith(".safetensors") and "/" not in name for name in files)
+    assert sum(files.values()) < 12 * 1024**2, files
+    config = read_lisa_config(ASSET)
+    assert config.num_hidden_layers == 8 and config.sam_arch == "toy"
+    bundle = build_from_config({"kind": "lisa", "checkpoint": str(ASSET), "vision_tower": str(ASSET / "vision_tower"),
+                                "dtype": "float32", "device": "cpu"})
+    assert bundle.model.vision_tower.num_patches == 64
+
+
+def test_committed_checkpoint_reproduces_its_val_giou(tmp_path: Path) -> None:
+    recorded = json.loads((ASSET / "metrics.json").read_text())
+    check = recorded["check"]
+    metrics = evaluate_checkpoint(ASSET, tmp_path, int(check["max_samples_per_split"]))
+    split = metrics["splits"][SPLIT]
+    assert split["evaluated"] == check["samples"] and metrics["summary"]["failed"] == 0
+    assert split["gIoU"] == pytest.approx(check["gIoU"], abs=1e-6)
+    assert split["cIoU"] == pytest.approx(check["cIoU"], abs=1e-6)
