@@ -72,6 +72,8 @@ class ModelDims:
 MODEL_DIMS: dict[str, ModelDims] = {
     "llama7b": ModelDims(hidden_size=4096, intermediate_size=11008, num_layers=32),
     "llama13b": ModelDims(hidden_size=5120, intermediate_size=13824, num_layers=40),
+    # the toy LISA of configs/model/toy.yaml (trained here on the toy world)
+    "toy": ModelDims(hidden_size=128, intermediate_size=256, num_layers=8),
 }
 
 

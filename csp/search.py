@@ -48,6 +48,7 @@ MODEL_SHAPES: dict[str, tuple[ModelDims, int]] = {
     "llava7b_224": (ModelDims(hidden_size=4096, intermediate_size=11008, num_layers=32), 256),
     "llava7b_336": (ModelDims(hidden_size=4096, intermediate_size=11008, num_layers=32), 576),
     "llava13b_224": (ModelDims(hidden_size=5120, intermediate_size=13824, num_layers=40), 256),
+    "toy_trained": (ModelDims(hidden_size=128, intermediate_size=256, num_layers=8), 64),  # configs/model/toy.yaml
 }
 #: Fraction of the layers before pruning that Table 6 settles on (14/32, 16/40).
 DEPTH_FRACTION = 0.42

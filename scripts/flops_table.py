@@ -47,6 +47,7 @@ PRESET_FAMILIES: dict[str, tuple[str, int]] = {
     "table1": ("llama7b", 256),
     "t4": ("llama7b", 256),
     "t5": ("llama7b", 256),
+    "toy": ("toy", 64),
 }
 
 #: Families whose plain-model row is added to the table (Table 6's 0% column).

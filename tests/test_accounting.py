@@ -212,6 +212,7 @@ def _expected_preset_names() -> set[str]:
     names = {f"{f}_p{r}" for f in TABLE6 for r in RATIOS} | {"table1"}
     names |= {f"t4_nc{nc}_{s}" for nc in TABLE4_UNIFORM for s in T4_STRATEGIES}
     names |= {f"t5_lc{lc}_np{np_}" for lc, np_ in TABLE5}
+    names |= {"toy_mild", "toy_p70", "toy_aggressive"}  # the toy LISA's schedules (README "Toy world")
     return names
 
 

@@ -25,7 +25,7 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("search")
     out = search_schedule.main([
         "--model", "tiny", "--reduction", "0.7", "--top", "2", "--calibrate", "--out-dir", str(root / "s"),
-        "--base", "+exp=demo", "--base", "baseline=null", "--base", "data=reasonseg",
+        "--base", "+exp=demo_tiny", "--base", "baseline=null", "--base", "data=reasonseg",
         "--base", "max_samples_per_split=1", "--base", f"miniature.dir={root / 'mini'}",
         "--sweep", str(root / "sweep.yaml")])
     out["root"] = root

@@ -135,10 +135,10 @@ def test_invalid_combinations_are_named_by_the_validator(tmp_path: Path) -> None
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({
         "program": "eval_ds.py", "method": "grid", "command": COMMAND, "metric": {"name": "x/gIoU_mean"},
-        "parameters": {"+exp": {"value": "demo"}, "name": {"value": "x"},
+        "parameters": {"+exp": {"value": "demo_tiny"}, "name": {"value": "x"},
                        "schedule.Lc": {"values": [3, 4]}, "schedule.Ls": {"values": [2, 3]}}}))
     bad = invalid_points(load_sweep(path))
-    assert [args for args, _ in bad] == [["+exp=demo", "name=x", "schedule.Lc=4", "schedule.Ls=3"]]
+    assert [args for args, _ in bad] == [["+exp=demo_tiny", "name=x", "schedule.Lc=4", "schedule.Ls=3"]]
     assert "Lc + Ls = 4 + 3 = 7 exceeds the model's 6 decoder layers" in bad[0][1]
 
 
@@ -150,7 +150,7 @@ def test_invalid_combinations_are_named_by_the_validator(tmp_path: Path) -> None
 ])
 def test_malformed_sweep_files_are_rejected(tmp_path: Path, change: dict, message: str) -> None:
     sweep = {"program": "eval_ds.py", "method": "grid", "command": COMMAND,
-             "parameters": {"+exp": {"value": "demo"}}, **change}
+             "parameters": {"+exp": {"value": "demo_tiny"}}, **change}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(sweep))
     with pytest.raises(SweepFileError, match=message):

@@ -214,7 +214,7 @@ def test_chat_cli_runs_on_the_tiny_model(tmp_path: Path, monkeypatch: pytest.Mon
     image = tmp_path / "photo.jpg"
     rgb_image(64, 80).save(image)
     out_dir = tmp_path / "out"
-    [result] = chat.main(["--preset", "demo", "--override", "schedule.Np=8", "--image", str(image), "--precision",
+    [result] = chat.main(["--preset", "demo_tiny", "--override", "schedule.Np=8", "--image", str(image), "--precision",
                           "bf16", "--query", "what is on the left?", "--out-dir", str(out_dir), "--max-new-tokens", "3",
                           "--strategies", "none"])
     assert result.token_map == out_dir / "photo_token_map.png" and result.token_map.is_file()
@@ -248,8 +248,9 @@ def test_chat_cli_rejects_bad_input_before_loading(tmp_path: Path) -> None:
         chat.main(["--preset", "no_such_preset", "--image", str(image), "--query", "q"])
     with pytest.raises(SystemExit, match="missing.png: no such file"):
         chat.main(["--image", str(tmp_path / "missing.png"), "--query", "q"])
-    # Table 6 presets assume 32 layers: the 6-layer tiny model rejects them with the schedule's own message
-    with pytest.raises(ValueError, match="exceeds the model's 6 decoder layers"):
+    # Table 6 presets assume 32 layers: the default model (the 8-layer toy LISA) rejects them with the
+    # schedule's own message
+    with pytest.raises(ValueError, match="exceeds the model's 8 decoder layers"):
         chat.main(["--preset", "llava7b_224_p70", "--image", str(image), "--query", "q"])
 
 
@@ -269,7 +270,7 @@ def test_eval_writes_token_maps_of_the_first_samples_and_logs_them(tmp_path: Pat
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[
-            "+exp=demo", "data=reasonseg", "baseline=null", "max_samples_per_split=1", "vis.num_samples=1",
+            "+exp=demo_tiny", "data=reasonseg", "baseline=null", "max_samples_per_split=1", "vis.num_samples=1",
             "vis.max_side=200", f"output_dir={tmp_path / 'run'}", "logger=wandb", f"logger.dir={tmp_path / 'wb'}"])
     evaluate(cfg)
     mini = tmp_path / "run" / "miniature"
