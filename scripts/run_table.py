@@ -6,11 +6,12 @@ columns, mIoU_drop, Navg, TFLOPs).
     python scripts/run_table.py table=2 output_dir=outputs/tables/table2     # run again: resumes
     python scripts/run_table.py table=1 model=tiny model.num_layers=32 miniature.seed=0 max_samples_per_split=2
 
-``table=<1|2|3>``; ``output_dir=<dir>`` (default ``outputs/tables/table<k>``): one sub-directory per
-setting (``baseline``, then the preset names, e.g. ``table1_fastv``) and ``table.txt``; every other
-argument is a Hydra override applied to every setting. Running the same command again resumes:
-settings whose samples are all recorded are only re-scored, unfinished ones continue where they
-stopped. The model is loaded once for the whole table.
+``table=<1|2|3|toy>`` (``toy``: Table 1's methods on the trained toy LISA, presets
+``configs/exp/toy_table1_<method>.yaml``); ``output_dir=<dir>`` (default ``outputs/tables/table<k>``):
+one sub-directory per setting (``baseline``, then the preset names, e.g. ``table1_fastv``) and
+``table.txt``; every other argument is a Hydra override applied to every setting. Running the same
+command again resumes: settings whose samples are all recorded are only re-scored, unfinished ones
+continue where they stopped. The model is loaded once for the whole table.
 """
 
 from __future__ import annotations
@@ -38,17 +39,20 @@ LABELS = {"prumerge": "PruMerge", "prumerge_plus": "PruMerge+", "visionzip": "Vi
 TABLE1 = ["prumerge", "prumerge_plus", "visionzip", "fastv", "simignore", "sparsevlm", "pyramiddrop", "feather", "csp"]
 TABLE2 = ["prumerge", "visionzip", "fastv", "pyramiddrop", "csp"]
 TABLE3 = ["prumerge", "visionzip", "fastv", "csp"]
-TABLES: dict[int, dict[str, Any]] = {
+TABLES: dict[int | str, dict[str, Any]] = {
     1: {"baseline": "llava7b_224_baseline", "data": "all5",
         "rows": [(LABELS[m], f"table1_{m}") for m in TABLE1]},
     2: {"baseline": "llava7b_336_baseline", "data": "table2",
         "rows": [(f"{LABELS[m]} {r}%", f"table2_{m}_p{r}") for r in (70, 80, 90) for m in TABLE2]},
     3: {"baseline": "llava13b_224_baseline", "data": "table3",
         "rows": [(LABELS[m], f"table3_{m}") for m in TABLE3]},
+    # Table 1's methods on the trained toy LISA (assets/toy_lisa, L = 8, N = 64), counts scaled to Navg ~19
+    "toy": {"baseline": "toy_baseline", "data": "toy",
+            "rows": [(LABELS[m], f"toy_table1_{m}") for m in TABLE1]},
 }
 
 
-def parse(argv: Sequence[str]) -> tuple[int, Path | None, list[str]]:
+def parse(argv: Sequence[str]) -> tuple[int | str, Path | None, list[str]]:
     """``table=K`` and ``output_dir=...`` from the arguments; the rest are Hydra overrides."""
     table, out, overrides = None, None, []
     for arg in argv:
@@ -60,7 +64,7 @@ def parse(argv: Sequence[str]) -> tuple[int, Path | None, list[str]]:
             overrides.append(arg)
     if table not in {str(k) for k in TABLES}:
         raise SystemExit(f"run_table.py needs table=<{'|'.join(map(str, TABLES))}>, got table={table}")
-    return int(table), out, overrides
+    return (int(table) if table.isdigit() else table), out, overrides
 
 
 def compose_setting(preset: str, data: str, overrides: list[str], out_dir: Path) -> DictConfig:
@@ -73,7 +77,7 @@ def compose_setting(preset: str, data: str, overrides: list[str], out_dir: Path)
     return cfg
 
 
-def settings(table: int, root: Path, overrides: list[str]) -> list[tuple[str, DictConfig]]:
+def settings(table: int | str, root: Path, overrides: list[str]) -> list[tuple[str, DictConfig]]:
     """(label, config) of the baseline and every method row; composed and checked before any run."""
     from evaluation.evaluate import resolve_method
     from model.builder import layers_and_image_tokens
