@@ -85,15 +85,8 @@ def pareto_plot(runs: Sequence[RunPoint], out: str | Path, *, title: str = "mIoU
             label="Pareto front", zorder=3)
     for run in front:
         ax.annotate(run.label, (run.tflops, run.miou), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("TFLOPs per sample (LLM, measured)")
-    ax.set_ylabel("mIoU (mean gIoU over splits, %)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    _finish(fig, ax, out, title=title, xlabel="TFLOPs per sample (LLM, measured)",
+            ylabel="mIoU (mean gIoU over splits, %)", legend="lower right")
     return front
 
 
@@ -129,13 +122,19 @@ def speedup_plot(reports: Sequence[dict[str, Any]], out: str | Path, *,
                         textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xlim(1, top)
     ax.set_ylim(0.8, top)
-    ax.set_xlabel("FLOPs ratio plain / CSP (eqs. 10-11)")
-    ax.set_ylabel("measured speed-up (median LLM forward)")
+    _finish(fig, ax, out, title=title, xlabel="FLOPs ratio plain / CSP (eqs. 10-11)",
+            ylabel="measured speed-up (median LLM forward)", legend="upper left")
+    return Path(out)
+
+
+def _finish(fig: Any, ax: Any, out: str | Path, *, title: str, xlabel: str, ylabel: str, legend: str) -> None:
+    """Labels, grid and legend of one plot; writes ``out`` (PNG) and closes the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc=legend)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
-    return Path(out)
