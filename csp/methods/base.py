@@ -171,3 +171,15 @@ def check_layers(owner: str, field: str, layers: Any, num_layers: int, minimum: 
     if values != sorted(set(values)) or any(not minimum <= v < num_layers for v in values):
         raise ValueError(f"{owner}.{field} = {values}: expected distinct ascending layers in "
                          f"{minimum}..{num_layers - 1} (the model has {num_layers} layers)")
+
+
+def check_layer_counts(owner: str, layers: Any, keep: Any, num_layers: int, num_image_tokens: int) -> None:
+    """Prune points ``layers`` (ascending) with one kept count each, non-increasing and <= N
+    (PyramidDrop's and SparseVLM's ``layers`` / ``keep``)."""
+    check_layers(owner, "layers", layers, num_layers)
+    if len(keep) != len(layers):
+        raise ValueError(f"{owner}.keep {list(keep)} needs one count per layer of {list(layers)}")
+    for k in keep:
+        check_int(owner, "keep[]", k, 1)
+    if list(keep) != sorted(keep, reverse=True) or keep[0] > num_image_tokens:
+        raise ValueError(f"{owner}.keep {list(keep)} must be non-increasing and <= N = {num_image_tokens}")

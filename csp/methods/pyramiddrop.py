@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from csp.methods.base import Method, check_int, check_layers, register_method
+from csp.methods.base import Method, check_layer_counts, register_method
 from csp.plan import Prune, TokenPlan, TopK
 from csp.scorers import QueryAttention
 
@@ -25,13 +25,7 @@ class PyramidDrop(Method):
     keep: list[int] = field(default_factory=lambda: [288, 144, 72])
 
     def validate(self, num_layers: int, num_image_tokens: int) -> None:
-        check_layers("pyramiddrop", "layers", self.layers, num_layers)
-        if len(self.keep) != len(self.layers):
-            raise ValueError(f"pyramiddrop.keep {list(self.keep)} needs one count per layer of {list(self.layers)}")
-        for k in self.keep:
-            check_int("pyramiddrop", "keep[]", k, 1)
-        if list(self.keep) != sorted(self.keep, reverse=True) or self.keep[0] > num_image_tokens:
-            raise ValueError(f"pyramiddrop.keep {list(self.keep)} must be non-increasing and <= N = {num_image_tokens}")
+        check_layer_counts("pyramiddrop", self.layers, self.keep, num_layers, num_image_tokens)
 
     def plan(self, num_layers: int, num_image_tokens: int, *, always_move_tokens: bool = False) -> TokenPlan:
         self.validate(num_layers, num_image_tokens)
