@@ -263,6 +263,19 @@ class Expression:
         return f"the {self.word} {self.target.text()}"
 
 
+def expression_type(text: str) -> str:
+    """The :data:`EXPRESSION_TYPES` entry of a toy expression, read back from its text (the grammar of
+    :meth:`Expression.text`; the refs file also stores it as ``expression_type``)."""
+    words = text.split()
+    if len(words) > 1 and words[1] in ("largest", "smallest"):
+        return "superlative"
+    if any(f" {phrase} the " in f" {text} " for phrase in RELATIONS.values()):
+        return "relation"
+    if any(text.endswith(f" {phrase}") for phrase in POSITIONS.values()):
+        return "position"
+    return "attribute"
+
+
 def _ahead(word: str, a: Shape, b: Shape) -> float:
     """How far ``a`` is from ``b`` in the direction ``word`` (positive: ``a`` is left of / above ... ``b``)."""
     return {"left": b.cx - a.cx, "right": a.cx - b.cx, "above": b.cy - a.cy, "top": b.cy - a.cy,

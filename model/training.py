@@ -129,13 +129,14 @@ def decoder_loss(sam: torch.nn.Module, features: list[DecoderFeatures], gt_masks
 
 
 def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
-                  weights: LossWeights = LossWeights(), encodings: dict[int, ImageEncoding] | None = None
-                  ) -> TrainingLoss:
+                  weights: LossWeights = LossWeights(), encodings: dict[int, ImageEncoding] | None = None,
+                  image_scale: float = 1.0) -> TrainingLoss:
     """Total loss and its parts for a batch; gradients reach only parameters that require them.
 
     The CLIP tower and SAM image encoder run without gradients (frozen in LISA), so their outputs
     may come precomputed: ``encodings`` maps ``id(sample.image)`` to the image's encoding (its
-    ``image_embeds`` are not used: the projector runs here, it may be trainable).
+    ``image_embeds`` are not used: the projector runs here, it may be trainable). ``image_scale``
+    multiplies the projected image tokens (training/train.py ``trainer.image_ramp``; 1: as evaluation).
     """
     model, tok = pipe.model, pipe.bundle.token_ids
     with torch.no_grad():  # conversations about one image (LISA: up to 3) share its encoding
@@ -146,6 +147,8 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
         encodings = [encoded[id(s.image)] for s in samples]
     features = torch.cat([e.clip_features for e in encodings])
     image_embeds = model.project_images(features)
+    if image_scale != 1.0:
+        image_embeds = image_embeds * image_scale
     full_ids, answer_starts = [], []
     for s in samples:
         prompt_ids = pipe.prompt_ids(s.text, s.is_sentence, answer=None, question_template=s.question_template)

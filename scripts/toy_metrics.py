@@ -4,8 +4,8 @@
 
 Both numbers come from evaluation itself (``evaluation.evaluate.evaluate``, plain LISA, the
 evaluation prompt) on ``toyref|unc|val`` written from the toy spec in ``configs/exp/toy_p70.yaml``:
-``gIoU`` / ``cIoU`` over the whole split, and ``check`` over its first ``--check-samples`` samples (24),
-which ``tests/test_toy_checkpoint.py`` recomputes (a few seconds) and compares.
+``gIoU`` / ``cIoU`` over the whole split, gIoU per expression type, and ``check`` over its first
+``--check-samples`` samples (24), which ``tests/test_toy_checkpoint.py`` recomputes (a few seconds) and compares.
 """
 
 from __future__ import annotations
@@ -52,14 +52,29 @@ def evaluate_checkpoint(checkpoint: Path, out_dir: Path, max_samples: int | None
     return evaluate(cfg)["method"]
 
 
+def giou_by_type(results: Path) -> dict[str, dict[str, float]]:
+    """gIoU (mean per-sample IoU) and sample count per toy expression type from a ``results.jsonl``."""
+    from datasets.toy import EXPRESSION_TYPES, expression_type
+
+    ious: dict[str, list[float]] = {t: [] for t in EXPRESSION_TYPES}
+    for line in results.read_text().splitlines():
+        row = json.loads(line)
+        if row["status"] != "ok":
+            raise ValueError(f"{results}: sample {row['sample_id']} failed ({row['reason']}); gIoU by type needs all")
+        ious[expression_type(row["text"])].append(float(row["iou"]))
+    return {t: {"samples": len(v), "gIoU": sum(v) / len(v)} for t, v in ious.items() if v}
+
+
 def record(checkpoint: Path, check_samples: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         full = evaluate_checkpoint(checkpoint, Path(tmp) / "full", None)
+        by_type = giou_by_type(Path(tmp) / "full" / "run" / "results.jsonl")
         check = evaluate_checkpoint(checkpoint, Path(tmp) / "check", check_samples)
     split, part = full["splits"][SPLIT], check["splits"][SPLIT]
     return {"split": SPLIT, "toy": val_toy_spec(), "samples": split["evaluated"], "gIoU": split["gIoU"],
-            "cIoU": split["cIoU"], "check": {"max_samples_per_split": check_samples, "samples": part["evaluated"],
-                                             "gIoU": part["gIoU"], "cIoU": part["cIoU"]}}
+            "cIoU": split["cIoU"], "by_expression_type": by_type,
+            "check": {"max_samples_per_split": check_samples, "samples": part["evaluated"],
+                      "gIoU": part["gIoU"], "cIoU": part["cIoU"]}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -186,6 +186,17 @@ def test_every_expression_names_exactly_its_shape(tmp_path: Path) -> None:
     assert seen == set(PATTERNS), "every expression type occurs"
 
 
+def test_expression_type_reads_back_the_generators_type(toy_root: Path) -> None:
+    refs = pickle.loads((toy_root / "refer_seg/toyref/refs(unc).p").read_bytes())
+    types = [(toy.expression_type(r["sentences"][0]["sent"]), r["expression_type"]) for r in refs]
+    assert all(a == b for a, b in types) and {b for _, b in types} == set(toy.EXPRESSION_TYPES)
+    # hand-written ones: "on the left" is a position, "to the left of the circle" a relation
+    assert toy.expression_type("the red shape on the left") == "position"
+    assert toy.expression_type("the square to the left of the circle") == "relation"
+    assert toy.expression_type("the smallest circle") == "superlative"
+    assert toy.expression_type("the blue star") == "attribute"
+
+
 def test_referents_flags_ambiguity() -> None:
     """Hand-made scenes: two circles 5 px apart are not 'the circle on the left'; 30 px apart they are."""
     def circle(cx: float, color: str = "red", radius: float = 10.0) -> toy.Shape:
@@ -256,3 +267,16 @@ def test_training_experiments_compose() -> None:
     assert decoder.mode.name == "decoder" and decoder.model.name == "toy_trained"
     assert (decoder.schedule.Lc, decoder.schedule.Nc, decoder.schedule.Ls, decoder.schedule.Np) == (2, 20, 2, 4)
     assert layers_and_image_tokens(full.model) == (8, 64)
+    # the recipe's per-module learning rates name real parameters of the toy model (else training stops)
+    from model.builder import build_from_config
+    from training.train import param_groups, setup_trainable
+
+    model = build_from_config(full.model).model
+    trainable = setup_trainable(model, full.mode)
+    groups = param_groups(model, trainable.params(model), full.trainer)
+    assert [g["lr"] for g in groups] == [pytest.approx(3e-4), 1e-3]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].split(".")[1] for p in groups[0]["params"] if names[id(p)].startswith("model.")} == {
+        "layers", "embed_tokens", "norm"}
+    assert any(names[id(p)].startswith("model.visual_model.mask_decoder") for p in groups[1]["params"])
+    assert list(full.trainer.image_ramp) == [800, 1100]

@@ -32,7 +32,16 @@ from training import checkpointing as ckpt
 from training.cache import DecoderCache
 from training.data import DataOrder, EmptyTrainingSetError, PromptStyle, conversations, item_rng, load_sources
 from training.lora import apply_lora, merge_lora
-from training.train import NonFiniteLossError, Runner, deepspeed_config, train, warmup_decay
+from training.train import (
+    NonFiniteLossError,
+    Runner,
+    build_optimizer,
+    deepspeed_config,
+    image_scale,
+    param_groups,
+    train,
+    warmup_decay,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 #: The tiny model with 3 decoder layers (fast), and a schedule for it: cluster 1 layer, scatter 1, prune 1.
@@ -88,6 +97,39 @@ def test_warmup_then_linear_decay() -> None:
     # warmup 2 of 6 steps: 1/2, 2/2, then (6-s)/(6-2) for s = 2..5
     assert [warmup_decay(s, 2, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
     assert [warmup_decay(s, 0, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_image_ramp_factor() -> None:
+    # [2, 6]: 0 before step 2, then (s - 2) / 4, 1 from step 6 on
+    assert [image_scale(s, [2, 6]) for s in range(8)] == [0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [image_scale(s, [3, 3]) for s in range(5)] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert image_scale(0, None) == 1.0
+
+
+def test_lr_scale_param_groups() -> None:
+    model = tiny().model
+    params = [p for n, p in model.named_parameters() if not n.startswith(("vision_tower.", "model.visual_model.image"))]
+    t = compose_train(["trainer.lr=0.01",
+                       "trainer.lr_scale=[{prefixes: [model.layers., lm_head], scale: 0.5}]"]).trainer
+    groups = param_groups(model, params, t)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr"] for g in groups] == [0.005, 0.01]
+    assert all(names[id(p)].startswith(("model.layers.", "lm_head")) for p in groups[0]["params"])
+    assert not any(names[id(p)].startswith(("model.layers.", "lm_head")) for p in groups[1]["params"])
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in params)
+    # the warmup-decay factor applies to each group's own lr (warmup 0 of 4 steps: (4 - s) / 4)
+    t = compose_train(["trainer.lr=0.01", "trainer.steps=4", "trainer.warmup_steps=0",
+                       "trainer.lr_scale=[{prefixes: [model.layers.], scale: 0.5}]"]).trainer
+    optimizer, scheduler = build_optimizer(model, params, t)
+    seen = []
+    for _ in range(4):
+        seen.append([round(g["lr"], 10) for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert seen == [[round(0.005 * f, 10), round(0.01 * f, 10)] for f in (1.0, 0.75, 0.5, 0.25)]
+    bad = compose_train(["trainer.lr_scale=[{prefixes: [model.lyers.], scale: 0.5}]"]).trainer
+    with pytest.raises(ValueError, match=r"model.lyers.*trainable: .*model.layers"):
+        param_groups(model, params, bad)
 
 
 def test_deepspeed_config_is_lisas() -> None:
@@ -193,6 +235,12 @@ def test_empty_split_and_bad_config(mini: Path, tmp_path: Path) -> None:
         train(fast(mini, tmp_path / "d", "trainer.deepspeed=true"))
     with pytest.raises(ValueError, match="image_encoder"):
         train(fast(mini, tmp_path / "c", "mode.freeze=[vision_tower.]"))
+    with pytest.raises(ValueError, match=r"trainer.lr_scale\[0\]"):
+        train(fast(mini, tmp_path / "e", "trainer.lr_scale=[{prefixes: [lm_head], scale: -1}]"))
+    with pytest.raises(ValueError, match=r"trainer.image_ramp=\[5, 2\]"):
+        train(fast(mini, tmp_path / "f", "trainer.image_ramp=[5,2]"))
+    with pytest.raises(ValueError, match="mode=decoder"):
+        train(fast(mini, tmp_path / "g", "mode=decoder", "trainer.image_ramp=[0,5]"))
 
 
 def test_missing_lora_target_lists_module_names() -> None:
@@ -239,6 +287,21 @@ def test_full_mode_trains_all_but_frozen_and_writes_released_checkpoint(mini: Pa
     saved = load_file(str(Path(ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")) / "trainable.safetensors"))
     assert not any(k.startswith(("vision_tower.",) + frozen) for k in saved)
     assert torch.equal(saved["lm_head.weight"], after["lm_head.weight"])
+
+
+def test_lr_scale_zero_and_silent_images_leave_those_weights_untouched(mini: Path, tmp_path: Path) -> None:
+    """lr_scale 0 on the decoder layers and an image ramp that has not started: after two steps the layers
+    and the projector (whose output is multiplied by 0, so its gradient is 0) are bit for bit unchanged,
+    while the rest of the model moves."""
+    before = initial_params()
+    result = train(fast(mini, tmp_path / "run", "mode=full", "trainer.save_released=true", "trainer.steps=2",
+                        "trainer.lr_scale=[{prefixes: [model.layers.], scale: 0.0}]", "trainer.image_ramp=[5,10]"))
+    out = result["outputs"]
+    after = {k: v.detach() for k, v in load_lisa_checkpoint(out["checkpoint"], out["vision_tower"])
+             .model.checkpoint_state_dict().items()}
+    changed = changed_keys(before, after)
+    assert not any(k.startswith(("model.layers.", "model.mm_projector")) for k in changed)
+    assert {"lm_head.weight", "model.embed_tokens.weight", "model.text_hidden_fcs.0.0.weight"} <= changed
 
 
 def test_lisa_mode_lora_only_trainable_change_and_resume_equals_uninterrupted(mini: Path, tmp_path: Path) -> None:

@@ -93,6 +93,21 @@ def check_config(cfg: DictConfig) -> None:
                          "(trainer.deepspeed=false, no launcher)")
     if mode == "lisa" and not cfg.mode.get("lora"):
         raise ValueError("mode=lisa needs mode.lora {r, alpha, dropout, targets}")
+    for i, group in enumerate(t.get("lr_scale") or []):
+        if not group.get("prefixes") or group.get("scale") is None or not float(group["scale"]) >= 0:
+            raise ValueError(f"trainer.lr_scale[{i}]={OmegaConf.to_container(group)!r}; expected "
+                             "{prefixes: [parameter-name prefixes], scale: >= 0}")
+    if (t.get("lr_scale") or t.get("image_ramp")) and (world > 1 or t.get("deepspeed")):
+        raise ValueError("trainer.lr_scale / trainer.image_ramp are plain-process options (the toy world); DeepSpeed's "
+                         "WarmupDecayLR sets one lr for every group: leave them null with DeepSpeed")
+    ramp = t.get("image_ramp")
+    if ramp is not None:
+        if mode == "decoder":
+            raise ValueError("trainer.image_ramp has no effect in mode=decoder (the LLM is frozen and cached); "
+                             "set it null")
+        if len(ramp) != 2 or not 0 <= int(ramp[0]) <= int(ramp[1]):
+            raise ValueError(f"trainer.image_ramp={list(ramp)!r}; expected [start, end] optimizer steps, "
+                             "0 <= start <= end")
 
 
 # -- the trainable set ------------------------------------------------------------------------------
@@ -148,9 +163,49 @@ def warmup_decay(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def build_optimizer(params: list[torch.nn.Parameter], t: DictConfig) -> tuple[torch.optim.Optimizer, Any]:
-    optimizer = torch.optim.AdamW(params, lr=float(t.lr), betas=tuple(float(b) for b in t.betas),
-                                  weight_decay=float(t.weight_decay))
+def image_scale(step: int, ramp: Any) -> float:
+    """Factor on the projected image tokens at optimizer step ``step`` (0-based) under ``trainer.image_ramp``
+    ``[start, end]``: 0 before ``start``, linear to 1 at ``end``, 1 from then on (None: always 1).
+
+    The toy world's curriculum: a from-scratch LLM first learns to carry the expression to the [SEG] row
+    with the image rows silent (zero vectors), then the images fade in; evaluation always sees them whole.
+    """
+    if ramp is None:
+        return 1.0
+    start, end = int(ramp[0]), int(ramp[1])
+    if step >= end:
+        return 1.0
+    if step < start:
+        return 0.0
+    return (step - start) / max(1, end - start)
+
+
+def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], t: DictConfig) -> list[dict[str, Any]]:
+    """AdamW groups: ``trainer.lr_scale`` entries ``{prefixes, scale}`` (first match wins) get ``scale`` x lr,
+    every other trainable parameter the plain lr (last group). A prefix matching no trainable parameter
+    is an error listing the trainable names' prefixes."""
+    specs = [(tuple(str(p) for p in g["prefixes"]), float(g["scale"])) for g in (t.get("lr_scale") or [])]
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups: list[dict[str, Any]] = [{"params": [], "lr_scale": scale} for _, scale in specs]
+    rest: dict[str, Any] = {"params": [], "lr_scale": 1.0}
+    for param in params:
+        index = next((i for i, (prefixes, _) in enumerate(specs) if names[id(param)].startswith(prefixes)), None)
+        (rest if index is None else groups[index])["params"].append(param)
+    for (prefixes, _), group in zip(specs, groups):
+        if not group["params"]:
+            tops = sorted({".".join(names[id(p)].split(".")[:2]) for p in params})
+            raise ValueError(f"trainer.lr_scale prefixes {list(prefixes)} match no trainable parameter; "
+                             f"trainable: {tops}")
+    for group in [*groups, rest]:
+        group["lr"] = float(t.lr) * group["lr_scale"]
+    return [g for g in [*groups, rest] if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, params: list[torch.nn.Parameter], t: DictConfig
+                    ) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over :func:`param_groups` and the warmup-decay schedule applied to each group's own lr."""
+    optimizer = torch.optim.AdamW(param_groups(model, params, t), lr=float(t.lr),
+                                  betas=tuple(float(b) for b in t.betas), weight_decay=float(t.weight_decay))
     warmup, total = int(t.warmup_steps), int(t.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_decay(s, warmup, total))
     return optimizer, scheduler
@@ -262,7 +317,7 @@ class Runner:
 
             keep_fp32_buffers(self.model)  # DeepSpeed's bf16 cast also hits RoPE / SAM buffers that must stay fp32
         else:
-            self.optimizer, self.scheduler = build_optimizer(params, self.t)
+            self.optimizer, self.scheduler = build_optimizer(self.model, params, self.t)
         self.cache = None
         self.encodings = EncodingCache(pipe.encode_image, int(self.t.get("encoding_cache", 0) or 0))
         self.logger = None
@@ -366,8 +421,9 @@ class Runner:
             samples += conversations(group, samples_per_image=spi, style=self.style, rng=item_rng(self.seed, draw),
                                      image=image)
             ids += [f"{source.split}:{s.sample_id}" for s in samples[len(ids):]]
+        scale = image_scale(self.state.step, self.t.get("image_ramp"))
         with autocast(self.t, self.bundle.device):
-            return training_loss(self.pipe, samples, weights, encodings), ids
+            return training_loss(self.pipe, samples, weights, encodings, image_scale=scale), ids
 
     def train_mode(self) -> None:
         self.model.train()
@@ -403,7 +459,7 @@ class Runner:
                     (parts.loss / accum).backward()
                 for key, val in parts.scalars().items():
                     parts_sum[key] = parts_sum.get(key, 0.0) + val / accum
-            lr = float(self.optimizer.param_groups[0]["lr"])
+            lr = float(self.optimizer.param_groups[-1]["lr"])  # the plain lr (scaled groups come first)
             if self.engine is not None:  # it clipped, stepped and scheduled at the last micro-batch
                 grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
             else:
