@@ -218,13 +218,36 @@ def layers_and_image_tokens(cfg: Mapping[str, Any]) -> tuple[int, int]:
 def build_from_config(cfg: Mapping[str, Any]) -> LisaBundle:
     """Hydra ``model`` node -> bundle. ``kind``: ``tiny`` | ``toy`` | ``lisa`` (released) | ``fresh``.
 
-    Paths are checked before anything is loaded.
+    Paths are checked before anything is loaded. ``cpu_prepack: true`` (fp32 on a CPU only) runs the LLM's
+    linear layers on oneDNN-prepacked weights (``model.cpu_linear``; same outputs up to fp32 rounding).
     """
-    from model.checkpoint import build_fresh_lisa, check_model_paths, load_lisa_checkpoint
-
     kind = cfg.get("kind", "lisa")
     dtype = resolve_dtype(cfg["dtype"]) if cfg.get("dtype") else None  # None: the checkpoint's own
     device = torch.device(cfg.get("device", "cpu"))
+    prepack = bool(cfg.get("cpu_prepack", False))
+    if prepack and dtype is not None:  # before anything is loaded when the dtype is known
+        _check_prepack(device, dtype)
+    bundle = _build(cfg, kind, dtype, device)
+    if prepack:  # fp32 CPU inference: the LLM's linears on oneDNN-prepacked weights (model.cpu_linear)
+        from model.cpu_linear import prepack_cpu_linears
+
+        _check_prepack(bundle.device, bundle.dtype)
+        prepack_cpu_linears(bundle.model.model.layers)
+    return bundle
+
+
+def _check_prepack(device: torch.device, dtype: torch.dtype) -> None:
+    from model.cpu_linear import check_prepack_supported
+
+    try:
+        check_prepack_supported(device, dtype)
+    except ValueError as err:
+        raise ValueError(f"model.cpu_prepack=true: {err}") from None
+
+
+def _build(cfg: Mapping[str, Any], kind: str, dtype: torch.dtype | None, device: torch.device) -> LisaBundle:
+    from model.checkpoint import build_fresh_lisa, check_model_paths, load_lisa_checkpoint
+
     if kind == "tiny":
         bundle = build_tiny_lisa(int(cfg.get("seed", 0)), num_layers=int(cfg.get("num_layers", 6)))
         cast_model(bundle.model, dtype=dtype or torch.float32, device=device)

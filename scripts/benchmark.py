@@ -56,6 +56,7 @@ from csp.methods.lvlm_csp import LvlmCsp  # noqa: E402
 from csp.runner import CompileOptions, DecoderInputs, StageRunner  # noqa: E402
 from csp.schedule import StageSchedule  # noqa: E402
 from model.builder import LisaBundle, cast_model, keep_fp32_buffers, resolve_dtype  # noqa: E402
+from model.cpu_linear import prepack_cpu_linears  # noqa: E402
 from model.inference import teacher_forced  # noqa: E402
 from model.lisa import LISAForCausalLM  # noqa: E402
 from model.pipeline import SegmentationPipeline, Timer  # noqa: E402
@@ -379,6 +380,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     schedule = (StageSchedule(*(int(v) for v in args.schedule.split(","))) if args.schedule
                 else load_schedule(args.preset))
     llm = build_llm(args.shape, dtype, device)
+    if args.cpu_prepack:
+        prepack_cpu_linears(llm.layers)
     n_img = args.image_tokens
     schedule.validate(len(llm.layers), n_img)
     inputs = sample_inputs(llm, n_img, args.text_tokens, args.sys_tokens)
@@ -412,6 +415,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(device, dtype),
         "schedule": {"Lc": schedule.Lc, "Nc": schedule.Nc, "Ls": schedule.Ls, "Np": schedule.Np},
         "image_tokens": n_img, "text_tokens": args.text_tokens, "repeats": len(plain_ms),
+        "cpu_prepack": args.cpu_prepack,
         "plain_ms_median": statistics.median(plain_ms), "csp_ms_median": statistics.median(csp_ms),
         "plain_ms_all": plain_ms, "csp_ms_all": csp_ms,
         "plain_spread": spread(plain_ms), "csp_spread": spread(csp_ms),
@@ -441,6 +445,8 @@ class SuiteRunner:
         self.args, self.device, self.dtype = args, device, dtype
         self.bundle = build_bundle(args.shape, dtype, device)
         self.model = self.bundle.model
+        if args.cpu_prepack:  # the LLM's decoder layers (what the methods change); plain and methods alike
+            prepack_cpu_linears(self.model.model.layers)
         self.image = test_image()
         rgb = np.asarray(self.image)
         tower = self.model.vision_tower
@@ -628,6 +634,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(device, dtype), "device_roofs": roofs,
         "settings": {"rounds": args.rounds, "warmup": args.warmup, "batches": batches,
                      "text_tokens": args.text_tokens, "image_tokens": n_img, "compiled": args.compiled,
+                     "cpu_prepack": args.cpu_prepack,
                      "bucket": args.bucket, "components": list(COMPONENTS),
                      "sam_encoder": "timed once per round (it sees neither method nor queries); its median "
                                     "is added to every row's end-to-end time"},
@@ -641,7 +648,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['shape']} ({report['model']}) on {m.get('device_name') or m['device']}, {m['dtype']}, "
              f"{m['threads']} threads; roofs: matmul {report['device_roofs']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
              f"bandwidth {report['device_roofs']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
-             f"medians of {report['settings']['rounds']} interleaved rounds"]
+             f"medians of {report['settings']['rounds']} interleaved rounds"
+             + ("; LLM linears oneDNN-prepacked" if report["settings"].get("cpu_prepack") else "")]
     head = ("| setting | batch | LLM ms (spread) | speed-up | FLOPs ratio | roofline sp. | sp/FLOPs | sp/roofline "
             "| vision | reduce | SAM enc | SAM dec | e2e ms | samples/s | peak MiB |")
     lines += ["", head, "|" + " --- |" * (head.count("|") - 1)]
@@ -685,6 +693,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compiled", action="store_true",
                         help="one-preset mode: time the compiled path (csp.runner.CompileOptions) instead of eager; "
                              "suite: add a '+compiled' row for every setting")
+    parser.add_argument("--cpu-prepack", action="store_true",
+                        help="fp32 CPU: the LLM's linear layers use oneDNN-prepacked weights (model.cpu_linear), "
+                             "for plain and every method alike")
     parser.add_argument("--bucket", type=int, default=16, help="compiled path: stage widths rounded up to this")
     parser.add_argument("--compile-backend", default="inductor", help="compiled path: torch.compile backend")
     parser.add_argument("--threads", type=int, default=None,

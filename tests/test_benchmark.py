@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from csp.accounting import MODEL_DIMS, ModelDims, roofline, static_row, total_flops
 from csp.schedule import StageSchedule
@@ -91,6 +92,17 @@ def test_suite_report_structure_and_shared_calculator(tmp_path, capsys) -> None:
         assert rows[(name, 1)]["tflops"] == pytest.approx(static["TFLOPs"], rel=1e-12)
         assert rows[(name, 1)]["image_tokens_per_layer"] == [static["image_tokens"]]
     assert format_table(report) in printed
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+def test_benchmark_cpu_prepack_is_recorded_and_runs_prepacked(capsys) -> None:
+    report = main(["--shape", "tiny", "--repeats", "1", "--warmup", "0", "--rounds", "1", "--threads", "1",
+                   "--methods", "none", "--cpu-prepack"])
+    capsys.readouterr()
+    assert report["cpu_prepack"] is True and report["plain_ms_median"] > 0 and report["csp_ms_median"] > 0
+    with pytest.raises(ValueError, match="float32 model on the CPU"):
+        main(["--shape", "tiny", "--repeats", "1", "--rounds", "1", "--dtype", "bf16", "--cpu-prepack",
+              "--methods", "none"])
 
 
 def test_benchmark_flops_ratio_for_7b_shape_matches_table6() -> None:
