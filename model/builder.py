@@ -231,7 +231,8 @@ def build_from_config(cfg: Mapping[str, Any]) -> LisaBundle:
     if prepack:  # fp32 CPU inference: the LLM's linears on oneDNN-prepacked weights (model.cpu_linear)
         from model.cpu_linear import prepack_cpu_linears
 
-        _check_prepack(bundle.device, bundle.dtype)
+        if dtype is None:  # the checkpoint's own dtype: known only now
+            _check_prepack(bundle.device, bundle.dtype)
         prepack_cpu_linears(bundle.model.model.layers)
     return bundle
 

@@ -186,8 +186,9 @@ def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], t: Di
     is an error listing the trainable names' prefixes."""
     specs = [(tuple(str(p) for p in g["prefixes"]), float(g["scale"])) for g in (t.get("lr_scale") or [])]
     names = {id(p): n for n, p in model.named_parameters()}
-    groups: list[dict[str, Any]] = [{"params": [], "lr_scale": scale} for _, scale in specs]
-    rest: dict[str, Any] = {"params": [], "lr_scale": 1.0}
+    lr = float(t.lr)
+    groups: list[dict[str, Any]] = [{"params": [], "lr": lr * scale} for _, scale in specs]
+    rest: dict[str, Any] = {"params": [], "lr": lr}
     for param in params:
         index = next((i for i, (prefixes, _) in enumerate(specs) if names[id(param)].startswith(prefixes)), None)
         (rest if index is None else groups[index])["params"].append(param)
@@ -196,8 +197,6 @@ def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], t: Di
             tops = sorted({".".join(names[id(p)].split(".")[:2]) for p in params})
             raise ValueError(f"trainer.lr_scale prefixes {list(prefixes)} match no trainable parameter; "
                              f"trainable: {tops}")
-    for group in [*groups, rest]:
-        group["lr"] = float(t.lr) * group["lr_scale"]
     return [g for g in [*groups, rest] if g["params"]]
 
 
