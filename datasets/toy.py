@@ -17,6 +17,13 @@ Layout written under ``root`` (what :func:`datasets.refer.load_refer` reads; spl
     refer_seg/toyref/instances.json      COCO images + annotations (RLE of each shape's visible pixels)
     refer_seg/toyref/scenes.json         the drawn shapes per image (kind, colour, centre, size, draw order)
     refer_seg/images/mscoco/images/train2014/toyref_<split>_<index>.jpg
+    llava_dataset/toyvqa_<split>.json    questions about the same images, LLaVA-Instruct format
+
+The VQA file (datasets/vqa.py) asks about every referring expression's shape: ``where is <expr>?``
+(``top left.``: the third of the image, rows then columns, holding the shape's centre) and ``which
+object is <expr>?`` (``a red circle.``), in words the toy tokenizer already knows. It stands in for
+LISA's VQA data and LLaVA's pretraining: a toy LLM that answers them has learnt to find a referent
+among its image tokens (README "Toy world": in 15 CPU minutes it does not).
 
 Every image is generated from ``(seed, split, index)`` alone, so a split's images do not depend
 on how many images the other splits have. Ground truth is the exact set of pixels where the shape
@@ -41,6 +48,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from datasets.refer import REFER_IMAGE_DIR
+from datasets.vqa import LLAVA_DIR
 
 DATASET = "toyref"
 SPLIT_BY = "unc"
@@ -60,6 +68,12 @@ VOCABULARY = (
 TEMPLATE_WORDS = "Can you segment Please respond with output segmentation mask What is in this image It Sure result"
 TOKENIZER_WORDS = f"{VOCABULARY} {TEMPLATE_WORDS}"
 MARKER = ".toyref.json"
+#: Bumped when the files written for one spec change (the marker then no longer matches).
+FORMAT = 2
+#: The toy VQA source (datasets/vqa.py): ``llava_dataset/toyvqa_<split>.json``, images in the refer image dir.
+VQA_NAME = "toyvqa"
+#: Thirds of the image, for the answers of "Where is ...?" (rows, then columns).
+THIRDS = (("top", "middle", "bottom"), ("left", "middle", "right"))
 #: Positions (pixels) must differ by at least this much for "left of", "on the left", ... to count.
 MARGIN = 10.0
 #: Superlatives need this ratio between the target's area and every other candidate's.
@@ -276,6 +290,19 @@ def expression_type(text: str) -> str:
     return "attribute"
 
 
+def target_description(text: str) -> str:
+    """How a toy expression names its shape: ``colour``, ``kind`` or ``colour+kind`` (a relation's anchor
+    is not counted). A model that cannot tell the kinds apart fails on ``kind``; the colour is visible
+    in every image token."""
+    for phrase in RELATIONS.values():
+        text = text.split(f" {phrase} the ")[0]
+    words = set(text.split())
+    named = [what for what, vocab in (("colour", COLORS), ("kind", KINDS)) if words & set(vocab)]
+    if not named:
+        raise ValueError(f"{text!r} names neither a colour nor a kind; not a toy expression")
+    return "+".join(named)
+
+
 def _ahead(word: str, a: Shape, b: Shape) -> float:
     """How far ``a`` is from ``b`` in the direction ``word`` (positive: ``a`` is left of / above ... ``b``)."""
     return {"left": b.cx - a.cx, "right": a.cx - b.cx, "above": b.cy - a.cy, "top": b.cy - a.cy,
@@ -382,6 +409,22 @@ def generate_image(spec: ToySpec, split: str, index: int) -> ToyImage:
     return ToyImage(pixels, shapes, visible, areas, refs)
 
 
+def where(shape: Shape, size: int) -> str:
+    """``top left``: the thirds of a ``size``-pixel image (rows, then columns) holding the shape's centre."""
+    row, col = (min(int(3 * v / size), 2) for v in (shape.cy, shape.cx))
+    return f"{THIRDS[0][row]} {THIRDS[1][col]}"
+
+
+def vqa_turns(toy: ToyImage, size: int) -> list[tuple[str, str]]:
+    """(question, answer) pairs about each referred shape of ``toy`` (its location; its colour and kind)."""
+    turns = []
+    for shape_index, expr in toy.refs:
+        shape, text = toy.shapes[shape_index], expr.text()
+        turns += [(f"where is {text}?", f"{where(shape, size)}."), (f"which object is {text}?",
+                                                                    f"a {shape.color} {shape.kind}.")]
+    return turns
+
+
 def _rle(mask: np.ndarray) -> dict:
     rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
@@ -397,12 +440,14 @@ def write_toyref(root: str | Path, spec: ToySpec = ToySpec()) -> Path:
     root = Path(root)
     ds_dir = root / "refer_seg" / DATASET
     marker = ds_dir / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == asdict(spec):
+    stamp = {**asdict(spec), "format": FORMAT}
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return root
     image_dir = root / REFER_IMAGE_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
     ds_dir.mkdir(parents=True, exist_ok=True)
     images, anns, refs, scenes = [], [], [], {}
+    vqa: dict[str, list[dict]] = {split: [] for split in SPLITS}
     image_id = ann_id = ref_id = sent_id = 1
     size = spec.image_size
     for split in SPLITS:
@@ -428,6 +473,12 @@ def write_toyref(root: str | Path, spec: ToySpec = ToySpec()) -> Path:
                              "sentences": [sentence], "sent_ids": [sent_id], "file_name": file_name,
                              "expression_type": expr.kind})
                 ref_id, sent_id = ref_id + 1, sent_id + 1
+            conversation = []
+            for k, (question, answer) in enumerate(vqa_turns(toy, size)):
+                conversation += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+                                 {"from": "gpt", "value": answer}]
+            if conversation:
+                vqa[split].append({"id": f"{split}_{index:06d}", "image": file_name, "conversations": conversation})
             image_id += 1
     with open(ds_dir / f"refs({SPLIT_BY}).p", "wb") as handle:
         pickle.dump(refs, handle)
@@ -435,7 +486,11 @@ def write_toyref(root: str | Path, spec: ToySpec = ToySpec()) -> Path:
     (ds_dir / "instances.json").write_text(json.dumps({"images": images, "annotations": anns,
                                                        "categories": categories}))
     (ds_dir / "scenes.json").write_text(json.dumps(scenes))
-    marker.write_text(json.dumps(asdict(spec)))
+    vqa_dir = root / LLAVA_DIR
+    vqa_dir.mkdir(parents=True, exist_ok=True)
+    for split, items in vqa.items():
+        (vqa_dir / f"{VQA_NAME}_{split}.json").write_text(json.dumps(items))
+    marker.write_text(json.dumps(stamp))
     return root
 
 

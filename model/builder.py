@@ -26,7 +26,13 @@ from model.lisa import LISAForCausalLM
 from model.prompt import SpecialTokenIds
 from model.sam import build_sam_vit_h, build_tiny_sam, build_toy_sam
 from model.tokenizer import build_tiny_tokenizer
-from model.vision import CLIPVisionTower, clip_processor_for, load_clip_processor, tiny_clip_config
+from model.vision import (
+    CLIPVisionTower,
+    clip_processor_for,
+    load_clip_processor,
+    sincos_position_embedding,
+    tiny_clip_config,
+)
 
 #: SAM architectures by the config key ``sam_arch`` (LISA's configs have none: ViT-H).
 SAM_BUILDERS: dict[str, Callable[[], Sam]] = {"vit_h": build_sam_vit_h, "tiny": build_tiny_sam, "toy": build_toy_sam}
@@ -144,6 +150,11 @@ class ToySizes:
     #: Std of the LLM's initial weights; None: hidden_size ** -0.5. LLaMA's 0.02 (meant for pretrained widths)
     #: leaves a from-scratch model of width 128 with near-uniform attention for hundreds of steps.
     init_std: float | None = None
+    #: The CLIP tower's patch position embeddings: ``random`` (CLIP's own init, N(0, 0.02)) or ``sincos`` (2-D
+    #: sine-cosine codes, unit scale). With CLIP's init the patch content (std ~0.5) drowns the positions: a
+    #: linear probe recovers a token's row and column with R^2 0.14 (sincos: 0.99). The committed toy model
+    #: uses ``random``; ``sincos`` did not raise its accuracy (README "Toy world").
+    clip_position_embedding: str = "random"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ToySizes:
@@ -170,7 +181,16 @@ def build_toy_lisa(seed: int = 0, sizes: ToySizes = ToySizes()) -> LisaBundle:
                                mm_hidden_size=clip_config.hidden_size)
     config.vision_tower = f"toy-clip-{sizes.clip_image_size}"
     config.initializer_range = sizes.init_std or sizes.hidden_size**-0.5
-    tower = CLIPVisionTower(model=CLIPVisionModel(clip_config), processor=clip_processor_for(sizes.clip_image_size))
+    clip = CLIPVisionModel(clip_config)
+    if sizes.clip_position_embedding == "sincos":
+        grid = sizes.clip_image_size // sizes.clip_patch_size
+        with torch.no_grad():  # row 0 is the class token's
+            clip.embeddings.position_embedding.weight[0].zero_()
+            clip.embeddings.position_embedding.weight[1:] = sincos_position_embedding(grid, sizes.clip_hidden_size)
+    elif sizes.clip_position_embedding != "random":
+        raise ValueError(f"model.clip_position_embedding: expected 'sincos' or 'random', "
+                         f"got {sizes.clip_position_embedding!r}")
+    tower = CLIPVisionTower(model=clip, processor=clip_processor_for(sizes.clip_image_size))
     config.sam_arch = "toy"
     config.out_dim = build_toy_sam().prompt_encoder.embed_dim
     model = LISAForCausalLM(config, visual_model=build_toy_sam(), vision_tower=tower)

@@ -21,7 +21,7 @@ from csp.strategies import ClusteringInputs
 from csp.tokens import KeptImageTokens
 from model.builder import LisaBundle
 from model.inference import generate, teacher_forced
-from model.prompt import DEFAULT_ANSWER, build_prompt, chat_prompt, tokenize_with_image
+from model.prompt import DEFAULT_ANSWER, build_prompt, chat_prompt, tokenize_with_image, vqa_prompt
 from model.sam import decode_masks, sam_postprocess, sam_preprocess, to_rgb_array
 
 
@@ -142,6 +142,11 @@ class SegmentationPipeline:
         """Token ids of LISA's validation/training prompt for this checkpoint (image slot included)."""
         prompt = build_prompt(text, is_sentence, answer, question_template, use_im_start_end=self.use_im_start_end)
         return tokenize_with_image(prompt, self.bundle.tokenizer)
+
+    def vqa_ids(self, question: str, answer: str | None) -> list[int]:
+        """Token ids of a VQA turn (model.prompt.vqa_prompt) for this checkpoint."""
+        return tokenize_with_image(vqa_prompt(question, answer, use_im_start_end=self.use_im_start_end),
+                                   self.bundle.tokenizer)
 
     def chat_ids(self, text: str) -> list[int]:
         """Token ids of LISA's chat prompt (chat.py) for ``text`` as typed, ending at ``ASSISTANT:``."""

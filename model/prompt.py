@@ -99,6 +99,12 @@ def build_prompt(text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSW
     return _conversation(f"{image_slot(use_im_start_end)}\n {question}", answer)
 
 
+def vqa_prompt(question: str, answer: str | None, *, use_im_start_end: bool = True) -> str:
+    """A VQA turn (datasets/vqa.py) as LISA's VQADataset writes an LLaVA-Instruct item's first turn:
+    ``<image>\n{question}`` with the image slot expanded, no space after the newline."""
+    return _conversation(f"{image_slot(use_im_start_end)}\n{question}", answer)
+
+
 def chat_prompt(text: str, *, use_im_start_end: bool = True) -> str:
     """LISA's chat.py prompt: the user's text as typed, ``<image>\\n{text}`` (no space), ending at
     ``ASSISTANT:``. ``with_mask_request`` adds the evaluation's request if wanted."""

@@ -12,7 +12,7 @@ from PIL import Image
 from model.inference import decoder_inputs, expand_image_slots, pad_rows
 from model.pipeline import ImageEncoding, SegmentationPipeline
 from model.prompt import seg_query_rows
-from model.sam import decode_masks, sam_postprocess
+from model.sam import decode_masks, sam_postprocess, sam_preprocess, to_rgb_array
 
 
 @dataclass
@@ -30,6 +30,9 @@ class TrainingSample:
     gt_masks: np.ndarray
     sample_id: str = "train"
     question_template: str | None = None
+    #: A VQA turn's question (datasets/vqa.py): the prompt is model.prompt.vqa_prompt, ``answer`` is text
+    #: without [SEG] and ``gt_masks`` is ``0 x H x W`` (the sample adds to the CE term only).
+    message: str | None = None
 
 
 @dataclass
@@ -145,14 +148,27 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
             if id(s.image) not in encoded:
                 encoded[id(s.image)] = pipe.encode_image(s.image)
         encodings = [encoded[id(s.image)] for s in samples]
+    sam_embeddings = [e.sam_embedding for e in encodings]
+    if any(p.requires_grad for p in model.sam.image_encoder.parameters()):  # full mode may train it (the toy)
+        fresh: dict[int, torch.Tensor] = {}
+        for i, s in enumerate(samples):
+            if id(s.image) not in fresh:
+                sam_input, _ = sam_preprocess(to_rgb_array(s.image))
+                fresh[id(s.image)] = model.sam.image_encoder(
+                    sam_input.unsqueeze(0).to(device=encodings[i].sam_embedding.device,
+                                              dtype=encodings[i].sam_embedding.dtype))
+            sam_embeddings[i] = fresh[id(s.image)]
     features = torch.cat([e.clip_features for e in encodings])
     image_embeds = model.project_images(features)
     if image_scale != 1.0:
         image_embeds = image_embeds * image_scale
     full_ids, answer_starts = [], []
     for s in samples:
-        prompt_ids = pipe.prompt_ids(s.text, s.is_sentence, answer=None, question_template=s.question_template)
-        ids = pipe.prompt_ids(s.text, s.is_sentence, answer=s.answer, question_template=s.question_template)
+        if s.message is not None:
+            prompt_ids, ids = pipe.vqa_ids(s.message, None), pipe.vqa_ids(s.message, s.answer)
+        else:
+            prompt_ids = pipe.prompt_ids(s.text, s.is_sentence, answer=None, question_template=s.question_template)
+            ids = pipe.prompt_ids(s.text, s.is_sentence, answer=s.answer, question_template=s.question_template)
         full_ids.append(ids)
         answer_starts.append(len(prompt_ids) - 1 + image_embeds.shape[1])  # expanded row of the first answer token
     batch = expand_image_slots(full_ids, image_embeds.shape[1], tok.pad)
@@ -171,7 +187,8 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
     seg_states = out.rows(inputs.query_rows)
     pred, _ = pad_rows(pred_rows)
     pred_states = out.rows(pred.to(device))
-    ce_terms, bce, dice, num_masks, prompts = [], 0.0, 0.0, 0, []
+    ce_terms, num_masks, prompts = [], 0, []
+    bce = dice = image_embeds.new_zeros((), dtype=torch.float32)  # stays 0 for a batch of VQA turns only
     for i, s in enumerate(samples):
         n_pred = len(pred_rows[i])
         logits = model.lm_head(pred_states[i, :n_pred])
@@ -182,8 +199,10 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
         if gt.shape[0] != seg_hidden.shape[0]:
             raise ValueError(f"sample {s.sample_id}: {seg_hidden.shape[0]} [SEG] tokens but {gt.shape[0]} masks")
         prompts.append(model.seg_head(seg_hidden))
+        if gt.shape[0] == 0:  # a VQA turn: text only
+            continue
         enc = encodings[i]
-        feats = DecoderFeatures(enc.sam_embedding, prompts[-1], enc.resized_size, enc.original_size)
+        feats = DecoderFeatures(sam_embeddings[i], prompts[-1], enc.resized_size, enc.original_size)
         b, d = mask_loss_sums(mask_logits(model.sam, feats), gt)
         bce, dice, num_masks = bce + b, dice + d, num_masks + gt.shape[0]
     ce = torch.stack(ce_terms).sum() / sum(len(p) for p in pred_rows)

@@ -96,6 +96,24 @@ def tiny_clip_config(image_size: int = 224, patch_size: int = 14, hidden_size: i
     )
 
 
+def sincos_position_embedding(grid: int, dim: int) -> torch.Tensor:
+    """``grid^2 x dim`` 2-D sine-cosine position codes of a ``grid x grid`` patch grid in raster order
+    (MAE's fixed embedding): the first half of the channels encodes the row, the second half the
+    column, each as sin / cos pairs at ``dim / 4`` frequencies ``10000^(-k / (dim / 4))``."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding: the width must be a multiple of 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+
+    def code(v: torch.Tensor) -> torch.Tensor:
+        angles = v.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([code(rows), code(cols)], dim=1).float()
+
+
 def clip_processor_for(image_size: int) -> CLIPImageProcessorPil:
     """CLIP's preprocessing: resize shortest side, center crop, CLIP mean/std (PIL backend)."""
     return CLIPImageProcessorPil(

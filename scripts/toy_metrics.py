@@ -52,27 +52,36 @@ def evaluate_checkpoint(checkpoint: Path, out_dir: Path, max_samples: int | None
     return evaluate(cfg)["method"]
 
 
-def giou_by_type(results: Path) -> dict[str, dict[str, float]]:
-    """gIoU (mean per-sample IoU) and sample count per toy expression type from a ``results.jsonl``."""
-    from datasets.toy import EXPRESSION_TYPES, expression_type
+def giou_by_type(results: Path, by_description: bool = False) -> dict[str, dict[str, Any]]:
+    """gIoU (mean per-sample IoU) and sample count per toy expression type from a ``results.jsonl``;
+    ``by_description``: per type, then per way the target is named (colour / kind / colour+kind)."""
+    from datasets.toy import EXPRESSION_TYPES, expression_type, target_description
 
-    ious: dict[str, list[float]] = {t: [] for t in EXPRESSION_TYPES}
+    ious: dict[str, dict[str, list[float]]] = {t: {} for t in EXPRESSION_TYPES}
     for line in results.read_text().splitlines():
         row = json.loads(line)
         if row["status"] != "ok":
             raise ValueError(f"{results}: sample {row['sample_id']} failed ({row['reason']}); gIoU by type needs all")
-        ious[expression_type(row["text"])].append(float(row["iou"]))
-    return {t: {"samples": len(v), "gIoU": sum(v) / len(v)} for t, v in ious.items() if v}
+        key = target_description(row["text"]) if by_description else "all"
+        ious[expression_type(row["text"])].setdefault(key, []).append(float(row["iou"]))
+
+    def summary(values: list[float]) -> dict[str, float]:
+        return {"samples": len(values), "gIoU": sum(values) / len(values)}
+
+    if not by_description:
+        return {t: summary(v["all"]) for t, v in ious.items() if v}
+    return {t: {d: summary(v[d]) for d in sorted(v)} for t, v in ious.items() if v}
 
 
 def record(checkpoint: Path, check_samples: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         full = evaluate_checkpoint(checkpoint, Path(tmp) / "full", None)
         by_type = giou_by_type(Path(tmp) / "full" / "run" / "results.jsonl")
+        by_description = giou_by_type(Path(tmp) / "full" / "run" / "results.jsonl", by_description=True)
         check = evaluate_checkpoint(checkpoint, Path(tmp) / "check", check_samples)
     split, part = full["splits"][SPLIT], check["splits"][SPLIT]
     return {"split": SPLIT, "toy": val_toy_spec(), "samples": split["evaluated"], "gIoU": split["gIoU"],
-            "cIoU": split["cIoU"], "by_expression_type": by_type,
+            "cIoU": split["cIoU"], "by_expression_type": by_type, "by_type_and_target_description": by_description,
             "check": {"max_samples_per_split": check_samples, "samples": part["evaluated"],
                       "gIoU": part["gIoU"], "cIoU": part["cIoU"]}}
 

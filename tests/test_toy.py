@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.path import Path as PolyPath
 from PIL import Image
 
@@ -22,7 +23,7 @@ from datasets import toy
 from datasets.base import UnknownSplitError
 from datasets.splits import check_split, load_split, valid_splits
 from model.builder import ToySizes, build_from_config, layers_and_image_tokens
-from model.prompt import build_prompt, tokenize_with_image
+from model.prompt import build_prompt, tokenize_with_image, vqa_prompt
 from model.tokenizer import build_tiny_tokenizer
 
 SPEC = toy.ToySpec(seed=5, train_images=6, val_images=5, testA_images=3)
@@ -126,6 +127,39 @@ def test_refer_format_and_exact_masks(toy_root: Path) -> None:
             assert np.abs(pixels[visible] - colour).mean() < 20, "the JPEG shows the shape's colour under its mask"
 
 
+def test_vqa_file_asks_about_each_referred_shape(toy_root: Path) -> None:
+    """llava_dataset/toyvqa_<split>.json: per image, for each ref in order, "where is <expr>?" (the third of
+    the image holding the shape's centre, rows then columns) and "which object is <expr>?" (colour and
+    kind); the answers are recomputed from scenes.json. The file reads back through the VQA loader."""
+    from datasets.vqa import load_llava_instruct
+
+    refs = pickle.loads((toy_root / "refer_seg/toyref/refs(unc).p").read_bytes())
+    instances = json.loads((toy_root / "refer_seg/toyref/instances.json").read_text())
+    files = {i["id"]: i["file_name"] for i in instances["images"]}
+    scenes = json.loads((toy_root / "refer_seg/toyref/scenes.json").read_text())
+    thirds = (lambda v: "top" if v < 128 / 3 else "middle" if v < 256 / 3 else "bottom",
+              lambda v: "left" if v < 128 / 3 else "middle" if v < 256 / 3 else "right")
+    for split in toy.SPLITS:
+        items = json.loads((toy_root / f"llava_dataset/toyvqa_{split}.json").read_text())
+        assert len(items) == SPEC.images(split)
+        for item in items:
+            expected = []
+            for ref in (r for r in refs if files[r["image_id"]] == item["image"]):
+                shape, text = scenes[item["image"]][_shape_index(instances, ref)], ref["sentences"][0]["sent"]
+                expected += [f"where is {text}?", f"{thirds[0](shape['cy'])} {thirds[1](shape['cx'])}.",
+                             f"which object is {text}?", f"a {shape['color']} {shape['kind']}."]
+            turns = item["conversations"]
+            assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+            assert turns[0]["value"].startswith("<image>\n")
+            assert [t["value"].removeprefix("<image>\n") for t in turns] == expected
+        groups = load_llava_instruct(toy_root / f"llava_dataset/toyvqa_{split}.json",
+                                     toy_root / "refer_seg/images/mscoco/images/train2014", f"vqa:toyvqa_{split}")
+        assert [len(g.turns) for g in groups] == [len(i["conversations"]) // 2 for i in items]
+        assert all(g.image_path.is_file() for g in groups)
+        first = items[0]["conversations"]
+        assert groups[0].turns[0] == (first[0]["value"].removeprefix("<image>\n"), first[1]["value"])
+
+
 # -- unambiguity, checked with an independent parser ---------------------------------------------
 DESC = r"(?:(?P<{p}color>red|green|blue|yellow|purple) )?(?P<{p}kind>circle|square|triangle|star|shape)"
 PATTERNS = {
@@ -197,6 +231,32 @@ def test_expression_type_reads_back_the_generators_type(toy_root: Path) -> None:
     assert toy.expression_type("the blue star") == "attribute"
 
 
+def test_target_description_against_the_independent_parser(toy_root: Path, tmp_path: Path) -> None:
+    """How the target is named, read by this file's own regular expressions (the anchor is not the target)."""
+    texts = [s.text for name in SPLIT_NAMES for s in load_split(name, toy_root)]
+    texts += ["the red shape to the left of the blue circle", "the square above the red star",
+              "the largest green shape"]
+    for text in texts:
+        match = next(m for m in (p.match(text) for p in PATTERNS.values()) if m)
+        named = [w for w, g in (("colour", "tcolor"), ("kind", "tkind")) if match.group(g) not in (None, "shape")]
+        assert toy.target_description(text) == "+".join(named), text
+    assert toy.target_description("the square above the red star") == "kind"
+    with pytest.raises(ValueError, match="names neither"):
+        toy.target_description("the shape")
+    # gIoU by type and by description from a results.jsonl (means by hand)
+    from scripts.toy_metrics import giou_by_type
+
+    rows = [("the red circle", 0.9), ("the circle", 0.2), ("the star", 0.4), ("the blue shape on the left", 0.5)]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps({"status": "ok", "sample_id": str(i), "text": t, "iou": v}) + "\n"
+                               for i, (t, v) in enumerate(rows)))
+    assert giou_by_type(results) == {"attribute": {"samples": 3, "gIoU": pytest.approx(0.5)},
+                                     "position": {"samples": 1, "gIoU": 0.5}}
+    assert giou_by_type(results, by_description=True) == {
+        "attribute": {"colour+kind": {"samples": 1, "gIoU": 0.9}, "kind": {"samples": 2, "gIoU": pytest.approx(0.3)}},
+        "position": {"colour": {"samples": 1, "gIoU": 0.5}}}
+
+
 def test_referents_flags_ambiguity() -> None:
     """Hand-made scenes: two circles 5 px apart are not 'the circle on the left'; 30 px apart they are."""
     def circle(cx: float, color: str = "red", radius: float = 10.0) -> toy.Shape:
@@ -240,6 +300,12 @@ def test_tokenizer_knows_every_toy_word(toy_root: Path) -> None:
     for text in texts:
         ids = tokenize_with_image(build_prompt(text, is_sentence=False), tokenizer)
         assert unk not in ids, f"<unk> in the prompt of {text!r}"
+    for split in toy.SPLITS:  # and every VQA question and answer
+        for item in json.loads((toy_root / f"llava_dataset/toyvqa_{split}.json").read_text()):
+            for question, answer in zip(item["conversations"][::2], item["conversations"][1::2]):
+                ids = tokenize_with_image(vqa_prompt(question["value"].removeprefix("<image>\n"), answer["value"]),
+                                          tokenizer)
+                assert unk not in ids, f"<unk> in the VQA turn {question['value']!r} -> {answer['value']!r}"
 
 
 def test_toy_preset_sizes() -> None:
@@ -250,6 +316,50 @@ def test_toy_preset_sizes() -> None:
     assert bundle.model.num_layers == 4 and bundle.model.vision_tower.num_patches == 64
     assert bundle.model.config.sam_arch == "toy" and bundle.model.sam.image_encoder.patch_embed.proj.out_channels == 16
     assert ToySizes().num_image_tokens == 64
+
+
+def test_sincos_position_embedding_by_hand() -> None:
+    """Grid 2, width 4: one frequency (1 rad per patch); channels [sin row, cos row, sin col, cos col]."""
+    from model.vision import sincos_position_embedding
+
+    s1, c1 = 0.8414709848078965, 0.5403023058681398
+    expected = [[0, 1, 0, 1], [0, 1, s1, c1], [s1, c1, 0, 1], [s1, c1, s1, c1]]  # raster order (row, col)
+    assert np.allclose(sincos_position_embedding(2, 4).numpy(), expected, atol=1e-7)
+    with pytest.raises(ValueError, match="multiple of 4, got 6"):
+        sincos_position_embedding(2, 6)
+
+
+def _position_r2(features: np.ndarray, grid: int, train_images: int) -> float:
+    """Held-out R^2 of a least-squares probe from a CLIP token's features to its (row, col)."""
+    images, tokens, width = features.shape
+    rows, cols = np.divmod(np.arange(tokens), grid)
+    target = np.tile(np.stack([rows, cols], 1).astype(np.float64), (images, 1))
+    x = np.concatenate([features.reshape(-1, width), np.ones((images * tokens, 1))], 1).astype(np.float64)
+    cut = train_images * tokens
+    w = np.linalg.solve(x[:cut].T @ x[:cut] + 1e-2 * np.eye(x.shape[1]), x[:cut].T @ target[:cut])
+    err = ((x[cut:] @ w - target[cut:]) ** 2).sum(0)
+    return float((1 - err / ((target[cut:] - target[cut:].mean(0)) ** 2).sum(0)).min())
+
+
+def test_toy_clip_tokens_know_their_position(toy_root: Path) -> None:
+    """The toy's random, frozen CLIP stands in for a pretrained one: with the sin-cos position codes a
+    linear probe reads each image token's row and column back (on toy images); with CLIP's own random
+    init (N(0, 0.02)) the patch content drowns them."""
+    from model.pipeline import SegmentationPipeline
+
+    images = sorted((toy_root / "refer_seg/images/mscoco/images/train2014").glob("*.jpg"))
+    assert len(images) == 14
+    r2 = {}
+    for position in ("sincos", "random"):
+        bundle = build_from_config({"kind": "toy", "dtype": "float32", "clip_position_embedding": position})
+        pipe = SegmentationPipeline(bundle)
+        with torch.no_grad():
+            feats = np.stack([pipe.encode_image(Image.open(p).convert("RGB")).clip_features[0].numpy()
+                              for p in images])
+        r2[position] = _position_r2(feats, grid=8, train_images=10)
+    assert r2["sincos"] > 0.9 and r2["random"] < 0.5, r2
+    with pytest.raises(ValueError, match="clip_position_embedding.*'learned'"):
+        build_from_config({"kind": "toy", "dtype": "float32", "clip_position_embedding": "learned"})
 
 
 def test_training_experiments_compose() -> None:

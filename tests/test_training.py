@@ -206,6 +206,91 @@ def test_conversations_use_lisa_templates(mini_rich: Path) -> None:
     assert all(c.question_template is None and c.answer == "[SEG]." for c in evals)
 
 
+def _write_vqa(root: Path, name: str, items: list[dict]) -> str:
+    """An LLaVA-Instruct file ``llava_dataset/<name>.json`` under ``root``; returns its source override."""
+    (root / "llava_dataset").mkdir(exist_ok=True)
+    (root / "llava_dataset" / f"{name}.json").write_text(json.dumps(items))
+    return f"train_data.sources=[{{vqa: {name}, image_dir: {MINI_IMAGES}, rate: 1.0}}]"
+
+
+MINI_IMAGES = "refer_seg/images/mscoco/images/train2014"
+
+
+def test_vqa_prompt_and_conversations(mini: Path) -> None:
+    """A VQA turn is LISA's VQADataset first turn: the image slot, a newline, the question verbatim."""
+    from datasets.vqa import load_llava_instruct
+    from model.prompt import SYSTEM_PROMPT, vqa_prompt
+
+    assert vqa_prompt("Where is the cup?", "top left.") == (
+        f"{SYSTEM_PROMPT} USER: <im_start><image><im_end>\nWhere is the cup? ASSISTANT: top left.</s>")
+    image = sorted((mini / MINI_IMAGES).iterdir())[0].name
+    items = [{"id": "a", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is on the left?"}, {"from": "gpt", "value": "a dog."},
+        {"from": "human", "value": "Which object is red?"}, {"from": "gpt", "value": "the cup."},
+        {"from": "human", "value": "Is it big?"}, {"from": "gpt", "value": "Yes."}]}]
+    _write_vqa(mini, "vqa_unit", items)
+    group = load_llava_instruct(mini / "llava_dataset/vqa_unit.json", mini / MINI_IMAGES, "vqa:vqa_unit")[0]
+    assert group.turns == (("What is on the left?", "a dog."), ("Which object is red?", "the cup."),
+                           ("Is it big?", "Yes."))
+    convs = conversations(group, samples_per_image=2, style=PromptStyle("lisa"), rng=item_rng(0, 3))
+    assert len(convs) == 2 and len({id(c.image) for c in convs}) == 1
+    for conv in convs:
+        k = int(conv.sample_id.split("#")[1])
+        assert conv.sample_id == f"a#{k}" and (conv.message, conv.answer) == group.turns[k]
+        assert conv.gt_masks.shape == (0, conv.image.height, conv.image.width)
+
+
+def test_vqa_source_errors_name_the_file_item_and_key(mini: Path, tmp_path: Path) -> None:
+    from datasets.vqa import load_llava_instruct
+
+    image = sorted((mini / MINI_IMAGES).iterdir())[0].name
+    bad = {
+        "no 'conversations' key": [{"image": image}],
+        "expected \\('human', 'gpt'\\)": [{"image": image, "conversations": [{"from": "gpt", "value": "x"},
+                                                                          {"from": "human", "value": "y"}]}],
+        "human/gpt pairs, got 1 turns": [{"image": image, "conversations": [{"from": "human", "value": "x"}]}],
+        "nothere.jpg not found": [{"image": "nothere.jpg", "conversations": [{"from": "human", "value": "x"},
+                                                                             {"from": "gpt", "value": "y"}]}],
+    }
+    for i, (message, items) in enumerate(bad.items()):
+        _write_vqa(tmp_path, f"bad{i}", items)
+        with pytest.raises((ValueError, FileNotFoundError), match=f"bad{i}.json item 0: .*{message}"):
+            load_llava_instruct(tmp_path / f"llava_dataset/bad{i}.json", mini / MINI_IMAGES, "vqa:x")
+    with pytest.raises(FileNotFoundError, match="missing.json not found"):
+        load_sources([{"vqa": "missing", "image_dir": MINI_IMAGES}], mini)
+    with pytest.raises(ValueError, match="needs 'image_dir'"):
+        load_sources([{"vqa": "vqa_unit"}], mini)
+    with pytest.raises(ValueError, match="exactly one of 'split'"):
+        load_sources([{"vqa": "vqa_unit", "split": "refcoco|unc|train", "image_dir": MINI_IMAGES}], mini)
+    _write_vqa(tmp_path, "empty", [])
+    with pytest.raises(EmptyTrainingSetError, match="vqa:empty"):
+        load_sources([{"vqa": "empty", "image_dir": str(mini / MINI_IMAGES)}], tmp_path)
+    source = _write_vqa(mini, "vqa_dec", [{"image": image, "conversations": [{"from": "human", "value": "x"},
+                                                                            {"from": "gpt", "value": "y"}]}])
+    with pytest.raises(ValueError, match="mode=decoder .*VQA source has no masks"):
+        train(fast(mini, tmp_path / "dec", "mode=decoder", source))
+
+
+def test_vqa_turns_train_the_llm_and_not_the_mask_path(mini: Path, tmp_path: Path) -> None:
+    """Text-only turns: the CE loss falls on a repeated batch, the mask terms are exactly 0, and the mask
+    decoder and text_hidden_fcs (which no VQA turn reaches) stay bit for bit unchanged."""
+    image = sorted((mini / MINI_IMAGES).iterdir())[0].name
+    source = _write_vqa(mini, "vqa_train", [{"id": "q", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is on the left?"}, {"from": "gpt", "value": "a red cup."}]}])
+    before = initial_params()
+    result = train(fast(mini, tmp_path / "run", "mode=full", "trainer.save_released=true", "trainer.steps=4",
+                        source))
+    losses = [h["ce_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0] and all(h["mask_bce_loss"] == h["mask_dice_loss"] == 0.0 for h in result["history"])
+    out = result["outputs"]
+    after = {k: v.detach() for k, v in load_lisa_checkpoint(out["checkpoint"], out["vision_tower"])
+             .model.checkpoint_state_dict().items()}
+    changed = changed_keys(before, after)
+    assert {"lm_head.weight", "model.layers.0.self_attn.q_proj.weight"} <= changed
+    assert any(k.startswith("model.mm_projector") for k in changed)  # the answer depends on the image
+    assert not any(k.startswith(("model.visual_model.", "model.text_hidden_fcs.")) for k in changed)
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_empty_split_and_bad_config(mini: Path, tmp_path: Path) -> None:
@@ -233,8 +318,8 @@ def test_empty_split_and_bad_config(mini: Path, tmp_path: Path) -> None:
         train(fast(mini, tmp_path / "b", "trainer.steps=0"))
     with pytest.raises(ValueError, match="CUDA"):
         train(fast(mini, tmp_path / "d", "trainer.deepspeed=true"))
-    with pytest.raises(ValueError, match="image_encoder"):
-        train(fast(mini, tmp_path / "c", "mode.freeze=[vision_tower.]"))
+    with pytest.raises(ValueError, match=r"leaves \['vision_tower.'\] trainable"):
+        train(fast(mini, tmp_path / "c", "mode.freeze=[model.mm_projector]"))
     with pytest.raises(ValueError, match=r"trainer.lr_scale\[0\]"):
         train(fast(mini, tmp_path / "e", "trainer.lr_scale=[{prefixes: [lm_head], scale: -1}]"))
     with pytest.raises(ValueError, match=r"trainer.image_ramp=\[5, 2\]"):
@@ -287,6 +372,23 @@ def test_full_mode_trains_all_but_frozen_and_writes_released_checkpoint(mini: Pa
     saved = load_file(str(Path(ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")) / "trainable.safetensors"))
     assert not any(k.startswith(("vision_tower.",) + frozen) for k in saved)
     assert torch.equal(saved["lm_head.weight"], after["lm_head.weight"])
+
+
+def test_trainable_sam_image_encoder_same_loss_then_it_moves(mini: Path, tmp_path: Path) -> None:
+    """mode=full without the SAM image encoder in mode.freeze: the loss runs it with gradients on the image
+    (the cached no-grad embedding is not used), so the first loss equals the frozen run's, and its weights
+    then change while the CLIP tower stays as it was."""
+    frozen = train(fast(mini, tmp_path / "frozen", "mode=full", "trainer.steps=1"))
+    before = initial_params()
+    result = train(fast(mini, tmp_path / "run", "mode=full", "trainer.save_released=true", "trainer.steps=2",
+                        "mode.freeze=[vision_tower.]"))
+    assert result["history"][0]["loss"] == pytest.approx(frozen["history"][0]["loss"], rel=1e-5)
+    out = result["outputs"]
+    bundle = load_lisa_checkpoint(out["checkpoint"], out["vision_tower"])
+    changed = changed_keys(before, {k: v.detach() for k, v in bundle.model.checkpoint_state_dict().items()})
+    assert any(k.startswith("model.visual_model.image_encoder.") for k in changed)
+    tower = build_tiny_lisa(seed=0, num_layers=LAYERS).model.vision_tower.state_dict()
+    assert all(torch.equal(v, bundle.model.vision_tower.state_dict()[k]) for k, v in tower.items())
 
 
 def test_lr_scale_zero_and_silent_images_leave_those_weights_untouched(mini: Path, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from datasets.base import AnnotationError, ImageGroup
 from datasets.splits import check_split, load_groups
+from datasets.vqa import VQAGroup, load_llava_instruct, vqa_json_path
 from evaluation.loop import open_image
 from model.prompt import ANSWER_LIST, DEFAULT_ANSWER, LONG_QUESTION_LIST, SHORT_QUESTION_LIST
 from model.training import TrainingSample
@@ -40,26 +41,48 @@ class Source:
 
     split: str
     rate: float
-    groups: tuple[ImageGroup, ...]
+    groups: tuple[ImageGroup | VQAGroup, ...]
+
+
+def source_name(spec: Mapping[str, Any]) -> str:
+    """The name a source spec goes by: its split, or ``vqa:<name>`` for a VQA file."""
+    return f"vqa:{spec['vqa']}" if "vqa" in spec else str(spec["split"])
+
+
+def check_source_spec(spec: Mapping[str, Any]) -> None:
+    """One ``train_data.sources`` entry: ``{split, rate}`` (segmentation) or ``{vqa, image_dir, rate}``
+    (an LLaVA-Instruct file ``llava_dataset/<vqa>.json``, images under ``<dataset_dir>/<image_dir>``)."""
+    if ("split" in spec) == ("vqa" in spec):
+        raise ValueError(f"train_data.sources entry {dict(spec)}: expected exactly one of 'split' (a segmentation "
+                         "split) or 'vqa' (an LLaVA-Instruct file name under llava_dataset/)")
+    if "split" in spec:
+        check_split(str(spec["split"]))
+    elif not spec.get("image_dir"):
+        raise ValueError(f"train_data.sources entry {dict(spec)}: a 'vqa' source needs 'image_dir' (relative to "
+                         "dataset_dir; LISA's llava_instruct_150k: coco/train2017)")
+    rate = float(spec.get("rate", 1.0))
+    if not rate > 0:
+        raise ValueError(f"train_data.sources {source_name(spec)}: rate must be > 0, got {rate}")
 
 
 def load_sources(specs: Sequence[Mapping[str, Any]], dataset_dir: Path) -> list[Source]:
-    """``[{split, rate}]`` -> sources; unknown names, bad rates and empty splits are errors."""
+    """``[{split, rate} | {vqa, image_dir, rate}]`` -> sources; unknown names, bad rates and empty
+    sources are errors."""
     if not specs:
         raise EmptyTrainingSetError("train_data.sources is empty: configure at least one {split, rate}")
     for spec in specs:
-        if "split" not in spec:
-            raise ValueError(f"train_data.sources entry {dict(spec)} has no 'split'")
-        check_split(str(spec["split"]))
-        rate = float(spec.get("rate", 1.0))
-        if not rate > 0:
-            raise ValueError(f"train_data.sources {spec['split']}: rate must be > 0, got {rate}")
+        check_source_spec(spec)
     sources = []
     for spec in specs:
-        groups = tuple(load_groups(str(spec["split"]), dataset_dir))
+        name = source_name(spec)
+        if "vqa" in spec:
+            groups = tuple(load_llava_instruct(vqa_json_path(dataset_dir, str(spec["vqa"])),
+                                               Path(dataset_dir) / str(spec["image_dir"]), name))
+        else:
+            groups = tuple(load_groups(name, dataset_dir))
         if not groups:
-            raise EmptyTrainingSetError(f"training split {spec['split']!r} under {dataset_dir} has no samples")
-        sources.append(Source(str(spec["split"]), float(spec.get("rate", 1.0)), groups))
+            raise EmptyTrainingSetError(f"training source {name!r} under {dataset_dir} has no samples")
+        sources.append(Source(name, float(spec.get("rate", 1.0)), groups))
     return sources
 
 
@@ -133,12 +156,21 @@ def item_rng(seed: int, draw: int) -> random.Random:
     return random.Random(f"{seed}:{draw}")
 
 
-def conversations(group: ImageGroup, *, samples_per_image: int, style: PromptStyle, rng: random.Random,
+def conversations(group: ImageGroup | VQAGroup, *, samples_per_image: int, style: PromptStyle, rng: random.Random,
                   image: Image.Image | None = None) -> list[TrainingSample]:
     """Up to ``samples_per_image`` queries of ``group`` (sampled without replacement, in split order
     when all fit) as training conversations sharing one image. Ground truth: pixels == 1 (ReasonSeg's
-    ignore label counts as background, as in LISA's training set). ``image``: the opened image."""
+    ignore label counts as background, as in LISA's training set). ``image``: the opened image.
+    A VQA group's turns become conversations without a mask (the answer is text; no [SEG])."""
     image = image if image is not None else open_image(group.image_path)
+    if isinstance(group, VQAGroup):
+        turns = list(range(len(group.turns)))
+        if len(turns) > samples_per_image:
+            turns = sorted(rng.sample(turns, samples_per_image))
+        empty = np.zeros((0, image.height, image.width), dtype=np.float32)
+        return [TrainingSample(image=image, text=group.turns[k][0], is_sentence=True, answer=group.turns[k][1],
+                               gt_masks=empty, sample_id=f"{group.item_id}#{k}", message=group.turns[k][0])
+                for k in turns]
     chosen = list(group.samples)
     if len(chosen) > samples_per_image:
         chosen = sorted(rng.sample(chosen, samples_per_image), key=group.samples.index)

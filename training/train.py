@@ -47,9 +47,11 @@ from training.data import (
     EncodingCache,
     PromptStyle,
     Source,
+    check_source_spec,
     conversations,
     item_rng,
     load_sources,
+    source_name,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ MODES = ("lisa", "decoder", "full")
 LISA_TRAINABLE = ("lm_head", "model.embed_tokens", "model.visual_model.mask_decoder", "model.text_hidden_fcs")
 DECODER_TRAINABLE = ("model.visual_model.mask_decoder",)
 #: Run without gradients by the training loss (as in LISA), so they cannot be unfrozen.
-ALWAYS_FROZEN = ("vision_tower.", "model.visual_model.image_encoder.")
+ALWAYS_FROZEN = ("vision_tower.",)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -83,7 +85,10 @@ def check_config(cfg: DictConfig) -> None:
     if int(t.warmup_steps) < 0:
         raise ValueError(f"trainer.warmup_steps={t.warmup_steps!r}; expected >= 0")
     for spec in cfg.train_data.sources:
-        check_split(str(spec["split"]))
+        check_source_spec(spec)
+        if mode == "decoder" and "vqa" in spec:
+            raise ValueError(f"train_data.sources {source_name(spec)}: mode=decoder trains the mask decoder only, "
+                             "a VQA source has no masks (remove it)")
     for split in cfg.train_data.get("val_splits") or []:
         check_split(str(split))
     world = context_from_env().world_size
@@ -141,8 +146,8 @@ def setup_trainable(model: torch.nn.Module, mode_cfg: Mapping[str, Any]) -> Trai
     freeze = tuple(str(f) for f in (mode_cfg.get("freeze") or ()))
     unfrozen = [p for p in ALWAYS_FROZEN if not any(p.startswith(f) or f.startswith(p) for f in freeze)]
     if unfrozen:
-        raise ValueError(f"mode.freeze={list(freeze)} leaves {unfrozen} trainable, but the CLIP tower and the SAM "
-                         f"image encoder run without gradients in training (as in LISA); keep them in mode.freeze")
+        raise ValueError(f"mode.freeze={list(freeze)} leaves {unfrozen} trainable, but the CLIP tower runs without "
+                         f"gradients in training (as in LISA); keep it in mode.freeze")
     names = []
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(freeze))
@@ -168,7 +173,10 @@ def image_scale(step: int, ramp: Any) -> float:
     ``[start, end]``: 0 before ``start``, linear to 1 at ``end``, 1 from then on (None: always 1).
 
     The toy world's curriculum: a from-scratch LLM first learns to carry the expression to the [SEG] row
-    with the image rows silent (zero vectors), then the images fade in; evaluation always sees them whole.
+    with the image rows silent (zero vectors), then the images come in; evaluation always sees them whole.
+    Any factor above ~1e-3 acts almost like 1: the first layer's RMSNorm divides it out of the image rows'
+    input (measured on a trained toy model: the CE of one answer is 0.4200 at factor 1e-3, 0.4226 at 1 and
+    3.40 at 0), so the ramp is in effect a switch at ``start``; only the image rows' residual stream is scaled.
     """
     if ramp is None:
         return 1.0
