@@ -155,6 +155,9 @@ class ToySizes:
     #: linear probe recovers a token's row and column with R^2 0.14 (sincos: 0.99). The committed toy model
     #: uses ``random``; ``sincos`` did not raise its accuracy (README "Toy world").
     clip_position_embedding: str = "random"
+    #: SAM's image-encoder position embedding: ``zeros`` (segment-anything's init) or ``sincos``
+    #: (model.sam.build_toy_sam says why it matters to the mask decoder).
+    sam_position_embedding: str = "zeros"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ToySizes:
@@ -193,7 +196,8 @@ def build_toy_lisa(seed: int = 0, sizes: ToySizes = ToySizes()) -> LisaBundle:
     tower = CLIPVisionTower(model=clip, processor=clip_processor_for(sizes.clip_image_size))
     config.sam_arch = "toy"
     config.out_dim = build_toy_sam().prompt_encoder.embed_dim
-    model = LISAForCausalLM(config, visual_model=build_toy_sam(), vision_tower=tower)
+    model = LISAForCausalLM(config, visual_model=build_toy_sam(position_embedding=sizes.sam_position_embedding),
+                            vision_tower=tower)
     # The [SEG] prompt enters SAM's decoder beside its learned tokens (N(0, 1) entries); with PyTorch's
     # default init the prompt is ~5x smaller and the decoder learns to ignore it. Unit-variance entries
     # at init: the input of the last layer has second moment 1/6 per entry (ReLU of a default-init

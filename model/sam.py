@@ -71,18 +71,34 @@ def build_tiny_sam(prompt_embed_dim: int = 32) -> Sam:
     )
 
 
-def build_toy_sam(prompt_embed_dim: int = 64) -> Sam:
+def build_toy_sam(prompt_embed_dim: int = 64, position_embedding: str = "zeros") -> Sam:
     """The toy world's SAM: a tiny image encoder with windowed attention only, a 64-wide decoder.
 
     Keeps the 1024 input and 64 x 64 embedding grid; without the global-attention block (a
     4096 x 4096 attention map) the encoder runs in tens of milliseconds on a CPU instead of a second.
     The decoder is wider than the tiny SAM's (64: its upscaled mask features have 64 / 8 = 8
     channels instead of 4), which learns to tell shapes apart from scratch several times faster.
+
+    ``position_embedding``: the encoder's absolute position embedding, ``zeros`` (segment-anything's init)
+    or ``sincos`` (2-D sine-cosine codes of the 64 x 64 grid). SAM's decoder attends with positional
+    encodings added to its queries and keys but not to its values, so what it reads from the image carries
+    a position only if the encoder's features do, as a trained SAM's do; a random encoder with a zero
+    position embedding gives features without one.
     """
-    return build_sam(
+    sam = build_sam(
         encoder_embed_dim=16, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(),
         prompt_embed_dim=prompt_embed_dim, window_size=8, decoder_mlp_dim=2 * prompt_embed_dim, decoder_heads=4,
     )
+    if position_embedding == "sincos":
+        from model.vision import sincos_position_embedding
+
+        pos = sam.image_encoder.pos_embed
+        grid, width = pos.shape[1], pos.shape[3]
+        with torch.no_grad():
+            pos.copy_(sincos_position_embedding(grid, width).reshape(1, grid, grid, width))
+    elif position_embedding != "zeros":
+        raise ValueError(f"model.sam_position_embedding: expected 'zeros' or 'sincos', got {position_embedding!r}")
+    return sam
 
 
 def load_sam_checkpoint(sam: Sam, path: str | Path) -> Sam:

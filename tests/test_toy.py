@@ -362,6 +362,32 @@ def test_toy_clip_tokens_know_their_position(toy_root: Path) -> None:
         build_from_config({"kind": "toy", "dtype": "float32", "clip_position_embedding": "learned"})
 
 
+def test_toy_sam_position_embedding_by_hand_and_in_its_features(toy_root: Path) -> None:
+    """``sam_position_embedding: sincos`` writes 2-D sin-cos codes into the toy SAM encoder's (1, 64, 64, 16)
+    position embedding (4 frequencies 1, 0.1, 0.01, 0.001 per axis; values by hand for cell (row 0, col 1));
+    its image embedding then tells a linear probe each cell's row and column, the zero init does not."""
+    from model.sam import build_toy_sam, sam_preprocess, to_rgb_array
+
+    pos = build_toy_sam(position_embedding="sincos").image_encoder.pos_embed
+    assert pos.shape == (1, 64, 64, 16)
+    sin = [0.841470985, 0.0998334166, 0.00999983333, 0.000999999833]
+    cos = [0.540302306, 0.995004165, 0.99995, 0.9999995]
+    assert np.allclose(pos[0, 0, 1].detach().numpy(), [0, 0, 0, 0, 1, 1, 1, 1, *sin, *cos], atol=1e-6)
+    assert not build_toy_sam().image_encoder.pos_embed.any()
+    with pytest.raises(ValueError, match="sam_position_embedding.*'learned'"):
+        build_toy_sam(position_embedding="learned")
+    images = sorted((toy_root / "refer_seg/images/mscoco/images/train2014").glob("*.jpg"))[:6]
+    r2 = {}
+    for position in ("sincos", "zeros"):
+        torch.manual_seed(0)
+        encoder = build_toy_sam(position_embedding=position).image_encoder.eval()
+        with torch.no_grad():
+            feats = np.stack([encoder(sam_preprocess(to_rgb_array(Image.open(p)))[0][None])[0]
+                              .permute(1, 2, 0).reshape(64 * 64, -1).numpy() for p in images])
+        r2[position] = _position_r2(feats, grid=64, train_images=4)  # 128 px -> 1024: the image fills the grid
+    assert r2["sincos"] > 0.7 and r2["zeros"] < 0.2, r2  # measured: 0.80 and -0.19
+
+
 def test_training_experiments_compose() -> None:
     """train_ds.py +exp=toy (full mode on the toy world) and +exp=toy_decoder (the mIoU* fine-tune)."""
     from hydra import compose, initialize_config_dir
