@@ -22,7 +22,7 @@ from csp.tokens import KeptImageTokens
 from model.builder import LisaBundle
 from model.inference import generate, teacher_forced
 from model.prompt import DEFAULT_ANSWER, build_prompt, chat_prompt, tokenize_with_image, vqa_prompt
-from model.sam import decode_masks, sam_postprocess, sam_preprocess, to_rgb_array
+from model.sam import decode_masks, sam_postprocess, sam_preprocess, sam_resized_size, to_rgb_array
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class ImageEncoding:
     clip_features: torch.Tensor  # 1 x N x C
     cls_attention: torch.Tensor | None  # 1 x N
     image_embeds: torch.Tensor  # 1 x N x d (projector output)
-    sam_embedding: torch.Tensor  # 1 x C x 64 x 64
+    sam_embedding: torch.Tensor | None  # 1 x C x 64 x 64 (None: encode_image(sam=False))
     reduced: ReducedImages | None = None  # a before-LLM reducer's tokens (features 1 x M x C)
     reduced_embeds: torch.Tensor | None = None  # 1 x M x d, their projector output
 
@@ -156,16 +156,27 @@ class SegmentationPipeline:
     def dims(self) -> ModelDims:
         return ModelDims.from_config(self.model.config)
 
+    def sam_embedding(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(SAM's ``1 x C x 64 x 64`` image embedding of an ``H x W x 3`` uint8 array, its resized (h, w));
+        with gradients where the caller has them on (training a SAM image encoder)."""
+        sam_input, resized = sam_preprocess(rgb)
+        embedding = self.model.sam.image_encoder(
+            sam_input.unsqueeze(0).to(device=self.bundle.device, dtype=self.bundle.dtype))
+        return embedding, resized
+
     @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> ImageEncoding:
+    def encode_image(self, image: Image.Image, sam: bool = True) -> ImageEncoding:
+        """``sam=False``: no SAM image embedding (``sam_embedding`` None), for a trainer that runs a
+        trainable SAM encoder itself (:meth:`sam_embedding`)."""
         rgb = to_rgb_array(image)
         device, tower = self.bundle.device, self.model.vision_tower
         pixels = tower.processor(images=Image.fromarray(rgb), return_tensors="pt")["pixel_values"].to(device)
         layer = self.method.cls_attention_layer if self.method is not None else None
         features, cls_row, hidden = tower.encode(pixels, cls_attention_layer=layer)
-        sam_input, resized = sam_preprocess(rgb)
-        sam = self.model.sam
-        embedding = sam.image_encoder(sam_input.unsqueeze(0).to(device=device, dtype=self.bundle.dtype))
+        if sam:
+            embedding, resized = self.sam_embedding(rgb)
+        else:
+            embedding, resized = None, sam_resized_size(rgb.shape[:2])
         reduced = None
         if self.method is not None:
             vision = VisionFeatures(hidden_states=hidden, layers=tower.encoder_layers,

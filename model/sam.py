@@ -113,6 +113,11 @@ def load_sam_checkpoint(sam: Sam, path: str | Path) -> Sam:
     return sam
 
 
+def sam_resized_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of an ``size`` image after :func:`sam_preprocess`'s resize (longest side 1024)."""
+    return ResizeLongestSide.get_preprocess_shape(int(size[0]), int(size[1]), SAM_IMAGE_SIZE)
+
+
 def sam_preprocess(image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
     """``H x W x 3`` uint8 RGB -> (``3 x 1024 x 1024`` float tensor, resized (h, w)).
 

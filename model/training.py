@@ -12,7 +12,7 @@ from PIL import Image
 from model.inference import decoder_inputs, expand_image_slots, pad_rows
 from model.pipeline import ImageEncoding, SegmentationPipeline
 from model.prompt import seg_query_rows
-from model.sam import decode_masks, sam_postprocess, sam_preprocess, to_rgb_array
+from model.sam import decode_masks, sam_postprocess, to_rgb_array
 
 
 @dataclass
@@ -131,6 +131,11 @@ def decoder_loss(sam: torch.nn.Module, features: list[DecoderFeatures], gt_masks
     return TrainingLoss(loss=bce + dice, ce_loss=zero, mask_bce_loss=bce, mask_dice_loss=dice, seg_embeddings=prompts)
 
 
+def sam_encoder_trains(model: torch.nn.Module) -> bool:
+    """Whether SAM's image encoder has trainable parameters (``mode=full`` without it in ``mode.freeze``)."""
+    return any(p.requires_grad for p in model.sam.image_encoder.parameters())
+
+
 def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
                   weights: LossWeights = LossWeights(), encodings: dict[int, ImageEncoding] | None = None,
                   image_scale: float = 1.0) -> TrainingLoss:
@@ -142,22 +147,16 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
     multiplies the projected image tokens (training/train.py ``trainer.image_ramp``; 1: as evaluation).
     """
     model, tok = pipe.model, pipe.bundle.token_ids
+    train_sam = sam_encoder_trains(model)  # full mode may train it: run here, with gradients, once per image
     with torch.no_grad():  # conversations about one image (LISA: up to 3) share its encoding
         encoded = dict(encodings or {})
         for s in samples:
             if id(s.image) not in encoded:
-                encoded[id(s.image)] = pipe.encode_image(s.image)
+                encoded[id(s.image)] = pipe.encode_image(s.image, sam=not train_sam)
         encodings = [encoded[id(s.image)] for s in samples]
-    sam_embeddings = [e.sam_embedding for e in encodings]
-    if any(p.requires_grad for p in model.sam.image_encoder.parameters()):  # full mode may train it (the toy)
-        fresh: dict[int, torch.Tensor] = {}
-        for i, s in enumerate(samples):
-            if id(s.image) not in fresh:
-                sam_input, _ = sam_preprocess(to_rgb_array(s.image))
-                fresh[id(s.image)] = model.sam.image_encoder(
-                    sam_input.unsqueeze(0).to(device=encodings[i].sam_embedding.device,
-                                              dtype=encodings[i].sam_embedding.dtype))
-            sam_embeddings[i] = fresh[id(s.image)]
+    sam_embeddings = {id(s.image): e.sam_embedding for s, e in zip(samples, encodings)}
+    if train_sam:
+        sam_embeddings = {key: pipe.sam_embedding(to_rgb_array(encoded[key].image))[0] for key in sam_embeddings}
     features = torch.cat([e.clip_features for e in encodings])
     image_embeds = model.project_images(features)
     if image_scale != 1.0:
@@ -202,7 +201,7 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
         if gt.shape[0] == 0:  # a VQA turn: text only
             continue
         enc = encodings[i]
-        feats = DecoderFeatures(sam_embeddings[i], prompts[-1], enc.resized_size, enc.original_size)
+        feats = DecoderFeatures(sam_embeddings[id(s.image)], prompts[-1], enc.resized_size, enc.original_size)
         b, d = mask_loss_sums(mask_logits(model.sam, feats), gt)
         bce, dice, num_masks = bce + b, dice + d, num_masks + gt.shape[0]
     ce = torch.stack(ce_terms).sum() / sum(len(p) for p in pred_rows)

@@ -326,7 +326,12 @@ class Runner:
         else:
             self.optimizer, self.scheduler = build_optimizer(self.model, params, self.t)
         self.cache = None
-        self.encodings = EncodingCache(pipe.encode_image, int(self.t.get("encoding_cache", 0) or 0))
+        from model.training import sam_encoder_trains
+
+        # a trainable SAM encoder runs in the loss (with gradients), so its cached output would be stale
+        sam = not sam_encoder_trains(self.model)
+        self.encodings = EncodingCache(lambda image: pipe.encode_image(image, sam=sam),
+                                       int(self.t.get("encoding_cache", 0) or 0))
         self.logger = None
         if cfg.get("logger") is not None and ctx.is_main:
             from evaluation.wandb_logger import WandbLogger
