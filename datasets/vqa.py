@@ -10,7 +10,8 @@ format. A file is a list of items::
 
 Human and gpt turns alternate, human first. Each (question, answer) turn of an item becomes its
 own single-turn training conversation with the image (the ``<image>`` placeholder is removed from
-the question; the prompt puts the image slot first, as LISA's does for the first turn). LISA keeps a
+the question, which is stripped and follows ``<image>\n``, as LISA's ``preprocess_multimodal`` does
+for the turn that holds the image). LISA keeps a
 multi-turn item as one conversation; with one turn per conversation the loss needs no masking of
 the human turns, and an item's turns share the image encoding as a refer image's queries do.
 """
