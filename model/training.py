@@ -12,7 +12,7 @@ from PIL import Image
 from model.inference import decoder_inputs, expand_image_slots, pad_rows
 from model.pipeline import ImageEncoding, SegmentationPipeline
 from model.prompt import seg_query_rows
-from model.sam import decode_masks, sam_postprocess, to_rgb_array
+from model.sam import decode_masks, sam_postprocess_separable, to_rgb_array
 
 
 @dataclass
@@ -101,9 +101,10 @@ class DecoderFeatures:
 
 
 def mask_logits(sam: torch.nn.Module, features: DecoderFeatures) -> torch.Tensor:
-    """``K x H x W`` mask logits at the original size (LISA's decoding and post-processing)."""
+    """``K x H x W`` mask logits at the original size (LISA's decoding and post-processing; the
+    post-processing in its separable form, equal up to float rounding and cheaper to differentiate)."""
     low_res = decode_masks(sam, features.sam_embedding, features.prompts)
-    return sam_postprocess(low_res, features.resized_size, features.original_size)
+    return sam_postprocess_separable(low_res, features.resized_size, features.original_size)
 
 
 def mask_loss_sums(logits: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

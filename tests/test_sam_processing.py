@@ -9,6 +9,7 @@ bilinear interpolation with half-pixel centres (``align_corners=False``), edges 
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from PIL import Image
 
 from model.builder import LisaBundle
 from model.pipeline import Query, QueryResult, SegmentationPipeline
-from model.sam import sam_postprocess, sam_preprocess, to_rgb_array
+from model.sam import sam_postprocess, sam_postprocess_separable, sam_preprocess, to_rgb_array
 from tests.conftest import random_pil_image
 
 MEAN = np.array([123.675, 116.28, 103.53])
@@ -107,6 +108,23 @@ def test_sam_postprocess_matches_numpy_bilinear(original: tuple[int, int]) -> No
     assert out.shape == (2, *original)
     expected = reference_postprocess(low_res.double().numpy(), resized, original)
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("original", [(37, 53), (53, 37), (300, 120), (128, 128)])
+def test_separable_postprocess_matches_numpy_bilinear_and_gradients(original: tuple[int, int]) -> None:
+    # the training loss's matrix form against the same independent numpy reference, and its gradient
+    # against the gradient through LISA's two F.interpolate calls
+    gen = torch.Generator().manual_seed(11)
+    low_res = (torch.randn(3, 1, 16, 16, generator=gen) * 4).requires_grad_(True)
+    resized = target_size(*original)
+    out = sam_postprocess_separable(low_res, resized, original)
+    assert out.shape == (3, *original)
+    expected = reference_postprocess(low_res.detach().double().numpy(), resized, original)
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=0, atol=1e-4)
+    weight = torch.randn(3, *original, generator=gen)
+    (grad_sep,) = torch.autograd.grad((out * weight).sum(), low_res)
+    (grad_ref,) = torch.autograd.grad((sam_postprocess(low_res, resized, original) * weight).sum(), low_res)
+    torch.testing.assert_close(grad_sep, grad_ref, rtol=1e-4, atol=1e-4)  # sums of ~1e4 terms in float32
 
 
 # -- awkward images through segment() ------------------------------------------------------------
@@ -205,3 +223,19 @@ def test_16bit_grayscale_is_scaled_like_cv2() -> None:
     assert rgb.shape == (2, 4, 3) and rgb.dtype == np.uint8
     for channel in range(3):
         assert np.array_equal(rgb[..., channel], expected)
+
+
+def test_postprocess_benchmark_reports_both_paths_and_their_agreement(capsys: pytest.CaptureFixture) -> None:
+    from scripts.benchmark_postprocess import main
+
+    report = main(["--size", "40x50", "--masks", "2", "--repeats", "1"])
+    assert json.loads(capsys.readouterr().out) == report
+    (row,) = report["sizes"]
+    assert row["original_size"] == [40, 50] and row["resized_size"] == [819, 1024] and row["masks"] == 2
+    assert row["interpolate_median_s"] > 0 and row["separable_median_s"] > 0
+    assert row["speedup"] == pytest.approx(row["interpolate_median_s"] / row["separable_median_s"])
+    assert row["max_abs_logit_diff"] < 1e-4 and row["max_abs_grad_diff"] < 1e-6
+    with pytest.raises(SystemExit):
+        main(["--size", "40by50"])
+    # the README's command as written: the toy and a COCO-sized image
+    assert [row["original_size"] for row in main([])["sizes"]] == [[128, 128], [480, 640]]
