@@ -48,6 +48,7 @@ from torch import nn  # noqa: E402
 import datasets.toy as toy  # noqa: E402
 from datasets.base import ImageGroup, group_by_image  # noqa: E402
 from datasets.refer import load_refer, refer_mask  # noqa: E402
+from evaluation.metrics import IoUAccumulator, intersection_union  # noqa: E402
 from model.sam import (  # noqa: E402
     build_sam,
     build_toy_sam,
@@ -176,8 +177,7 @@ def pretrain_encoder(encoder: nn.Module, groups: list[ImageGroup], dataset_dir: 
 
 def validate(sam, code: TextCode, embed, groups: list[ImageGroup], max_samples: int) -> dict[str, Any]:
     """gIoU / cIoU over the first ``max_samples`` samples, gIoU per expression type and target naming."""
-    ious: dict[str, list[float]] = {}
-    inter_sum = union_sum = 0
+    accumulators: dict[str, IoUAccumulator] = {}
     seen = 0
     with torch.no_grad():
         for group in groups:
@@ -185,19 +185,15 @@ def validate(sam, code: TextCode, embed, groups: list[ImageGroup], max_samples: 
             if not samples:
                 break
             seen += len(samples)
-            pred = masks(sam, code, embed, group, [s.text for s in samples]) > 0
+            pred = (masks(sam, code, embed, group, [s.text for s in samples]) > 0).numpy()
             for p, sample in zip(pred, samples):
-                gt = sample.gt_mask()
-                valid = torch.from_numpy(gt != 255)
-                g = torch.from_numpy(gt == 1)
-                inter, union = (p & g & valid).sum().item(), ((p | g) & valid).sum().item()
-                inter_sum, union_sum = inter_sum + inter, union_sum + union
-                iou = inter / union if union else 1.0
-                for key in ("all", toy.expression_type(sample.text),
-                            f"{toy.expression_type(sample.text)}/{toy.target_description(sample.text)}"):
-                    ious.setdefault(key, []).append(iou)
-    return {"gIoU": float(np.mean(ious["all"])), "cIoU": inter_sum / max(union_sum, 1), "samples": seen,
-            "gIoU_by_type": {k: float(np.mean(v)) for k, v in sorted(ious.items()) if k != "all"}}
+                pair = intersection_union(p, sample.gt_mask())
+                kind = toy.expression_type(sample.text)
+                for key in ("all", kind, f"{kind}/{toy.target_description(sample.text)}"):
+                    accumulators.setdefault(key, IoUAccumulator()).add(*pair)
+    total = accumulators["all"]
+    return {"gIoU": total.giou, "cIoU": total.ciou, "samples": seen,
+            "gIoU_by_type": {k: acc.giou for k, acc in sorted(accumulators.items()) if k != "all"}}
 
 
 def masks(sam, code: TextCode, embed, group: ImageGroup, texts: list[str]) -> torch.Tensor:
