@@ -12,6 +12,7 @@ import torch
 from transformers import LlamaModel
 
 from csp.plan import Prune, Scatter, TokenPlan, TopFraction, TopK, TopKUnionGrid
+from csp.methods.random_keep import SeededRandomScores
 from csp.scorers import QueryAttention, TextSimilarity
 
 
@@ -80,12 +81,46 @@ def raters(e0: torch.Tensor, image_rows: torch.Tensor, last_row: int) -> torch.T
     return text[m > m.mean()]
 
 
+MASK64 = (1 << 64) - 1
+
+
+def _int64(value: int) -> int:
+    """Python int -> the signed value of its low 64 bits (two's complement)."""
+    value &= MASK64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser with signed 64-bit wrap and arithmetic shifts (Python ints)."""
+    x = _int64((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9)
+    x = _int64((x ^ (x >> 27)) * 0x94D049BB133111EB)
+    return x ^ (x >> 31)
+
+
+def random_keep_scores(seed: int, e0: torch.Tensor, grid_index: torch.Tensor) -> torch.Tensor:
+    """random_keep's scores from their definition, in Python integers: the sample's key is the sum over
+    every entry i (row-major over the valid rows) of its float32 bit pattern times mix64(i * golden + seed),
+    wrapped to 64 bits; grid index g scores mix64(mix64(key + (g + 1) * golden)) mod 2^53 / 2^53."""
+    golden = 0x9E3779B97F4A7C15
+    bits = e0.float().contiguous().view(torch.int32).flatten().tolist()
+    key = 0
+    for i, b in enumerate(bits):
+        key = _int64(key + b * _mix64(_int64(i * golden + seed)))
+    out = torch.full((len(grid_index),), float("-inf"), dtype=torch.float64)
+    for row, g in enumerate(grid_index.tolist()):
+        if g >= 0:
+            out[row] = (_mix64(_mix64(_int64(key + (g + 1) * golden))) & ((1 << 53) - 1)) / float(1 << 53)
+    return out
+
+
 def oracle_scores(event: Prune, layer, h: torch.Tensor, active: torch.Tensor, e0: torch.Tensor,
                   image_rows: torch.Tensor, query_rows: torch.Tensor, last_row: int | None,
-                  theta: float, eps: float) -> torch.Tensor:
+                  theta: float, eps: float, grid_index: torch.Tensor | None = None) -> torch.Tensor:
     """``T`` scores of the event's scorer, written out from its definition."""
     scorer = event.scorer
     length = h.shape[0]
+    if isinstance(scorer, SeededRandomScores):  # keyed by the prompt's rows (up to the last prompt row)
+        return random_keep_scores(scorer.seed, e0 if last_row is None else e0[: last_row + 1], grid_index)
     if isinstance(scorer, TextSimilarity):
         text = instruction_rows(length, image_rows, last_row)
         x = h / h.norm(dim=-1, keepdim=True)
@@ -160,7 +195,7 @@ def reference_forward(
             active[:] = True
         elif isinstance(event, Prune):
             scores = pending if event.score_layer < idx else oracle_scores(
-                event, layer, h, active, e0, image_rows, query_rows, last_row, theta, eps)
+                event, layer, h, active, e0, image_rows, query_rows, last_row, theta, eps, grid_index)
             candidates = image_rows[active[image_rows]]
             keep = oracle_keep(event, scores, candidates, grid_index)
             active[image_rows] = False
@@ -171,7 +206,7 @@ def reference_forward(
         total_counts.append(int(active.sum()))
         ahead = plan.scored_before(idx)
         pending = None if ahead is None else oracle_scores(
-            ahead, layer, h, active, e0, image_rows, query_rows, last_row, theta, eps)
+            ahead, layer, h, active, e0, image_rows, query_rows, last_row, theta, eps, grid_index)
         visible = causal & active[None, :]
         visible |= torch.eye(length, dtype=torch.bool)  # inactive rows keep a finite (unused) output
         out, _ = layer_attention(layer, h, visible, theta, eps)

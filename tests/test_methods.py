@@ -38,6 +38,7 @@ ORACLE_CONFIGS = {
     "prumerge": {"keep": "iqr"},
     "prumerge_plus": {"keep": "iqr"},
     "visionzip": {"dominant": 10, "contextual": 4},
+    "random_keep": {"layer": 3, "keep": 7},
 }
 
 #: The same for the tiny LISA (6 layers, N = 256).
@@ -51,6 +52,7 @@ PIPELINE_CONFIGS = {
     "prumerge": {"keep": "iqr"},
     "prumerge_plus": {"keep": 20},
     "visionzip": {"dominant": 54, "contextual": 10},
+    "random_keep": {"layer": 2, "keep": 40},
 }
 
 

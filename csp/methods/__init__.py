@@ -1,7 +1,7 @@
 """Image-token reduction methods; importing this package registers all of them.
 
 One module per method: ``lvlm_csp`` (csp), ``prumerge`` (prumerge, prumerge_plus), ``visionzip``,
-``fastv``, ``simignore``, ``sparsevlm``, ``pyramiddrop``, ``feather``.
+``fastv``, ``simignore``, ``sparsevlm``, ``pyramiddrop``, ``feather``; ``random_keep`` (a control).
 """
 
 from csp.methods import (  # noqa: F401  (each module registers its methods)
@@ -10,6 +10,7 @@ from csp.methods import (  # noqa: F401  (each module registers its methods)
     lvlm_csp,
     prumerge,
     pyramiddrop,
+    random_keep,
     simignore,
     sparsevlm,
     visionzip,
