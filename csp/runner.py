@@ -70,6 +70,9 @@ class DecoderInputs:
             prompts; with ``image_counts`` they let the runner size every stage without reading
             counts back from the device. None: read once from the device.
         image_counts: per-sample image-slot rows (``is_image`` row sums) known on the host.
+        expression: ``B x T`` True on the rows of the user's expression (the referring phrase or
+            sentence, without the prompt's fixed wording), which Simignore compares the image with;
+            None: not known (Simignore then falls back to every instruction row).
     """
 
     embeds: torch.Tensor
@@ -82,6 +85,7 @@ class DecoderInputs:
     source: torch.Tensor | None = None
     lengths: list[int] | None = None
     image_counts: list[int] | None = None
+    expression: torch.Tensor | None = None
 
 
 @dataclass

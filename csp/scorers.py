@@ -134,17 +134,40 @@ class QueryAttention(Scorer):
         return query_attention_scores(ctx.layer, ctx.hidden, ctx.rotary, keys, cols, valid, use_rope=self.rope)
 
 
+def expression_rows(inputs: DecoderInputs) -> torch.Tensor:
+    """``B x T`` rows of the user's expression (``DecoderInputs.expression``), or every instruction
+    row where the caller did not mark the expression."""
+    if inputs.expression is not None:
+        return inputs.expression & inputs.valid
+    return instruction_rows(inputs)
+
+
 @dataclass(frozen=True)
 class TextSimilarity(Scorer):
-    """Simignore: cosine similarity of each image token's embedding with the instruction tokens'
-    embeddings, max over the text tokens (= the order in which a descending sort of all
-    (image, text) pairs first meets each image token). Used at layer 0 (the embeddings)."""
+    """Simignore's scan (Simignore llava_arch.py L284-311): cosine similarities of every (image,
+    text) pair of embeddings (image tokens x the user's expression tokens), sorted descending; the
+    scan starts at pair ``i_index`` (its 7B script: 1, so the single most similar pair is skipped)
+    and visits every ``step``-th pair, collecting image tokens in the order it first meets them.
+
+    Score of an image token: minus the rank of the first visited pair that holds it (-inf where the
+    scan never meets it), so that a top-k keeps the first k tokens the scan collects. Used at layer 0.
+    """
+
+    i_index: int = 1
+    step: int = 1
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        text_full = instruction_rows(ctx.inputs)
-        rows, valid = pad_true_rows(text_full)
+        rows, valid = pad_true_rows(expression_rows(ctx.inputs))
         cols = ctx.state.rows_of(rows * valid)
         x = torch.nn.functional.normalize(ctx.hidden.float(), dim=-1)
         text = x.gather(1, cols.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # B x Q x d
-        sim = (x @ text.transpose(1, 2)).masked_fill(~valid[:, None, :], float("-inf"))  # B x T x Q
-        return sim.amax(dim=-1)
+        pair = valid[:, None, :] & ctx.state.is_image[:, :, None]  # B x T x Q: image rows x text columns
+        sim = (x @ text.transpose(1, 2)).masked_fill(~pair, float("-inf"))
+        batch, length, width = sim.shape
+        order = sim.reshape(batch, -1).argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        rank = rank.view(batch, length, width)
+        visited = pair & (rank >= self.i_index) & ((rank - self.i_index) % self.step == 0)
+        first = torch.where(visited, rank, order.shape[1]).amin(dim=-1)  # B x T
+        return torch.where(first < order.shape[1], -first.double(), float("-inf")).float()

@@ -90,9 +90,20 @@ def oracle_scores(event: Prune, layer, h: torch.Tensor, active: torch.Tensor, e0
     scorer = event.scorer
     length = h.shape[0]
     if isinstance(scorer, TextSimilarity):
+        # Simignore's scan: pairs (image row, text row) by cosine, descending; from pair i_index every
+        # step-th pair; an image row's score is minus the rank where the scan first meets it
         text = instruction_rows(length, image_rows, last_row)
         x = h / h.norm(dim=-1, keepdim=True)
-        return (x @ x[text].T).max(dim=-1).values
+        rows = image_rows[active[image_rows]]
+        sim = x[rows] @ x[text].T
+        pairs = sorted(((float(sim[i, j]), i, j) for i in range(len(rows)) for j in range(len(text))),
+                       key=lambda p: -p[0])
+        scores = torch.full((length,), float("-inf"), dtype=torch.float64)
+        for r in range(scorer.i_index, len(pairs), scorer.step):
+            row = int(rows[pairs[r][1]])
+            if scores[row] == float("-inf"):
+                scores[row] = -r
+        return scores
     assert isinstance(scorer, QueryAttention), f"the oracle has no definition for {scorer!r}"
     rows = {"seg": lambda: query_rows, "last": lambda: torch.tensor([last_row]),
             "raters": lambda: raters(e0, image_rows, last_row)}[scorer.rows]()

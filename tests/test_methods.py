@@ -347,20 +347,23 @@ def test_sparsevlm_raters_by_hand() -> None:
     assert rows[valid].tolist() == [3]
 
 
-def test_simignore_keeps_the_image_tokens_most_similar_to_the_text() -> None:
-    # image rows 1..4; the one instruction row is [1, 0]; cosines: 0.6, -1, 1, 0 -> top 2 = rows 3 and 1
+def test_simignore_keeps_the_image_tokens_its_scan_meets_first() -> None:
+    # image rows 1..4; the one instruction row is [1, 0]; cosines: 0.6, -1, 1, 0. Sorted pairs: rows 3, 1,
+    # 4, 2; its 7B scan starts at pair 1 (i_index = 1): rows 1, 4, 2 (row 3 is never met) -> keep 2: 1, 4
     e = torch.tensor([[[0.0, 5.0], [3.0, 4.0], [-2.0, 0.0], [7.0, 0.0], [0.0, -1.0], [1.0, 0.0]]])
     is_image = torch.tensor([[False, True, True, True, True, False]])
     inputs = DecoderInputs(e, torch.ones(1, 6, dtype=torch.bool), is_image, torch.tensor([[5]]),
                            torch.ones(1, 1, dtype=torch.bool), last_rows=torch.tensor([[5]]))
     state = TokenState.full(e, inputs.valid, is_image)
     scores = TextSimilarity().score(ScoreContext(None, e, (e, e), state, inputs))
-    torch.testing.assert_close(scores[0, 1:5], torch.tensor([0.6, -1.0, 1.0, 0.0]))
+    assert scores[0, 1:5].tolist() == [-1.0, -3.0, float("-inf"), -2.0]
+    from_top = TextSimilarity(i_index=0).score(ScoreContext(None, e, (e, e), state, inputs))
+    assert from_top[0, 1:5].tolist() == [-1.0, -3.0, 0.0, -2.0]
     plan = build_method({"name": "simignore", "keep_similar": 2, "layer": 1, "keep": 1}).plan(2, 4)
     first = plan.events[0]
     assert isinstance(first, Prune) and first.layer == 0
     kept = first.keep.keep(scores, state.is_image, state.source)
-    assert kept[0].nonzero().flatten().tolist() == [1, 3]
+    assert kept[0].nonzero().flatten().tolist() == [1, 4]
 
 
 # -- presets: the paper's Navg -----------------------------------------------------------------------
