@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from csp.scoring import query_attention_scores
+from csp.scoring import query_attention_scores, rope
 from csp.tokens import TokenState
 
 if TYPE_CHECKING:
@@ -140,6 +140,52 @@ def expression_rows(inputs: DecoderInputs) -> torch.Tensor:
     if inputs.expression is not None:
         return inputs.expression & inputs.valid
     return instruction_rows(inputs)
+
+
+@dataclass(frozen=True)
+class SparseVlmV2Attention(Scorer):
+    """SparseVLM v2.0 (SparseVLM+, ``USE_VERSION=2_0``; Gumpest/SparseVLMs modelling_sparse_llama.py
+    L239-259, score.py L23-55): the layer's own attention probabilities (RoPE at the tokens' position
+    ids, causal softmax per head) on the rater rows, divided by the "RoPE weights" of all-ones q and
+    k rotated at the same ids (``(R_m 1) . (R_n 1) / sqrt(D)``, L242-251); the ``heads`` heads with the
+    largest sum over rater rows x image columns are kept (L256-257, ``topk(14)``; every head where a
+    model has fewer); mean over those heads, then over the raters (score.py L27-32).
+    """
+
+    heads: int = 14
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        if "raters" not in ctx.memo:
+            ctx.memo["raters"] = sparsevlm_raters(ctx.inputs)
+        rows, valid = ctx.memo["raters"]
+        cols = ctx.state.rows_of(rows * valid)
+        layer, attn = ctx.layer, ctx.layer.self_attn
+        x = layer.input_layernorm(ctx.hidden)
+        batch, length, _ = x.shape
+        head_dim = attn.head_dim
+        xq = x.gather(1, cols.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        q = attn.q_proj(xq).view(batch, cols.shape[1], -1, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
+        cos, sin = ctx.rotary
+        cos_q = cos.gather(1, cols.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
+        sin_q = sin.gather(1, cols.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
+        q, k = rope(q, cos_q, sin_q), rope(k, cos, sin)
+        from transformers.models.llama.modeling_llama import repeat_kv
+
+        k = repeat_kv(k, attn.num_key_value_groups)
+        logits = (q.float() @ k.float().transpose(-1, -2)) / head_dim**0.5  # B x H x R x T
+        positions = torch.arange(length, device=x.device)
+        visible = ctx.state.valid[:, None, :] & (positions[None, None, :] <= cols[:, :, None])  # B x R x T
+        probs = logits.masked_fill(~visible.unsqueeze(1), float("-inf")).softmax(dim=-1)
+        ones_q = rope(torch.ones_like(q[:, :1]), cos_q, sin_q).float()  # B x 1 x R x D
+        ones_k = rope(torch.ones_like(k[:, :1]), cos, sin).float()  # B x 1 x T x D
+        probs = probs / ((ones_q @ ones_k.transpose(-1, -2)) / head_dim**0.5)  # the RoPE correction
+        rated = (valid[:, None, :, None] & ctx.state.is_image[:, None, None, :]).float()
+        per_head = (probs.nan_to_num(0.0) * rated).sum(dim=(2, 3))  # B x H
+        top = per_head.topk(min(self.heads, per_head.shape[1]), dim=1).indices
+        chosen = probs.gather(1, top[:, :, None, None].expand(-1, -1, *probs.shape[2:])).mean(dim=1)  # B x R x T
+        weights = valid.float()
+        return (chosen * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaModel
 
 from csp.plan import Prune, Scatter, TokenPlan, TopFraction, TopK, TopKUnionGrid
-from csp.scorers import QueryAttention, TextSimilarity
+from csp.scorers import QueryAttention, SparseVlmV2Attention, TextSimilarity
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,6 +104,21 @@ def oracle_scores(event: Prune, layer, h: torch.Tensor, active: torch.Tensor, e0
             if scores[row] == float("-inf"):
                 scores[row] = -r
         return scores
+    if isinstance(scorer, SparseVlmV2Attention):
+        # SparseVLM v2.0: causal probabilities per head on the rater rows, divided by the all-ones
+        # RoPE weights, the `heads` heads with the largest rater x image sum, mean over them and raters
+        rows = raters(e0, image_rows, last_row)
+        pos = torch.arange(length) if positions is None else positions
+        q, k, _ = qkv(layer, h, theta, eps, positions=pos)
+        dim = q.shape[-1]
+        visible = torch.ones(length, length, dtype=torch.bool).tril() & active[None, :]
+        probs = ((q @ k.transpose(-1, -2)) / dim**0.5).masked_fill(~visible, float("-inf")).softmax(-1)
+        ones = rope(torch.ones(1, length, dim, dtype=torch.float64), pos, theta)[0]
+        probs = probs / ((ones @ ones.T) / dim**0.5)
+        img = image_rows[active[image_rows]]
+        per_head = probs[:, rows][:, :, img].sum(dim=(1, 2))
+        top = per_head.topk(min(scorer.heads, len(per_head))).indices
+        return probs[top][:, rows].mean(0).mean(0)
     assert isinstance(scorer, QueryAttention), f"the oracle has no definition for {scorer!r}"
     rows = {"seg": lambda: query_rows, "last": lambda: torch.tensor([last_row]),
             "raters": lambda: raters(e0, image_rows, last_row)}[scorer.rows]()

@@ -32,7 +32,7 @@ ORACLE_CONFIGS = {
     "csp": {"Lc": 2, "Nc": 12, "Ls": 1, "Np": 6},
     "fastv": {"layer": 2, "keep": 10},
     "pyramiddrop": {"layers": [1, 3, 4], "ratio": 0.6},  # int(36 * 0.6^i) = 21, 12, 7
-    "sparsevlm": {"layers": [1, 2, 4], "keep": [24, 12, 5]},
+    "sparsevlm": {"layers": [0, 2, 3], "keep": [24, 12, 5], "heads": 3},
     "feather": {"layers": [2, 4], "keep_ratio": 0.5, "stride": 3},  # 18 | grid, then int(M / 4)
     "simignore": {"keep_similar": 24, "layer": 3, "keep": 8},
     "prumerge": {"keep": "iqr"},
@@ -45,7 +45,7 @@ PIPELINE_CONFIGS = {
     "csp": {"Lc": 2, "Nc": 64, "Ls": 1, "Np": 16},
     "fastv": {"layer": 2, "keep": 64},
     "pyramiddrop": {"layers": [2, 3, 4], "ratio": 0.5},
-    "sparsevlm": {"layers": [1, 3, 4], "keep": [128, 64, 16]},
+    "sparsevlm": {"layers": [0, 2, 3], "keep": [128, 64, 16], "heads": 2},
     "feather": {"layers": [2, 4], "keep_ratio": 0.3, "stride": 3},
     "simignore": {"keep_similar": 200, "layer": 3, "keep": 50},
     "prumerge": {"keep": "iqr"},
