@@ -46,7 +46,8 @@ class PyramidDrop(Method):
                 raise ValueError(f"pyramiddrop.ratio (lambda) must be in (0, 1), got {self.ratio!r}")
             if min(self.counts(num_image_tokens)) < 1:
                 raise ValueError(f"pyramiddrop.ratio = {self.ratio} keeps no image token at the last of "
-                                 f"{list(self.layers)} (counts {self.counts(num_image_tokens)} of N = {num_image_tokens})")
+                                 f"{list(self.layers)} (counts {self.counts(num_image_tokens)} of "
+                                 f"N = {num_image_tokens})")
         check_layer_counts("pyramiddrop", self.layers, self.counts(num_image_tokens), num_layers, num_image_tokens)
 
     def plan(self, num_layers: int, num_image_tokens: int, *, always_move_tokens: bool = False) -> TokenPlan:
