@@ -407,3 +407,46 @@ def test_every_baseline_has_an_authors_code_test() -> None:
     covered = set(IN_LLM) | {"prumerge", "prumerge_plus", "visionzip"}
     assert covered == {"fastv", "feather", "pyramiddrop", "simignore", "sparsevlm", "prumerge", "prumerge_plus",
                        "visionzip"}
+
+
+def test_pyramiddrop_decoding_positions_follow_its_code() -> None:
+    """One generation step after the prefill: its decoding shifts the new token's position id by the
+    tokens dropped before each layer (modeling_llama_pdrop.py L1259-1268), i.e. each layer sees it right
+    after its own cached tokens."""
+    from transformers import DynamicCache
+
+    from csp.runner import CachedKeyMasks
+
+    llm = double_llm(seed=30)
+    inputs = prompt(llm, 7)
+    layer_list, lam = [1, 3, 4], 0.6
+    ratios = [1.0] + [lam ** (i + 1) for i in range(3)]
+    new = torch.randn(1, 1, llm.config.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        # the authors' prefill (as pyramiddrop_authors) filling a cache, then one decoding step
+        cache, h, pos = DynamicCache(), inputs.embeds, torch.arange(T)[None]
+        for layer_idx, layer in enumerate(llm.layers):
+            h = layer(h, position_ids=pos, position_embeddings=llm.rotary_emb(h, pos), past_key_values=cache,
+                      use_cache=True)
+            if layer_idx + 1 in layer_list:
+                stage = layer_list.index(layer_idx + 1)
+                image_tokens, keep_length = int(N * ratios[stage]), int(N * ratios[stage + 1])
+                probs = attention_probs(llm, llm.layers[layer_idx + 1], h, pos)
+                top = probs[:, -1, P:P + image_tokens].mean(0).topk(keep_length).indices.sort().values + P
+                h = torch.cat([h[:, :P], h[:, top], h[:, P + image_tokens:]], dim=1)
+                pos = torch.arange(h.shape[1])[None]
+        step_pos, x = torch.tensor([[T]]), new
+        for layer_idx, layer in enumerate(llm.layers):
+            x = layer(x, position_ids=step_pos, position_embeddings=llm.rotary_emb(x, step_pos), past_key_values=cache,
+                      use_cache=True)
+            if layer_idx + 1 in layer_list:
+                stage = layer_list.index(layer_idx + 1)
+                step_pos = step_pos - (int(N * ratios[stage]) - int(N * ratios[stage + 1]))
+        want = llm.norm(x)[0, 0]
+        # the registered method: prefill with a cache, one decode step at the original position T
+        runner = StageRunner(llm, build_method({"name": "pyramiddrop", "layers": layer_list, "ratio": lam}), N)
+        cache2 = DynamicCache()
+        out = runner.forward(inputs, cache=cache2)
+        keys = CachedKeyMasks(out.layer_key_valid, out.layer_key_padded)
+        got = runner.decode(new, torch.tensor([[T]]), cache2, keys)[0, 0]
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
