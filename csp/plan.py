@@ -119,6 +119,11 @@ class Prune:
     ``score_layer``: the layer whose INPUT hidden states and weights rank the tokens: ``layer - 1``
     (that layer's own attention, as CSP, FastV and FEATHER do) or ``layer`` (recomputed with the
     next layer's projections, as PyramidDrop and SparseVLM do; at layer 0: the embeddings).
+
+    ``renumber``: from ``layer`` on, the rotary position ids of the remaining tokens are 0, 1, 2, ...
+    in sequence order (the code of PyramidDrop renumbers so after each drop); False keeps every
+    token's original id, gaps included (CSP, FastV, FEATHER). Once a plan renumbers, every later
+    event must be a renumbering Prune.
     """
 
     layer: int
@@ -126,6 +131,7 @@ class Prune:
     keep: KeepRule
     score_layer: int
     stage: str = "pruning"
+    renumber: bool = False
 
 
 Event = Scatter | Prune
@@ -170,6 +176,17 @@ class TokenPlan:
                                 f"expected {event.layer - 1} or {event.layer}")
             if isinstance(event, Prune) and event.score_layer < 0:
                 raise PlanError("Prune at layer 0 must be ranked at layer 0 (the embeddings)")
+        renumbered = [i for i, e in enumerate(self.events) if isinstance(e, Prune) and e.renumber]
+        if renumbered and not all(isinstance(e, Prune) and e.renumber for e in self.events[renumbered[0]:]):
+            raise PlanError("after a renumbering Prune every later event must be a renumbering Prune "
+                            "(contiguous position ids cannot be undone)")
+        if renumbered and self.input_keep:
+            raise PlanError("a renumbering plan cannot keep an input set (input_keep)")
+
+    @property
+    def renumbers_from(self) -> int | None:
+        """The first layer whose position ids are renumbered contiguously (None: original ids)."""
+        return next((e.layer for e in self.events if isinstance(e, Prune) and e.renumber), None)
 
     def image_tokens_per_layer(self, num_layers: int, num_input: int, num_kept_input: int | None = None,
                                num_full: int | None = None) -> list[int] | None:

@@ -4,7 +4,8 @@ With no method it is a plain decoder loop (own causal mask, own rotary for the a
 ids) that equals ``LlamaModel.forward``. With a method it executes the method's
 :class:`~csp.plan.TokenPlan`: keep an input set before layer 0, put every token back
 (:class:`~csp.plan.Scatter`), or score-and-keep (:class:`~csp.plan.Prune`); tokens that leave are
-removed physically and every token keeps its original position id.
+removed physically and every token keeps its original position id, unless a ``Prune(renumber=True)``
+renumbers the remaining ones contiguously (a baseline whose code does so: PyramidDrop).
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class DecoderInputs:
             prompts; with ``image_counts`` they let the runner size every stage without reading
             counts back from the device. None: read once from the device.
         image_counts: per-sample image-slot rows (``is_image`` row sums) known on the host.
+        expression: ``B x T`` True on the rows of the user's expression (the referring phrase or
+            sentence, without the prompt's fixed wording), which Simignore compares the image with;
+            None: not known (Simignore then falls back to every instruction row).
     """
 
     embeds: torch.Tensor
@@ -81,6 +85,7 @@ class DecoderInputs:
     source: torch.Tensor | None = None
     lengths: list[int] | None = None
     image_counts: list[int] | None = None
+    expression: torch.Tensor | None = None
 
 
 @dataclass
@@ -115,6 +120,13 @@ class CachedKeyMasks:
         if padded is None:  # not known on the host: one read per layer
             padded = [not bool(v.all()) for v in layer_key_valid]
         self.valid: list[torch.Tensor | None] = [v if p else None for v, p in zip(layer_key_valid, padded, strict=True)]
+        # per layer: tokens of the full prompt no longer cached there (device tensors, no host read)
+        full = layer_key_valid[0].sum(dim=1, keepdim=True) if layer_key_valid else None
+        self._removed = [full - v.sum(dim=1, keepdim=True) for v in layer_key_valid]
+
+    def removed_before(self, layer: int) -> torch.Tensor:
+        """``B x 1`` prompt tokens that layer ``layer``'s cache lacks compared with layer 0's."""
+        return self._removed[layer]
 
     def step(self, layer: int) -> torch.Tensor | None:
         """Append the new token's key and return the ``B x 1 x 1 x T`` mask (or None)."""
@@ -124,6 +136,14 @@ class CachedKeyMasks:
         valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
         self.valid[layer] = valid
         return valid[:, None, None, :]
+
+
+def rope_positions(state: TokenState, contiguous: bool) -> torch.Tensor:
+    """``B x T`` position ids for the rotary embedding: the original ones, or (``contiguous``) each
+    active token's rank in sequence order (0 on padding)."""
+    if not contiguous:
+        return state.positions
+    return (state.valid.long().cumsum(dim=1) - 1).clamp(min=0) * state.valid
 
 
 def image_keep_mask(is_image: torch.Tensor, source: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -277,7 +297,8 @@ class StageRunner:
             keep = image_keep_mask(full.is_image, full.source, inputs.cluster_keep)
             state, counts = self._select(state, keep, self._clustered_counts(inputs, counts), bucket)
         layer_counts, key_valid, key_padded, kept = [], [], [], []
-        mask, rotary = self._prepare(state, counts)
+        contiguous = False  # position ids renumbered 0, 1, 2, ... (Prune(renumber=True))
+        mask, rotary, rope_ids = self._prepare(state, counts, contiguous)
         pending: torch.Tensor | None = None  # scores ranked by the previous layer for this layer's event
         memo: dict[str, Any] = {}  # what scorers derive from the inputs alone, once per forward
         if compiled and self._mode() == "reduce-overhead":
@@ -290,8 +311,9 @@ class StageRunner:
                 scores = pending if event.score_layer < idx else self._score(event, layer, state, rotary, inputs, memo)
                 keep = ~state.is_image | event.keep.keep(scores, state.is_image, state.source)
                 state, counts = self._select(state, keep, self._pruned_counts(event, counts), bucket)
+                contiguous = contiguous or event.renumber
             if event is not None:
-                mask, rotary = self._prepare(state, counts)
+                mask, rotary, rope_ids = self._prepare(state, counts, contiguous)
             if idx == 0 or event is not None:
                 stage = event.stage if event is not None else plan.input_stage
                 kept.append((stage, idx, *grid_indices(state), counts.grid))
@@ -301,10 +323,10 @@ class StageRunner:
             key_valid.append(state.valid)
             key_padded.append(mask is not None)
             if compiled:
-                state.hidden = self._compiled_layer()(layer, state.hidden, mask, state.positions, *rotary)
+                state.hidden = self._compiled_layer()(layer, state.hidden, mask, rope_ids, *rotary)
             else:
                 state.hidden = layer(
-                    state.hidden, attention_mask=mask, position_ids=state.positions,
+                    state.hidden, attention_mask=mask, position_ids=rope_ids,
                     past_key_values=cache, use_cache=cache is not None, position_embeddings=rotary,
                 )
         state.hidden = self.llm.norm(state.hidden)
@@ -319,10 +341,16 @@ class StageRunner:
     def decode(self, hidden: torch.Tensor, positions: torch.Tensor, cache: Cache, keys: CachedKeyMasks) -> torch.Tensor:
         """One generation step: ``B x 1 x d`` new-token embeddings at original ``B x 1`` positions.
 
-        Every layer attends to its own (possibly reduced) KV cache.
+        Every layer attends to its own (possibly reduced) KV cache. Where the plan renumbers position
+        ids, a layer's new token sits right after that layer's cached tokens: its original position
+        minus the tokens removed before the layer (as PyramidDrop's decoding shifts them).
         """
         rotary = self.llm.rotary_emb(hidden, position_ids=positions)
+        renumber_from = self.plan.renumbers_from
         for idx, layer in enumerate(self.llm.layers):
+            if renumber_from is not None and idx >= renumber_from and self._events[idx] is not None:
+                positions_here = positions - keys.removed_before(idx)
+                rotary = self.llm.rotary_emb(hidden, position_ids=positions_here)
             mask = keys.step(idx)
             hidden = layer(
                 hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
@@ -371,14 +399,16 @@ class StageRunner:
         return event.scorer.score(ScoreContext(layer=layer, hidden=state.hidden, rotary=rotary, state=state,
                                                inputs=inputs, memo=memo))
 
-    def _prepare(self, state: TokenState,
-                 counts: HostCounts) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-        """What every layer of a stage shares: the key mask (None without padding) and rotary (cos, sin)."""
-        rotary = self.llm.rotary_emb(state.hidden, position_ids=state.positions)
+    def _prepare(self, state: TokenState, counts: HostCounts, contiguous: bool = False,
+                 ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """What every layer of a stage shares: the key mask (None without padding), rotary (cos, sin)
+        and the position ids they are computed at (original, or renumbered 0, 1, 2, ...)."""
+        rope_ids = rope_positions(state, contiguous)
+        rotary = self.llm.rotary_emb(state.hidden, position_ids=rope_ids)
         padded = counts.padded(state.valid.shape[1])
         if not padded:  # host counts that missed some padding would drop the key mask: check on the device
             torch._assert_async(state.valid.all(), "host token counts say no padding, but the batch is padded")
-        return attention_mask(state.valid, padded=padded), rotary
+        return attention_mask(state.valid, padded=padded), rotary, rope_ids
 
     def _mode(self) -> str | None:
         if self.compile.mode is not None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from csp.scoring import query_attention_scores
+from csp.scoring import query_attention_scores, rope
 from csp.tokens import TokenState
 
 if TYPE_CHECKING:
@@ -134,17 +134,86 @@ class QueryAttention(Scorer):
         return query_attention_scores(ctx.layer, ctx.hidden, ctx.rotary, keys, cols, valid, use_rope=self.rope)
 
 
+def expression_rows(inputs: DecoderInputs) -> torch.Tensor:
+    """``B x T`` rows of the user's expression (``DecoderInputs.expression``), or every instruction
+    row where the caller did not mark the expression."""
+    if inputs.expression is not None:
+        return inputs.expression & inputs.valid
+    return instruction_rows(inputs)
+
+
 @dataclass(frozen=True)
-class TextSimilarity(Scorer):
-    """Simignore: cosine similarity of each image token's embedding with the instruction tokens'
-    embeddings, max over the text tokens (= the order in which a descending sort of all
-    (image, text) pairs first meets each image token). Used at layer 0 (the embeddings)."""
+class SparseVlmV2Attention(Scorer):
+    """SparseVLM v2.0 (SparseVLM+, ``USE_VERSION=2_0``; Gumpest/SparseVLMs modelling_sparse_llama.py
+    L239-259, score.py L23-55): the layer's own attention probabilities (RoPE at the tokens' position
+    ids, causal softmax per head) on the rater rows, divided by the "RoPE weights" of all-ones q and
+    k rotated at the same ids (``(R_m 1) . (R_n 1) / sqrt(D)``, L242-251); the ``heads`` heads with the
+    largest sum over rater rows x image columns are kept (L256-257, ``topk(14)``; every head where a
+    model has fewer); mean over those heads, then over the raters (score.py L27-32).
+    """
+
+    heads: int = 14
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        text_full = instruction_rows(ctx.inputs)
-        rows, valid = pad_true_rows(text_full)
+        if "raters" not in ctx.memo:
+            ctx.memo["raters"] = sparsevlm_raters(ctx.inputs)
+        rows, valid = ctx.memo["raters"]
+        cols = ctx.state.rows_of(rows * valid)
+        layer, attn = ctx.layer, ctx.layer.self_attn
+        x = layer.input_layernorm(ctx.hidden)
+        batch, length, _ = x.shape
+        head_dim = attn.head_dim
+        xq = x.gather(1, cols.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        q = attn.q_proj(xq).view(batch, cols.shape[1], -1, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
+        cos, sin = ctx.rotary
+        cos_q = cos.gather(1, cols.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
+        sin_q = sin.gather(1, cols.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
+        q, k = rope(q, cos_q, sin_q), rope(k, cos, sin)
+        from transformers.models.llama.modeling_llama import repeat_kv
+
+        k = repeat_kv(k, attn.num_key_value_groups)
+        logits = (q.float() @ k.float().transpose(-1, -2)) / head_dim**0.5  # B x H x R x T
+        positions = torch.arange(length, device=x.device)
+        visible = ctx.state.valid[:, None, :] & (positions[None, None, :] <= cols[:, :, None])  # B x R x T
+        probs = logits.masked_fill(~visible.unsqueeze(1), float("-inf")).softmax(dim=-1)
+        ones_q = rope(torch.ones_like(q[:, :1]), cos_q, sin_q).float()  # B x 1 x R x D
+        ones_k = rope(torch.ones_like(k[:, :1]), cos, sin).float()  # B x 1 x T x D
+        probs = probs / ((ones_q @ ones_k.transpose(-1, -2)) / head_dim**0.5)  # the RoPE correction
+        rated = (valid[:, None, :, None] & ctx.state.is_image[:, None, None, :]).float()
+        per_head = (probs.nan_to_num(0.0) * rated).sum(dim=(2, 3))  # B x H
+        top = per_head.topk(min(self.heads, per_head.shape[1]), dim=1).indices
+        chosen = probs.gather(1, top[:, :, None, None].expand(-1, -1, *probs.shape[2:])).mean(dim=1)  # B x R x T
+        weights = valid.float()
+        return (chosen * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+@dataclass(frozen=True)
+class TextSimilarity(Scorer):
+    """Simignore's scan (Simignore llava_arch.py L284-311): cosine similarities of every (image,
+    text) pair of embeddings (image tokens x the user's expression tokens), sorted descending; the
+    scan starts at pair ``i_index`` (its 7B script: 1, so the single most similar pair is skipped)
+    and visits every ``step``-th pair, collecting image tokens in the order it first meets them.
+
+    Score of an image token: minus the rank of the first visited pair that holds it (-inf where the
+    scan never meets it), so that a top-k keeps the first k tokens the scan collects. Used at layer 0.
+    """
+
+    i_index: int = 1
+    step: int = 1
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        rows, valid = pad_true_rows(expression_rows(ctx.inputs))
         cols = ctx.state.rows_of(rows * valid)
         x = torch.nn.functional.normalize(ctx.hidden.float(), dim=-1)
         text = x.gather(1, cols.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # B x Q x d
-        sim = (x @ text.transpose(1, 2)).masked_fill(~valid[:, None, :], float("-inf"))  # B x T x Q
-        return sim.amax(dim=-1)
+        pair = valid[:, None, :] & ctx.state.is_image[:, :, None]  # B x T x Q: image rows x text columns
+        sim = (x @ text.transpose(1, 2)).masked_fill(~pair, float("-inf"))
+        batch, length, width = sim.shape
+        order = sim.reshape(batch, -1).argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        rank = rank.view(batch, length, width)
+        visited = pair & (rank >= self.i_index) & ((rank - self.i_index) % self.step == 0)
+        first = torch.where(visited, rank, order.shape[1]).amin(dim=-1)  # B x T
+        return torch.where(first < order.shape[1], -first.double(), float("-inf")).float()

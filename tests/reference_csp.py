@@ -13,7 +13,7 @@ from transformers import LlamaModel
 
 from csp.plan import Prune, Scatter, TokenPlan, TopFraction, TopK, TopKUnionGrid
 from csp.methods.random_keep import SeededRandomScores
-from csp.scorers import QueryAttention, TextSimilarity
+from csp.scorers import QueryAttention, SparseVlmV2Attention, TextSimilarity
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -30,8 +30,10 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def qkv(layer, h: torch.Tensor, theta: float, eps: float, with_rope: bool = True):
-    """Per-head q, k, v (``H x T x D``, k and v repeated for grouped heads) of a layer's input."""
+def qkv(layer, h: torch.Tensor, theta: float, eps: float, with_rope: bool = True,
+        positions: torch.Tensor | None = None):
+    """Per-head q, k, v (``H x T x D``, k and v repeated for grouped heads) of a layer's input, rotated
+    at ``positions`` (``T``; default the rows 0..T-1)."""
     attn = layer.self_attn
     w = lambda lin: lin.weight.double()  # noqa: E731
     x = rms_norm(h, layer.input_layernorm.weight.double(), eps)
@@ -42,18 +44,19 @@ def qkv(layer, h: torch.Tensor, theta: float, eps: float, with_rope: bool = True
     k = (x @ w(attn.k_proj).T).view(length, kv_heads, head_dim).transpose(0, 1)
     v = (x @ w(attn.v_proj).T).view(length, kv_heads, head_dim).transpose(0, 1)
     if with_rope:
-        positions = torch.arange(length)
+        positions = torch.arange(length) if positions is None else positions
         q, k = rope(q, positions, theta), rope(k, positions, theta)
     k = k.repeat_interleave(heads // kv_heads, dim=0)
     v = v.repeat_interleave(heads // kv_heads, dim=0)
     return q, k, v
 
 
-def layer_attention(layer, h: torch.Tensor, visible: torch.Tensor, theta: float, eps: float):
+def layer_attention(layer, h: torch.Tensor, visible: torch.Tensor, theta: float, eps: float,
+                    positions: torch.Tensor | None = None):
     """Returns (attention output ``T x d``, probabilities ``H x T x T``) under ``visible`` (T x T)."""
     attn = layer.self_attn
     length = h.shape[0]
-    q, k, v = qkv(layer, h, theta, eps)
+    q, k, v = qkv(layer, h, theta, eps, positions=positions)
     heads, head_dim = q.shape[0], q.shape[-1]
     logits = (q @ k.transpose(-1, -2)) / head_dim**0.5
     logits = logits.masked_fill(~visible, float("-inf"))
@@ -115,20 +118,47 @@ def random_keep_scores(seed: int, e0: torch.Tensor, grid_index: torch.Tensor) ->
 
 def oracle_scores(event: Prune, layer, h: torch.Tensor, active: torch.Tensor, e0: torch.Tensor,
                   image_rows: torch.Tensor, query_rows: torch.Tensor, last_row: int | None,
-                  theta: float, eps: float, grid_index: torch.Tensor | None = None) -> torch.Tensor:
+                  theta: float, eps: float, positions: torch.Tensor | None = None,
+                  grid_index: torch.Tensor | None = None) -> torch.Tensor:
     """``T`` scores of the event's scorer, written out from its definition."""
     scorer = event.scorer
     length = h.shape[0]
     if isinstance(scorer, SeededRandomScores):  # keyed by the prompt's rows (up to the last prompt row)
         return random_keep_scores(scorer.seed, e0 if last_row is None else e0[: last_row + 1], grid_index)
     if isinstance(scorer, TextSimilarity):
+        # Simignore's scan: pairs (image row, text row) by cosine, descending; from pair i_index every
+        # step-th pair; an image row's score is minus the rank where the scan first meets it
         text = instruction_rows(length, image_rows, last_row)
         x = h / h.norm(dim=-1, keepdim=True)
-        return (x @ x[text].T).max(dim=-1).values
+        rows = image_rows[active[image_rows]]
+        sim = x[rows] @ x[text].T
+        pairs = sorted(((float(sim[i, j]), i, j) for i in range(len(rows)) for j in range(len(text))),
+                       key=lambda p: -p[0])
+        scores = torch.full((length,), float("-inf"), dtype=torch.float64)
+        for r in range(scorer.i_index, len(pairs), scorer.step):
+            row = int(rows[pairs[r][1]])
+            if scores[row] == float("-inf"):
+                scores[row] = -r
+        return scores
+    if isinstance(scorer, SparseVlmV2Attention):
+        # SparseVLM v2.0: causal probabilities per head on the rater rows, divided by the all-ones
+        # RoPE weights, the `heads` heads with the largest rater x image sum, mean over them and raters
+        rows = raters(e0, image_rows, last_row)
+        pos = torch.arange(length) if positions is None else positions
+        q, k, _ = qkv(layer, h, theta, eps, positions=pos)
+        dim = q.shape[-1]
+        visible = torch.ones(length, length, dtype=torch.bool).tril() & active[None, :]
+        probs = ((q @ k.transpose(-1, -2)) / dim**0.5).masked_fill(~visible, float("-inf")).softmax(-1)
+        ones = rope(torch.ones(1, length, dim, dtype=torch.float64), pos, theta)[0]
+        probs = probs / ((ones @ ones.T) / dim**0.5)
+        img = image_rows[active[image_rows]]
+        per_head = probs[:, rows][:, :, img].sum(dim=(1, 2))
+        top = per_head.topk(min(scorer.heads, len(per_head))).indices
+        return probs[top][:, rows].mean(0).mean(0)
     assert isinstance(scorer, QueryAttention), f"the oracle has no definition for {scorer!r}"
     rows = {"seg": lambda: query_rows, "last": lambda: torch.tensor([last_row]),
             "raters": lambda: raters(e0, image_rows, last_row)}[scorer.rows]()
-    q, k, _ = qkv(layer, h, theta, eps, with_rope=scorer.rope)
+    q, k, _ = qkv(layer, h, theta, eps, with_rope=scorer.rope, positions=positions)
     logits = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5  # H x T x T
     keys = active.clone()
     if scorer.keys == "image":
@@ -164,7 +194,8 @@ def reference_forward(
     ``image_rows``: the image-slot rows; ``query_rows``: the [SEG] rows; ``plan``: the method's plan;
     ``cluster_keep``: grid indices kept before layer 0 (``plan.input_keep``); ``last_row``: the
     last prompt row; ``grid_index``: ``T`` grid index of every row (-1 off the grid; default: the
-    image rows in order). Positions are the full-sequence rows; inactive tokens are hidden as keys.
+    image rows in order). Positions are the full-sequence rows, or, from a ``Prune(renumber=True)``
+    on, each active row's rank among the active rows (0, 1, 2, ...); inactive tokens are hidden as keys.
     """
     config = llm.config
     theta, eps = config.rope_parameters["rope_theta"], config.rms_norm_eps
@@ -181,6 +212,12 @@ def reference_forward(
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     image_counts, total_counts, kept = [], [], []
     pending = None
+    renumbered = False
+
+    def positions_now() -> torch.Tensor:
+        if not renumbered:
+            return torch.arange(length)
+        return (active.long().cumsum(0) - 1).clamp(min=0)  # rank among the active rows
 
     def grid_now() -> torch.Tensor:
         rows = image_rows[active[image_rows]]
@@ -195,21 +232,24 @@ def reference_forward(
             active[:] = True
         elif isinstance(event, Prune):
             scores = pending if event.score_layer < idx else oracle_scores(
-                event, layer, h, active, e0, image_rows, query_rows, last_row, theta, eps, grid_index)
+                event, layer, h, active, e0, image_rows, query_rows, last_row, theta, eps, positions_now(),
+                grid_index)
             candidates = image_rows[active[image_rows]]
             keep = oracle_keep(event, scores, candidates, grid_index)
             active[image_rows] = False
             active[keep] = True
+            renumbered = renumbered or event.renumber
         if idx == 0 or event is not None:
             kept.append(grid_now())
         image_counts.append(int(active[image_rows].sum()))
         total_counts.append(int(active.sum()))
         ahead = plan.scored_before(idx)
         pending = None if ahead is None else oracle_scores(
-            ahead, layer, h, active, e0, image_rows, query_rows, last_row, theta, eps, grid_index)
+            ahead, layer, h, active, e0, image_rows, query_rows, last_row, theta, eps, positions_now(),
+            grid_index)
         visible = causal & active[None, :]
         visible |= torch.eye(length, dtype=torch.bool)  # inactive rows keep a finite (unused) output
-        out, _ = layer_attention(layer, h, visible, theta, eps)
+        out, _ = layer_attention(layer, h, visible, theta, eps, positions_now())
         h = h + out
         h = h + layer_mlp(layer, h, eps)
     return rms_norm(h, llm.norm.weight.double(), eps), image_counts, total_counts, kept

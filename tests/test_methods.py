@@ -31,9 +31,9 @@ N_ORACLE = 36  # a 6 x 6 grid (FEATHER's uniform grid needs a square)
 ORACLE_CONFIGS = {
     "csp": {"Lc": 2, "Nc": 12, "Ls": 1, "Np": 6},
     "fastv": {"layer": 2, "keep": 10},
-    "pyramiddrop": {"layers": [1, 3, 4], "keep": [20, 10, 4]},
-    "sparsevlm": {"layers": [1, 2, 4], "keep": [24, 12, 5]},
-    "feather": {"layers": [2, 4], "keep_ratio": 0.2, "stride": 3, "second_fraction": 0.3},
+    "pyramiddrop": {"layers": [1, 3, 4], "ratio": 0.6},  # int(36 * 0.6^i) = 21, 12, 7
+    "sparsevlm": {"layers": [0, 2, 3], "keep": [24, 12, 5], "heads": 3},
+    "feather": {"layers": [2, 4], "keep_ratio": 0.5, "stride": 3},  # 18 | grid, then int(M / 4)
     "simignore": {"keep_similar": 24, "layer": 3, "keep": 8},
     "prumerge": {"keep": "iqr"},
     "prumerge_plus": {"keep": "iqr"},
@@ -45,12 +45,12 @@ ORACLE_CONFIGS = {
 PIPELINE_CONFIGS = {
     "csp": {"Lc": 2, "Nc": 64, "Ls": 1, "Np": 16},
     "fastv": {"layer": 2, "keep": 64},
-    "pyramiddrop": {"layers": [2, 3, 4], "keep": [128, 64, 32]},
-    "sparsevlm": {"layers": [1, 3, 4], "keep": [128, 64, 16]},
-    "feather": {"layers": [2, 4], "keep_ratio": 0.3, "stride": 3, "second_fraction": 0.09},
+    "pyramiddrop": {"layers": [2, 3, 4], "ratio": 0.5},
+    "sparsevlm": {"layers": [0, 2, 3], "keep": [128, 64, 16], "heads": 2},
+    "feather": {"layers": [2, 4], "keep_ratio": 0.3, "stride": 3},
     "simignore": {"keep_similar": 200, "layer": 3, "keep": 50},
     "prumerge": {"keep": "iqr"},
-    "prumerge_plus": {"keep": 20},
+    "prumerge_plus": {"keep": 20},  # spacing int(int(256 / 20) / 3) = 4
     "visionzip": {"dominant": 54, "contextual": 10},
     "random_keep": {"layer": 2, "keep": 40},
 }
@@ -280,13 +280,15 @@ def test_prumerge_count_is_the_iqr_rule_per_sample() -> None:
 
 
 def test_prumerge_merge_and_extra_token_by_hand() -> None:
-    # N = 4 <= 32 neighbours: every token is a neighbour of every kept one.
+    # N = 4 <= 32 neighbours: every OTHER token is a neighbour of each kept one (itself excluded, as
+    # PruMerge's clip_encoder.py L141-156 builds the candidates from every token but i).
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]]])
     a = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
     kept = torch.tensor([[False, True, False, True]])
     out = merge(x, torch.randn(1, 4, 3), a, kept)
-    # sum_j a_j x_j = [0.1 + 0.3 + 0.8, 0.2 + 0.3] = [1.2, 0.5]; extra = 0.1 x_0 + 0.3 x_2 = [0.4, 0.3]
-    torch.testing.assert_close(out.features[0], torch.tensor([[1.2, 1.5], [3.2, 0.5], [0.4, 0.3]]))
+    # token 1: [0, 1] + 0.1 x_0 + 0.3 x_2 + 0.4 x_3 = [1.2, 1.3]; token 3: [2, 0] + 0.1 x_0 + 0.2 x_1 + 0.3 x_2
+    # = [2.4, 0.5]; extra = 0.1 x_0 + 0.3 x_2 = [0.4, 0.3]
+    torch.testing.assert_close(out.features[0], torch.tensor([[1.2, 1.3], [2.4, 0.5], [0.4, 0.3]]))
     assert out.source.tolist() == [[1, 3, -1]] and out.valid.tolist() == [[True, True, True]]
 
 
@@ -347,20 +349,23 @@ def test_sparsevlm_raters_by_hand() -> None:
     assert rows[valid].tolist() == [3]
 
 
-def test_simignore_keeps_the_image_tokens_most_similar_to_the_text() -> None:
-    # image rows 1..4; the one instruction row is [1, 0]; cosines: 0.6, -1, 1, 0 -> top 2 = rows 3 and 1
+def test_simignore_keeps_the_image_tokens_its_scan_meets_first() -> None:
+    # image rows 1..4; the one instruction row is [1, 0]; cosines: 0.6, -1, 1, 0. Sorted pairs: rows 3, 1,
+    # 4, 2; its 7B scan starts at pair 1 (i_index = 1): rows 1, 4, 2 (row 3 is never met) -> keep 2: 1, 4
     e = torch.tensor([[[0.0, 5.0], [3.0, 4.0], [-2.0, 0.0], [7.0, 0.0], [0.0, -1.0], [1.0, 0.0]]])
     is_image = torch.tensor([[False, True, True, True, True, False]])
     inputs = DecoderInputs(e, torch.ones(1, 6, dtype=torch.bool), is_image, torch.tensor([[5]]),
                            torch.ones(1, 1, dtype=torch.bool), last_rows=torch.tensor([[5]]))
     state = TokenState.full(e, inputs.valid, is_image)
     scores = TextSimilarity().score(ScoreContext(None, e, (e, e), state, inputs))
-    torch.testing.assert_close(scores[0, 1:5], torch.tensor([0.6, -1.0, 1.0, 0.0]))
+    assert scores[0, 1:5].tolist() == [-1.0, -3.0, float("-inf"), -2.0]
+    from_top = TextSimilarity(i_index=0).score(ScoreContext(None, e, (e, e), state, inputs))
+    assert from_top[0, 1:5].tolist() == [-1.0, -3.0, 0.0, -2.0]
     plan = build_method({"name": "simignore", "keep_similar": 2, "layer": 1, "keep": 1}).plan(2, 4)
     first = plan.events[0]
     assert isinstance(first, Prune) and first.layer == 0
     kept = first.keep.keep(scores, state.is_image, state.source)
-    assert kept[0].nonzero().flatten().tolist() == [1, 3]
+    assert kept[0].nonzero().flatten().tolist() == [1, 4]
 
 
 # -- presets: the paper's Navg -----------------------------------------------------------------------

@@ -33,7 +33,7 @@ def test_table1_grid_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
         "table1_csp": 73, "table1_prumerge": 75, "table1_visionzip": 80, "table1_fastv": 76,
         "table1_sparsevlm": 76, "table1_pyramiddrop": 81}
     assert navg["table1_simignore"] == (5 * 201 + 27 * 53) / 32
-    assert 86 <= navg["table1_prumerge_plus"] <= 99 and 76.25 <= navg["table1_feather"] <= 87.25
+    assert 86 <= navg["table1_prumerge_plus"] <= 108 and 77.75 <= navg["table1_feather"] <= 87.25
     before = {p: (out / p / "results.jsonl").read_text() for p in navg}
     assert run(args) == text  # resumed: nothing re-run, same table
     assert {p: (out / p / "results.jsonl").read_text() for p in navg} == before

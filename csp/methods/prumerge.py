@@ -1,5 +1,6 @@
-"""PruMerge and PruMerge+ (42Shawn/LLaVA-PruMerge, clip_encoder.py): CLS-attention selection and
-merging between CLIP and the projector."""
+"""PruMerge and PruMerge+ (42Shawn/LLaVA-PruMerge, llava/model/multimodal_encoder/clip_encoder.py):
+CLS-attention selection and merging between CLIP and the projector (see docs/methods.md for the
+lines each rule follows)."""
 
 from __future__ import annotations
 
@@ -41,15 +42,19 @@ def merge(features: torch.Tensor, keys: torch.Tensor, attention: torch.Tensor, k
     """Merge into the kept tokens and append one extra token.
 
     ``features`` ``B x N x C`` (layer -2, no CLS), ``keys`` ``B x N x C'`` (last layer), ``attention``
-    ``B x N`` (CLS), ``kept`` ``B x N`` bool. Each kept token i becomes ``x_i + sum_j a_j x_j`` over its
-    32 nearest tokens j by key cosine similarity (itself included); the extra token is
-    ``sum over pruned j of a_j x_j``. Kept tokens in spatial (ascending) order, then the extra one.
+    ``B x N`` (CLS), ``kept`` ``B x N`` bool. Each kept token i becomes ``x_i + sum_j a_j x_j`` over the
+    32 tokens j != i (kept or not) nearest to it by key cosine similarity, itself excluded as in its
+    code (clip_encoder.py L141-164: ``rest`` is every token but i; all N - 1 where N <= 32); the extra
+    token is ``sum over pruned j of a_j x_j`` (L168). Kept tokens in spatial (ascending) order, then
+    the extra one (its code: attention order; see docs/methods.md).
     """
     batch, n, width = features.shape
     x = features.float()
     a = attention.float()
     normed = torch.nn.functional.normalize(keys.float(), dim=-1)
-    near = (normed @ normed.transpose(1, 2)).topk(min(NEIGHBOURS, n), dim=-1).indices  # B x N x 32
+    sim = normed @ normed.transpose(1, 2)
+    sim = sim.masked_fill(torch.eye(n, dtype=torch.bool, device=sim.device), float("-inf"))  # not itself
+    near = sim.topk(min(NEIGHBOURS, n - 1), dim=-1).indices  # B x N x 32
     gathered = x.gather(1, near.reshape(batch, -1, 1).expand(-1, -1, width)).view(batch, n, -1, width)
     merged = x + (gathered * a.gather(1, near.reshape(batch, -1)).view(batch, n, -1, 1)).sum(dim=2)
     extra = ((~kept).float() * a).unsqueeze(-1).mul(x).sum(dim=1, keepdim=True)  # B x 1 x C
@@ -120,9 +125,15 @@ class PruMerge(Method):
 @register_method("prumerge_plus")
 @dataclass
 class PruMergePlus(PruMerge):
-    """PruMerge's selection (IQR, or a fixed ``keep``) plus spatially uniform samples:
-    ``step = int(1 / ratio)`` with ``ratio = kept / N``, indices ``arange(0, N - 1, int(step / 3))``
-    (``stride`` overrides that spacing) not already kept are added; then the same merge."""
+    """PruMerge's selection (IQR, or a fixed ``keep``) plus spatially uniform samples, as its
+    ``token_prune_merge_advanced_plus`` (clip_encoder.py L203-214, the ``if_adaptive`` branch its
+    ``forward`` runs, L300): with ``ratio = kept / N`` (a float, as its L46), ``step = int(1 / ratio)``,
+    indices ``arange(0, N - 1, int(step / 3))`` (its literal 575 = N - 1 at N = 576) not already kept
+    are added; then the same merge. A fixed ``keep`` sets the ratio (``keep / N``) and through it the
+    spacing, so one knob reaches the budget as its rule does.
+
+    ``stride`` (default None: its rule) overrides the spacing: an exploration knob, not its code.
+    """
 
     stride: int | None = None
 
@@ -130,17 +141,26 @@ class PruMergePlus(PruMerge):
         super()._check(num_image_tokens)
         if self.stride is not None:
             check_int(self.name, "stride", self.stride, 1)
+        elif self.keep != "iqr" and int(num_image_tokens / int(self.keep)) < 3:
+            # int(step / 3) = 0: its torch.arange(0, 575, 0) raises
+            raise ValueError(f"{self.name}.keep = {self.keep} of N = {num_image_tokens}: its rule's spacing "
+                             f"int(int(N / keep) / 3) is 0 (keep must be <= N / 3)")
+
+    def spacing(self, counts: torch.Tensor, n: int) -> torch.Tensor:
+        """``B`` spacing of the uniform samples: ``int(int(1 / ratio) / 3)``, ``ratio = counts / n``
+        in float64 (its Python floats), or ``stride``."""
+        if self.stride is not None:
+            return torch.full_like(counts, self.stride)
+        ratio = counts.double() / n
+        step = (1.0 / ratio).floor()
+        return (step / 3).floor().long().clamp(min=1)
 
     def kept_mask(self, attention: torch.Tensor) -> torch.Tensor:
         counts = self.counts(attention)
         kept = top_mask(attention, counts)
         n = attention.shape[1]
         cols = torch.arange(n, device=attention.device)
-        if self.stride is not None:
-            stride = torch.full_like(counts, self.stride)
-        else:
-            step = (n / counts.double()).floor().long()  # int(1 / ratio)
-            stride = (step // 3).clamp(min=1)
+        stride = self.spacing(counts, n)
         uniform = (cols[None, :] < n - 1) & (cols[None, :] % stride[:, None] == 0)
         return kept | uniform
 
@@ -155,6 +175,6 @@ class PruMergePlus(PruMerge):
         if self.keep == "iqr":
             return None
         n, k = num_image_tokens, int(self.keep)
-        stride = self.stride if self.stride is not None else max(1, (n // k) // 3)
+        stride = int(self.spacing(torch.tensor([k]), n)[0])
         uniform = len(range(0, n - 1, stride))
         return [max(k, uniform) + 1] * num_layers, [min(n, k + uniform) + 1] * num_layers
