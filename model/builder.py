@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from model.lisa import LISAForCausalLM
 from model.prompt import SpecialTokenIds
-from model.sam import build_sam_vit_h, build_tiny_sam, build_toy_sam
+from model.sam import build_sam_vit_h, build_tiny_sam, build_toy_conv_sam, build_toy_sam
 from model.tokenizer import build_tiny_tokenizer
 from model.vision import (
     CLIPVisionTower,
@@ -35,7 +35,8 @@ from model.vision import (
 )
 
 #: SAM architectures by the config key ``sam_arch`` (LISA's configs have none: ViT-H).
-SAM_BUILDERS: dict[str, Callable[[], Sam]] = {"vit_h": build_sam_vit_h, "tiny": build_tiny_sam, "toy": build_toy_sam}
+SAM_BUILDERS: dict[str, Callable[[], Sam]] = {"vit_h": build_sam_vit_h, "tiny": build_tiny_sam, "toy": build_toy_sam,
+                                              "toy_conv": build_toy_conv_sam}
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -158,6 +159,11 @@ class ToySizes:
     #: SAM's image-encoder position embedding: ``zeros`` (segment-anything's init) or ``sincos``
     #: (model.sam.build_toy_sam says why it matters to the mask decoder).
     sam_position_embedding: str = "zeros"
+    #: A folder with the pretrained toy towers (training/toy_towers.py: ``clip/`` and ``sam.safetensors``), or
+    #: None for random towers. With it, the CLIP sizes above come from ``clip/config.json`` and SAM is the
+    #: pretrained ``toy_conv`` SAM (encoder, prompt encoder and mask decoder), as LISA starts from OpenAI's
+    #: CLIP and SA-1B's SAM.
+    towers: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ToySizes:
@@ -167,7 +173,28 @@ class ToySizes:
 
     @property
     def num_image_tokens(self) -> int:
+        if self.towers is not None:
+            clip = CLIPVisionConfig.from_pretrained(Path(self.towers) / "clip")
+            return (clip.image_size // clip.patch_size) ** 2
         return (self.clip_image_size // self.clip_patch_size) ** 2
+
+
+def load_toy_towers(towers: str | Path) -> tuple[CLIPVisionTower, Sam]:
+    """The pretrained toy towers (training/toy_towers.py) in float32: the CLIP stand-in as a CLIP directory
+    (``<towers>/clip``) and the ``toy_conv`` SAM (``<towers>/sam.safetensors``, segment-anything key names)."""
+    from safetensors.torch import load_file
+
+    towers = Path(towers)
+    sam_file = towers / "sam.safetensors"
+    if not (towers / "clip" / "config.json").is_file() or not sam_file.is_file():
+        raise FileNotFoundError(f"model.towers={towers}: expected clip/config.json and sam.safetensors there "
+                                "(python -m training.toy_towers clip|sam --out <folder>)")
+    tower = load_vision_tower(towers / "clip")
+    tower.clip.float()
+    sam = build_toy_conv_sam()
+    state = {k: v.float() for k, v in load_file(str(sam_file)).items()}
+    sam.load_state_dict(state, strict=True)
+    return tower, sam
 
 
 def build_toy_lisa(seed: int = 0, sizes: ToySizes = ToySizes()) -> LisaBundle:
@@ -177,6 +204,8 @@ def build_toy_lisa(seed: int = 0, sizes: ToySizes = ToySizes()) -> LisaBundle:
 
     tokenizer = build_tiny_tokenizer(TOKENIZER_WORDS)
     torch.manual_seed(seed)
+    if sizes.towers is not None:
+        return _toy_lisa_on_towers(seed, sizes, tokenizer)
     clip_config = tiny_clip_config(sizes.clip_image_size, sizes.clip_patch_size, sizes.clip_hidden_size,
                                    sizes.clip_layers)
     config = tiny_llama_config(len(tokenizer), num_layers=sizes.num_layers, hidden_size=sizes.hidden_size,
@@ -198,14 +227,34 @@ def build_toy_lisa(seed: int = 0, sizes: ToySizes = ToySizes()) -> LisaBundle:
     config.out_dim = build_toy_sam().prompt_encoder.embed_dim
     model = LISAForCausalLM(config, visual_model=build_toy_sam(position_embedding=sizes.sam_position_embedding),
                             vision_tower=tower)
-    # The [SEG] prompt enters SAM's decoder beside its learned tokens (N(0, 1) entries); with PyTorch's
-    # default init the prompt is ~5x smaller and the decoder learns to ignore it. Unit-variance entries
-    # at init: the input of the last layer has second moment 1/6 per entry (ReLU of a default-init
-    # Linear of RMS-normalised states), so weights of std sqrt(6 / hidden_size).
-    last = model.model.text_hidden_fcs[0][2]
-    torch.nn.init.normal_(last.weight, std=(6.0 / sizes.hidden_size) ** 0.5)
-    torch.nn.init.zeros_(last.bias)
+    _init_seg_prompt(model, sizes.hidden_size)
     return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
+
+
+def _toy_lisa_on_towers(seed: int, sizes: ToySizes, tokenizer: PreTrainedTokenizerBase) -> LisaBundle:
+    """The toy LISA on the pretrained towers: LLM, projector and text_hidden_fcs random (seeded)."""
+    tower, sam = load_toy_towers(sizes.towers)
+    torch.manual_seed(seed)
+    config = tiny_llama_config(len(tokenizer), num_layers=sizes.num_layers, hidden_size=sizes.hidden_size,
+                               heads=sizes.heads, projector=sizes.projector, intermediate_size=sizes.intermediate_size,
+                               mm_hidden_size=tower.config.hidden_size)
+    config.vision_tower = f"toy-clip-{tower.config.image_size}"
+    config.initializer_range = sizes.init_std or sizes.hidden_size**-0.5
+    config.sam_arch = "toy_conv"
+    config.out_dim = sam.prompt_encoder.embed_dim
+    model = LISAForCausalLM(config, visual_model=sam, vision_tower=tower)
+    _init_seg_prompt(model, sizes.hidden_size)
+    return LisaBundle(model.eval(), tokenizer, SpecialTokenIds.from_tokenizer(tokenizer))
+
+
+def _init_seg_prompt(model: LISAForCausalLM, hidden_size: int) -> None:
+    """The [SEG] prompt enters SAM's decoder beside its learned tokens (N(0, 1) entries); with PyTorch's
+    default init the prompt is ~5x smaller and the decoder learns to ignore it. Unit-variance entries at
+    init: the input of the last layer has second moment 1/6 per entry (ReLU of a default-init Linear of
+    RMS-normalised states), so weights of std sqrt(6 / hidden_size)."""
+    last = model.model.text_hidden_fcs[0][2]
+    torch.nn.init.normal_(last.weight, std=(6.0 / hidden_size) ** 0.5)
+    torch.nn.init.zeros_(last.bias)
 
 
 def load_vision_tower(clip_dir: str | Path, select_layer: int = -2) -> CLIPVisionTower:

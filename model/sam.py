@@ -101,6 +101,29 @@ def build_toy_sam(prompt_embed_dim: int = 64, position_embedding: str = "zeros")
     return sam
 
 
+def build_toy_conv_sam(prompt_embed_dim: int = 64) -> Sam:
+    """The toy world's pretrained SAM (``sam_arch: toy_conv``): a convolutional image encoder
+    (model.toy_towers.ToyConvImageEncoder: 1024 input, 64 x 64 embedding) with SAM's own prompt encoder
+    and mask decoder (64 wide, as :func:`build_toy_sam`). Its weights come from training/toy_towers.py."""
+    from model.toy_towers import ToyConvImageEncoder
+
+    grid = SAM_IMAGE_SIZE // 16
+    return Sam(
+        image_encoder=ToyConvImageEncoder(out_chans=prompt_embed_dim),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_embed_dim, image_embedding_size=(grid, grid),
+            input_image_size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim, mlp_dim=2 * prompt_embed_dim,
+                                          num_heads=4),
+            transformer_dim=prompt_embed_dim, iou_head_depth=3, iou_head_hidden_dim=256,
+        ),
+        pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD),
+    )
+
+
 def load_sam_checkpoint(sam: Sam, path: str | Path) -> Sam:
     """Load a segment-anything ``.pth`` (e.g. sam_vit_h_4b8939.pth) without executing pickles."""
     path = Path(path)

@@ -44,9 +44,12 @@ class TrainingLoss:
     mask_bce_loss: torch.Tensor
     mask_dice_loss: torch.Tensor
     seg_embeddings: list[torch.Tensor]
+    point_loss: torch.Tensor | None = None  # the (weighted) pointing term, where it is on
 
     def scalars(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss")}
+        keys = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss") + (("point_loss",) if self.point_loss is not None
+                                                                          else ())
+        return {k: float(getattr(self, k).detach()) for k in keys}
 
 
 @dataclass
@@ -54,6 +57,34 @@ class LossWeights:
     ce: float = 1.0
     bce: float = 2.0
     dice: float = 0.5
+    #: Not LISA's: the pointing term (:func:`pointing_targets`), 0 in LISA's recipe; the toy world uses it.
+    point: float = 0.0
+
+
+def pointing_targets(sam: torch.nn.Module, gt: torch.Tensor, resized_size: tuple[int, int],
+                     original_size: tuple[int, int]) -> torch.Tensor:
+    """``K x H x W`` target masks -> ``K x C``: the sparse token SAM's prompt encoder makes for a positive
+    click on each target (at its visible pixel nearest to the mask's centroid, in SAM's 1024 frame).
+
+    The pointing term is the mean squared distance of each [SEG] prompt to its target's click token: a
+    dense signal that asks the [SEG] row to say where its referent is, in the terms SAM's decoder was
+    pretrained on (as LLaVA-1.5's grounding data asks for coordinates as text). LISA has no such term.
+    """
+    clicks = []
+    for mask in gt:
+        ys, xs = torch.nonzero(mask > 0, as_tuple=True)
+        if len(ys) == 0:
+            raise ValueError("pointing_targets: an empty target mask has no pixel to click on")
+        cy, cx = ys.float().mean(), xs.float().mean()
+        k = int(((ys.float() - cy) ** 2 + (xs.float() - cx) ** 2).argmin())
+        clicks.append((float(xs[k]) + 0.5, float(ys[k]) + 0.5))
+    scale_y = resized_size[0] / original_size[0]
+    scale_x = resized_size[1] / original_size[1]
+    coords = torch.tensor([[[x * scale_x, y * scale_y]] for x, y in clicks], device=gt.device)
+    labels = torch.ones(len(clicks), 1, dtype=torch.int, device=gt.device)
+    with torch.no_grad():
+        sparse, _ = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    return sparse[:, 0].float()
 
 
 def set_trainable(model: torch.nn.Module, prefixes: list[str]) -> list[str]:
@@ -188,7 +219,7 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
     pred, _ = pad_rows(pred_rows)
     pred_states = out.rows(pred.to(device))
     ce_terms, num_masks, prompts = [], 0, []
-    bce = dice = image_embeds.new_zeros((), dtype=torch.float32)  # stays 0 for a batch of VQA turns only
+    bce = dice = point = image_embeds.new_zeros((), dtype=torch.float32)  # stay 0 for a batch of VQA turns only
     for i, s in enumerate(samples):
         n_pred = len(pred_rows[i])
         logits = model.lm_head(pred_states[i, :n_pred])
@@ -205,8 +236,13 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
         feats = DecoderFeatures(sam_embeddings[id(s.image)], prompts[-1], enc.resized_size, enc.original_size)
         b, d = mask_loss_sums(mask_logits(model.sam, feats), gt)
         bce, dice, num_masks = bce + b, dice + d, num_masks + gt.shape[0]
+        if weights.point:
+            target = pointing_targets(model.sam, gt, enc.resized_size, enc.original_size)
+            point = point + ((prompts[-1].float() - target) ** 2).mean(dim=1).sum()
     ce = torch.stack(ce_terms).sum() / sum(len(p) for p in pred_rows)
     bce = weights.bce * bce / (num_masks + 1e-8)
     dice = weights.dice * dice / (num_masks + 1e-8)
-    total = weights.ce * ce + bce + dice
-    return TrainingLoss(loss=total, ce_loss=ce, mask_bce_loss=bce, mask_dice_loss=dice, seg_embeddings=prompts)
+    point = weights.point * point / (num_masks + 1e-8)
+    total = weights.ce * ce + bce + dice + point
+    return TrainingLoss(loss=total, ce_loss=ce, mask_bce_loss=bce, mask_dice_loss=dice, seg_embeddings=prompts,
+                        point_loss=point if weights.point else None)

@@ -88,11 +88,11 @@ def cls_attention_row(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Te
 
 
 def tiny_clip_config(image_size: int = 224, patch_size: int = 14, hidden_size: int = 32,
-                     num_layers: int = 3) -> CLIPVisionConfig:
+                     num_layers: int = 3, heads: int = 2) -> CLIPVisionConfig:
     """A CLIP ViT at tiny width; the defaults keep the real patch geometry (N = (224/14)^2 = 256)."""
     return CLIPVisionConfig(
         hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=hidden_size,
+        num_attention_heads=heads, image_size=image_size, patch_size=patch_size, projection_dim=hidden_size,
     )
 
 

@@ -6,8 +6,12 @@ columns, mIoU_drop, Navg, TFLOPs).
     python scripts/run_table.py table=2 output_dir=outputs/tables/table2     # run again: resumes
     python scripts/run_table.py table=1 model=tiny model.num_layers=32 miniature.seed=0 max_samples_per_split=2
 
-``table=<1|2|3|toy>`` (``toy``: Table 1's methods on the trained toy LISA, presets
-``configs/exp/toy_table1_<method>.yaml``); ``output_dir=<dir>`` (default ``outputs/tables/table<k>``):
+``table=<1|2|3|toy|toy19|toy10>``: ``toy19`` and ``toy10`` are Table 1's methods (and the ``random_keep``
+control) on the trained toy LISA at Navg ~19 and ~10 of its N = 64 tokens (presets
+``configs/exp/toy_table1_<method>.yaml`` and ``toy_n10_<method>.yaml``); ``toy`` runs both for every
+checkpoint in ``models=[dir,...]`` (default: the committed assets/toy_lisa; e.g. three training seeds)
+and prints one table, per method the mean gIoU over the models and its range, at both budgets.
+``output_dir=<dir>`` (default ``outputs/tables/table<k>``):
 one sub-directory per setting (``baseline``, then the preset names, e.g. ``table1_fastv``) and
 ``table.txt``; every other argument is a Hydra override applied to every setting. Running the same
 command again resumes: settings whose samples are all recorded are only re-scored, unfinished ones
@@ -39,6 +43,9 @@ LABELS = {"prumerge": "PruMerge", "prumerge_plus": "PruMerge+", "visionzip": "Vi
 TABLE1 = ["prumerge", "prumerge_plus", "visionzip", "fastv", "simignore", "sparsevlm", "pyramiddrop", "feather", "csp"]
 TABLE2 = ["prumerge", "visionzip", "fastv", "pyramiddrop", "csp"]
 TABLE3 = ["prumerge", "visionzip", "fastv", "csp"]
+#: The toy table: Table 1's methods and the control that keeps random tokens (it must lose).
+TOY = [*TABLE1, "random_keep"]
+LABELS["random_keep"] = "random_keep (control)"
 TABLES: dict[int | str, dict[str, Any]] = {
     1: {"baseline": "llava7b_224_baseline", "data": "all5",
         "rows": [(LABELS[m], f"table1_{m}") for m in TABLE1]},
@@ -46,10 +53,14 @@ TABLES: dict[int | str, dict[str, Any]] = {
         "rows": [(f"{LABELS[m]} {r}%", f"table2_{m}_p{r}") for r in (70, 80, 90) for m in TABLE2]},
     3: {"baseline": "llava13b_224_baseline", "data": "table3",
         "rows": [(LABELS[m], f"table3_{m}") for m in TABLE3]},
-    # Table 1's methods on the trained toy LISA (assets/toy_lisa, L = 8, N = 64), counts scaled to Navg ~19
-    "toy": {"baseline": "toy_baseline", "data": "toy",
-            "rows": [(LABELS[m], f"toy_table1_{m}") for m in TABLE1]},
+    # Table 1's methods on the trained toy LISA (assets/toy_lisa, L = 8, N = 64), counts scaled to Navg ~19 / ~10
+    "toy19": {"baseline": "toy_baseline", "data": "toy",
+              "rows": [(LABELS[m], f"toy_table1_{m}") for m in TOY]},
+    "toy10": {"baseline": "toy_baseline", "data": "toy",
+              "rows": [(LABELS[m], f"toy_n10_{m}") for m in TOY]},
 }
+#: ``table=toy``: both toy budgets, for one or more toy LISA checkpoints.
+TOY_LEVELS = ("toy19", "toy10")
 
 
 def parse(argv: Sequence[str]) -> tuple[int | str, Path | None, list[str]]:
@@ -62,8 +73,8 @@ def parse(argv: Sequence[str]) -> tuple[int | str, Path | None, list[str]]:
             out = Path(arg.split("=", 1)[1])
         else:
             overrides.append(arg)
-    if table not in {str(k) for k in TABLES}:
-        raise SystemExit(f"run_table.py needs table=<{'|'.join(map(str, TABLES))}>, got table={table}")
+    if table not in {str(k) for k in TABLES} | {"toy"}:
+        raise SystemExit(f"run_table.py needs table=<{'|'.join([*map(str, TABLES), 'toy'])}>, got table={table}")
     return (int(table) if table.isdigit() else table), out, overrides
 
 
@@ -98,12 +109,19 @@ def settings(table: int | str, root: Path, overrides: list[str]) -> list[tuple[s
 
 def run(argv: Sequence[str]) -> str:
     """Evaluate the table and return its printed text."""
+    table, out, overrides = parse(argv)
+    root = out or Path("outputs") / "tables" / f"table{table}"
+    if table == "toy":
+        return run_toy(root, overrides)
+    return run_grid(table, root, overrides)[0]
+
+
+def run_grid(table: int | str, root: Path, overrides: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    """One table's grid for one model: (printed text, metrics rows)."""
     from evaluation.evaluate import evaluate
     from evaluation.report import table as format_table
     from model.builder import build_from_config
 
-    table, out, overrides = parse(argv)
-    root = out or Path("outputs") / "tables" / f"table{table}"
     configured = settings(table, root, overrides)
     baseline_metrics = root / "baseline" / "metrics.json"
     bundle = build_from_config(configured[0][1].model)
@@ -119,7 +137,66 @@ def run(argv: Sequence[str]) -> str:
     root.mkdir(parents=True, exist_ok=True)
     (root / "table.txt").write_text(text + "\n")
     print(f"\nTable {table} ({root}):\n{text}", flush=True)
+    return text, rows
+
+
+def split_models(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``models=[a,b]`` (toy checkpoints) out of the overrides; default the committed toy LISA."""
+    models, rest = ["assets/toy_lisa"], []
+    for arg in overrides:
+        if arg.startswith("models="):
+            models = [m.strip() for m in arg.split("=", 1)[1].strip("[]").split(",") if m.strip()]
+        else:
+            rest.append(arg)
+    missing = [m for m in models if not (Path(m) / "config.json").is_file()]
+    if missing:
+        raise SystemExit(f"models=: no toy LISA checkpoint (config.json) in {missing}")
+    return models, rest
+
+
+def run_toy(root: Path, overrides: list[str]) -> str:
+    """Both toy budgets for every model of ``models=[...]``; one table of means and ranges over the models."""
+    import json
+
+    models, rest = split_models(overrides)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {level: {} for level in TOY_LEVELS}
+    for i, model in enumerate(models):
+        model_args = [f"model.checkpoint={model}", f"model.vision_tower={Path(model) / 'vision_tower'}", *rest]
+        for level in TOY_LEVELS:
+            _, rows = run_grid(level, root / f"model{i}" / level, model_args)
+            for row in rows:
+                results[level].setdefault(row["name"], []).append(row)
+    text = format_toy(results, models)
+    summary = {level: {name: [{"gIoU": r["splits"]["toyref|unc|val"]["gIoU"], "Navg": r["summary"]["Navg"]}
+                              for r in rows] for name, rows in per.items()} for level, per in results.items()}
+    (root / "table.txt").write_text(text + "\n")
+    (root / "table.json").write_text(json.dumps({"models": models, "rows": summary}, indent=1))
+    print(f"\nToy table ({root}):\n{text}", flush=True)
     return text
+
+
+def format_toy(results: dict[str, dict[str, list[dict[str, Any]]]], models: list[str]) -> str:
+    """Rows: LISA and the methods; per budget: gIoU mean over the models (points), [min, max], Navg."""
+    split = "toyref|unc|val"
+    header = ["setting"]
+    for level in TOY_LEVELS:
+        header += [f"gIoU@{level[3:]}", "range", "Navg"]
+    lines = [header]
+    names = list(results[TOY_LEVELS[0]])
+    for name in names:
+        cells = [name]
+        for level in TOY_LEVELS:
+            rows = results[level].get(name, [])
+            values = [100 * r["splits"][split]["gIoU"] for r in rows]
+            navgs = [r["summary"]["Navg"] for r in rows]
+            cells += [f"{sum(values) / len(values):.1f}", f"[{min(values):.1f}, {max(values):.1f}]",
+                      f"{sum(navgs) / len(navgs):.1f}"] if values else ["-", "-", "-"]
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    body = "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+    return body + f"\n(gIoU in points on toyref|unc|val, mean and [min, max] over {len(models)} model(s): " \
+                  + ", ".join(models) + ")"
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
 
 Both numbers come from evaluation itself (``evaluation.evaluate.evaluate``, plain LISA, the
 evaluation prompt) on ``toyref|unc|val`` written from the toy spec in ``configs/exp/toy_p70.yaml``:
-``gIoU`` / ``cIoU`` over the whole split, gIoU per expression type, and ``check`` over its first
-``--check-samples`` samples (24), which ``tests/test_toy_checkpoint.py`` recomputes (a few seconds) and compares.
+``gIoU`` / ``cIoU`` over the whole split, gIoU per expression type, ``zeroed_image_tokens`` (the same
+evaluation with every projected image token set to zero before the LLM: how much the model reads its
+image tokens), and ``check`` over the first ``--check-samples`` samples (24), which
+``tests/test_toy_checkpoint.py`` recomputes (a few seconds) and compares.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -29,13 +32,17 @@ def val_toy_spec() -> dict[str, Any]:
     return dict(OmegaConf.load(REPO / "configs" / "exp" / "toy_p70.yaml")["toy"])
 
 
-def evaluate_checkpoint(checkpoint: Path, out_dir: Path, max_samples: int | None) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint: Path, out_dir: Path, max_samples: int | None,
+                        zero_image_tokens: bool = False) -> dict[str, Any]:
     """Plain-LISA metrics.json mapping of ``checkpoint`` on the toy val split (first ``max_samples``).
 
     With ``max_samples`` only that many val images are written (every image has at least one sample,
     and the first images and their sample ids do not depend on how many are written).
+    ``zero_image_tokens``: the projector's output is replaced by zeros (a forward hook on this model's
+    projector, removed afterwards), so the LLM sees the image slot but nothing of the image.
     """
     from evaluation.evaluate import evaluate
+    from model.builder import build_from_config
 
     spec = val_toy_spec()
     if max_samples is not None:
@@ -49,7 +56,14 @@ def evaluate_checkpoint(checkpoint: Path, out_dir: Path, max_samples: int | None
     ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=overrides)
-    return evaluate(cfg)["method"]
+    if not zero_image_tokens:
+        return evaluate(cfg)["method"]
+    bundle = build_from_config(cfg.model)
+    handle = bundle.model.model.mm_projector.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+    try:
+        return evaluate(cfg, bundle=bundle)["method"]
+    finally:
+        handle.remove()
 
 
 def giou_by_type(results: Path, by_description: bool = False) -> dict[str, dict[str, Any]]:
@@ -79,9 +93,12 @@ def record(checkpoint: Path, check_samples: int) -> dict[str, Any]:
         by_type = giou_by_type(Path(tmp) / "full" / "run" / "results.jsonl")
         by_description = giou_by_type(Path(tmp) / "full" / "run" / "results.jsonl", by_description=True)
         check = evaluate_checkpoint(checkpoint, Path(tmp) / "check", check_samples)
+        zeroed = evaluate_checkpoint(checkpoint, Path(tmp) / "zeroed", None, zero_image_tokens=True)
+        zeroed_by_type = giou_by_type(Path(tmp) / "zeroed" / "run" / "results.jsonl")
     split, part = full["splits"][SPLIT], check["splits"][SPLIT]
     return {"split": SPLIT, "toy": val_toy_spec(), "samples": split["evaluated"], "gIoU": split["gIoU"],
             "cIoU": split["cIoU"], "by_expression_type": by_type, "by_type_and_target_description": by_description,
+            "zeroed_image_tokens": {"gIoU": zeroed["splits"][SPLIT]["gIoU"], "by_expression_type": zeroed_by_type},
             "check": {"max_samples_per_split": check_samples, "samples": part["evaluated"],
                       "gIoU": part["gIoU"], "cIoU": part["cIoU"]}}
 

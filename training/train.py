@@ -407,7 +407,8 @@ class Runner:
         from model.training import LossWeights, decoder_loss, training_loss
 
         w = self.cfg.mode.get("loss_weights") or {}
-        weights = LossWeights(ce=float(w.get("ce", 1.0)), bce=float(w.get("bce", 2.0)), dice=float(w.get("dice", 0.5)))
+        weights = LossWeights(ce=float(w.get("ce", 1.0)), bce=float(w.get("bce", 2.0)), dice=float(w.get("dice", 0.5)),
+                              point=float(w.get("point", 0.0)))
         spi = int(self.t.samples_per_image)
         if self.mode == "decoder":
             from training.cache import features_for, group_features
@@ -573,15 +574,19 @@ class Runner:
                                         schedule=self.schedule_cfg, model_name=str(self.cfg.model.get("name")))
             outputs["mask_decoder"] = str(decoder)
         if self.t.get("save_released", True):
-            outputs.update(save_released(self.bundle, self.trainable, self.out_dir / "final"))
+            outputs.update(save_released(self.bundle, self.trainable, self.out_dir / "final",
+                                         dtype=self.t.get("release_dtype")))
         (self.out_dir / "outputs.json").write_text(json.dumps(outputs, indent=1))
         return outputs
 
 
-def save_released(bundle: Any, trainable: Trainable, root: Path) -> dict[str, str]:
+def save_released(bundle: Any, trainable: Trainable, root: Path, dtype: str | None = None) -> dict[str, str]:
     """The trained model as a released LISA checkpoint (``<root>/lisa``, LoRA merged into a copy)
-    with its CLIP tower in ``<root>/lisa/vision_tower`` (LISA checkpoints carry no CLIP weights)."""
-    from model.builder import LisaBundle
+    with its CLIP tower in ``<root>/lisa/vision_tower`` (LISA checkpoints carry no CLIP weights).
+
+    ``dtype`` (``trainer.release_dtype``; None: the training dtype): the weights are written in it, e.g.
+    ``bf16`` as LISA's released checkpoints are (RoPE and SAM's positional matrix stay float32)."""
+    from model.builder import LisaBundle, cast_model, resolve_dtype
     from model.checkpoint import save_lisa_checkpoint
 
     model = bundle.model
@@ -590,6 +595,8 @@ def save_released(bundle: Any, trainable: Trainable, root: Path) -> dict[str, st
 
         model_copy, wrapper_copy = copy.deepcopy((model, trainable.lora))
         model = merge_lora(model_copy, wrapper_copy)
+    if dtype is not None:
+        model = cast_model(copy.deepcopy(model), dtype=resolve_dtype(dtype), device="cpu")
     out = save_lisa_checkpoint(LisaBundle(model, bundle.tokenizer, bundle.token_ids), root / "lisa")
     tower = model.vision_tower
     tower.clip.save_pretrained(out / "vision_tower")
