@@ -98,10 +98,23 @@ def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, valid
 
 
+def expression_rows(token_ids: list[list[int]], spans: Sequence[tuple[int, int]], counts: int | Sequence[int],
+                    width: int) -> torch.Tensor:
+    """``B x width`` True on each sample's expression rows: ``spans`` are ``[start, end)`` in the unexpanded ids
+    (model.prompt.expression_span), shifted past the image slot where it precedes them."""
+    counts = [counts] * len(token_ids) if isinstance(counts, int) else list(counts)
+    mask = torch.zeros(len(token_ids), width, dtype=torch.bool)
+    for i, (ids, (start, end), m) in enumerate(zip(token_ids, spans, counts, strict=True)):
+        slot = ids.index(IMAGE_PLACEHOLDER_ID) if IMAGE_PLACEHOLDER_ID in ids else len(ids)
+        shift = m - 1 if slot < start else 0
+        mask[i, start + shift: end + shift] = True
+    return mask
+
+
 def decoder_inputs(model: LISAForCausalLM, batch: ExpandedBatch, image_embeds: torch.Tensor,
                    query_rows: list[torch.Tensor], cluster_keep: torch.Tensor | None, *,
                    last_rows: torch.Tensor | None = None, image_valid: torch.Tensor | None = None,
-                   image_source: torch.Tensor | None = None) -> DecoderInputs:
+                   image_source: torch.Tensor | None = None, expression: torch.Tensor | None = None) -> DecoderInputs:
     """The runner's input for ``batch``: layer-0 embeddings, masks, the rows (one 1-D tensor per
     sample) whose attention ranks image tokens for CSP's pruning, the ``B x 1`` last prompt rows,
     and the grid index of each image row (after a reducer); all on the image embeddings' device."""
@@ -112,6 +125,7 @@ def decoder_inputs(model: LISAForCausalLM, batch: ExpandedBatch, image_embeds: t
         is_image=batch.is_image.to(device), query_rows=rows.to(device), query_valid=rows_valid.to(device),
         cluster_keep=cluster_keep, last_rows=None if last_rows is None else last_rows.to(device),
         source=row_source(batch, image_source, image_valid, device),
+        expression=None if expression is None else expression.to(device),
         # host-side counts (the batch is built on the host): the runner sizes its stages from these
         lengths=batch.lengths.tolist(), image_counts=batch.is_image.sum(dim=1).tolist(),
     )
@@ -147,14 +161,15 @@ def teacher_forced(
     model: LISAForCausalLM, runner: StageRunner, token_ids: list[list[int]], image_embeds: torch.Tensor,
     seg_id: int, pad_id: int, cluster_keep: torch.Tensor | None = None, *,
     prompt_lengths: Sequence[int] | None = None, image_valid: torch.Tensor | None = None,
-    image_source: torch.Tensor | None = None,
+    image_source: torch.Tensor | None = None, expression_spans: Sequence[tuple[int, int]] | None = None,
 ) -> TeacherForcedOutput:
     """Run prompts with answers; the [SEG] embedding is the final state BEFORE each [SEG].
 
     ``image_embeds``: ``B x M x d`` (M = N, or a reducer's tokens with ``image_valid``/``image_source``
     ``B x M``); ``cluster_keep``: ``B x Nc`` or None; ``prompt_lengths``: unexpanded length of each
     prompt without its answer, which gives the last prompt row that FastV-style methods rank by
-    (the same row that ranks at chat prefill).
+    (the same row that ranks at chat prefill); ``expression_spans``: each prompt's ``[start, end)`` of the
+    user's expression in unexpanded ids (model.prompt.expression_span), for methods that compare with it.
     """
     counts = image_counts(image_embeds, image_valid)
     batch = expand_image_slots(token_ids, counts, pad_id)
@@ -163,8 +178,10 @@ def teacher_forced(
         if len(q) == 0:
             raise ValueError(f"prompt {i} has no [SEG] token: teacher-forced segmentation needs one per mask")
     last = None if prompt_lengths is None else last_prompt_rows(token_ids, prompt_lengths, counts)
+    expression = None if expression_spans is None else expression_rows(token_ids, expression_spans, counts,
+                                                                       batch.ids.shape[1])
     inputs = decoder_inputs(model, batch, image_embeds, query, cluster_keep, last_rows=last,
-                            image_valid=image_valid, image_source=image_source)
+                            image_valid=image_valid, image_source=image_source, expression=expression)
     out = runner.forward(inputs)
     hidden = out.rows(inputs.query_rows)
     seg_hidden = [hidden[i, : len(q)] for i, q in enumerate(query)]
@@ -188,6 +205,7 @@ def generate(
     model: LISAForCausalLM, runner: StageRunner, token_ids: list[list[int]], image_embeds: torch.Tensor,
     seg_id: int, eos_id: int, pad_id: int, max_new_tokens: int = 32, cluster_keep: torch.Tensor | None = None,
     *, image_valid: torch.Tensor | None = None, image_source: torch.Tensor | None = None,
+    expression_spans: Sequence[tuple[int, int]] | None = None,
 ) -> GenerationOutput:
     """Greedy decoding against the KV cache (prefill through the stage runner).
 
@@ -197,8 +215,10 @@ def generate(
     batch = expand_image_slots(token_ids, image_counts(image_embeds, image_valid), pad_id)
     device = image_embeds.device
     last = (batch.lengths - 1).unsqueeze(1)  # B x 1: the last prompt token ranks at prefill
+    expression = None if expression_spans is None else expression_rows(
+        token_ids, expression_spans, image_counts(image_embeds, image_valid), batch.ids.shape[1])
     inputs = decoder_inputs(model, batch, image_embeds, list(last), cluster_keep, last_rows=last,
-                            image_valid=image_valid, image_source=image_source)
+                            image_valid=image_valid, image_source=image_source, expression=expression)
     cache = DynamicCache(config=model.config)
     out = runner.forward(inputs, cache=cache)
     hidden = out.rows(inputs.query_rows)  # B x 1 x d

@@ -21,7 +21,7 @@ from csp.strategies import ClusteringInputs
 from csp.tokens import KeptImageTokens
 from model.builder import LisaBundle
 from model.inference import generate, teacher_forced
-from model.prompt import DEFAULT_ANSWER, build_prompt, chat_prompt, tokenize_with_image, vqa_prompt
+from model.prompt import DEFAULT_ANSWER, build_prompt, chat_prompt, expression_span, tokenize_with_image, vqa_prompt
 from model.sam import decode_masks, sam_postprocess, sam_preprocess, sam_resized_size, to_rgb_array
 
 
@@ -254,9 +254,12 @@ class SegmentationPipeline:
                                  "tokens of the prompt alone, so the last prompt row is undefined")
             prompt_lengths.append(len(prompt))
         tok = self.bundle.token_ids
+        spans = [expression_span(q.text, q.is_sentence, self.bundle.tokenizer, use_im_start_end=self.use_im_start_end)
+                 for q in queries]  # the user's words (Simignore compares with them)
         with Timer(self.bundle.device) as timer:
             out = teacher_forced(self.model, self.runner, ids, seg_id=tok.seg, pad_id=tok.pad, cluster_keep=keep,
-                                 prompt_lengths=prompt_lengths, **self.image_inputs(enc, len(queries)))
+                                 prompt_lengths=prompt_lengths, expression_spans=spans,
+                                 **self.image_inputs(enc, len(queries)))
         results = []
         for i, (query, emb, record) in enumerate(zip(queries, out.seg_embeddings, out.records)):
             masks = self.masks_for(enc, emb)

@@ -99,6 +99,24 @@ def build_prompt(text: str, is_sentence: bool, answer: str | None = DEFAULT_ANSW
     return _conversation(f"{image_slot(use_im_start_end)}\n {question}", answer)
 
 
+def expression_span(text: str, is_sentence: bool, tokenizer: PreTrainedTokenizerBase,
+                    question_template: str | None = None, *, use_im_start_end: bool = True) -> tuple[int, int]:
+    """``[start, end)`` of the expression ``text`` in :func:`build_prompt`'s token ids (unexpanded: the image
+    slot is one id), for methods that compare image tokens with the user's words only (Simignore).
+
+    The prompt up to the expression and up to its end are tokenized as the prompt is (``tokenize_with_image``):
+    the expression is what the second adds. The first is cut before the space that precedes the expression, so
+    the space goes with the expression's first word (sentencepiece's leading "▁"), as in the whole prompt.
+    """
+    marker = "\x00"
+    whole = build_prompt(marker, is_sentence, None, question_template, use_im_start_end=use_im_start_end)
+    before = whole.split(marker)[0]
+    head = before.rstrip(" ")
+    start = len(tokenize_with_image(head, tokenizer))
+    end = len(tokenize_with_image(head + before[len(head):] + text, tokenizer))
+    return start, max(start, end)
+
+
 def vqa_prompt(question: str, answer: str | None, *, use_im_start_end: bool = True) -> str:
     """A VQA turn (datasets/vqa.py) as LISA's VQADataset writes an LLaVA-Instruct item's first turn:
     ``<image>\n{question}`` with the image slot expanded, no space after the newline."""

@@ -207,3 +207,18 @@ def test_chat_sends_the_text_as_typed(tiny_bundle: LisaBundle) -> None:
     assert pipe.chat_ids(typed).count(vocab["segmentation"]) == 1
     assert pipe.chat_ids("What is the dog?").count(vocab["segmentation"]) == 0
     assert with_mask_request("What is the dog?") == typed
+
+
+@pytest.mark.parametrize("text, is_sentence", [("the dog on the left", False), ("what can hold hot soup", True)])
+def test_expression_span_covers_exactly_the_users_words(sp_tokenizers, text: str, is_sentence: bool) -> None:
+    """The span Simignore compares with: its pieces spell the expression, and the ids around it are the
+    prompt's own (the span is cut out of the very ids evaluation uses)."""
+    from model.prompt import expression_span
+
+    _, tokenizers = sp_tokenizers
+    for path, tokenizer in tokenizers.items():
+        ids = tokenize_with_image(build_prompt(text, is_sentence=is_sentence), tokenizer)
+        start, end = expression_span(text, is_sentence, tokenizer)
+        pieces = as_strings(tokenizer, ids[start:end])
+        assert "".join(pieces).replace("▁", " ").strip() == text, (path, pieces)
+        assert IMG in as_strings(tokenizer, ids[:start]) and "ASSISTANT" in "".join(as_strings(tokenizer, ids[end:]))

@@ -397,3 +397,30 @@ def test_every_table_preset_has_the_papers_navg() -> None:
         else:  # PruMerge+ and FEATHER: the paper's value lies within the rule's bounds
             low, high = row["Navg_range"]
             assert low <= navg <= high, name
+
+
+def test_evaluation_marks_the_users_expression_for_simignore(tiny_bundle: LisaBundle, make_image,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """pipeline.segment passes the rows of the user's words (DecoderInputs.expression), which Simignore
+    compares with: they spell the expression, and only it (not LISA's fixed wording)."""
+    from model.prompt import IMAGE_PLACEHOLDER_ID
+
+    pipe = SegmentationPipeline(tiny_bundle, method=build_method({"name": "simignore", **PIPELINE_CONFIGS["simignore"]}))
+    seen = {}
+    forward = pipe.runner.forward
+
+    def spy(inputs, *args, **kwargs):
+        seen["inputs"] = inputs
+        return forward(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.runner, "forward", spy)  # this runner instance only
+    queries = [Query("the red car", False, "a"), Query("what can hold hot soup", True, "b")]
+    pipe.segment(make_image(40, 52, seed=3), queries)
+    expression = seen["inputs"].expression
+    for i, q in enumerate(queries):
+        ids = pipe.prompt_ids(q.text, q.is_sentence)
+        slot = ids.index(IMAGE_PLACEHOLDER_ID)
+        expanded = ids[:slot] + [-1] * pipe.num_image_tokens + ids[slot + 1:]
+        rows = expression[i].nonzero().flatten().tolist()
+        alone = tiny_bundle.tokenizer(q.text, add_special_tokens=False).input_ids  # word-level: no context effects
+        assert [expanded[r] for r in rows] == alone and len(alone) == len(q.text.split())
