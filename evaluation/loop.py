@@ -33,6 +33,9 @@ class Pipeline(Protocol):
         """One result per query (``sample_id``, ``mask``, ``image_tokens``, ``total_tokens``,
         ``llm_ms``, ``batch_size``); the image is encoded once whatever ``queries_per_batch``."""
 
+    def extra_cost(self) -> dict[str, float]:
+        """The method's cost outside the LLM so far (``csp.methods.Method.extra_cost``)."""
+
 
 @dataclass
 class SampleOutcome:

@@ -51,10 +51,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from csp.accounting import ModelDims, counts_row, roofline, static_row, total_flops  # noqa: E402
+from csp.config import SCHEDULE_METHOD, MethodConfig, method_from_config  # noqa: E402
 from csp.methods import METHODS, Method, VisionFeatures, build_method  # noqa: E402
-from csp.methods.lvlm_csp import LvlmCsp  # noqa: E402
 from csp.runner import CompileOptions, DecoderInputs, StageRunner  # noqa: E402
-from csp.schedule import StageSchedule  # noqa: E402
 from model.builder import LisaBundle, cast_model, keep_fp32_buffers, resolve_dtype  # noqa: E402
 from model.cpu_linear import prepack_cpu_linears  # noqa: E402
 from model.inference import teacher_forced  # noqa: E402
@@ -131,11 +130,13 @@ def build_bundle(shape: str, dtype: torch.dtype, device: torch.device) -> LisaBu
 
 
 # -- methods ------------------------------------------------------------------------------
-def load_schedule(preset: str) -> StageSchedule:
+def load_preset(preset: str) -> MethodConfig:
+    """The CSP method of a schedule preset (``configs/schedule/<preset>.yaml``), as ``schedule=<preset>``
+    resolves in evaluation."""
     path = ROOT / "configs" / "schedule" / f"{preset}.yaml"
     if not path.is_file():
         raise SystemExit(f"unknown preset {preset!r}: {path} does not exist")
-    return StageSchedule.from_mapping(yaml.safe_load(path.read_text()))
+    return method_from_config({"schedule": yaml.safe_load(path.read_text())})
 
 
 def model_presets(model: str) -> list[str]:
@@ -155,7 +156,7 @@ def registered_methods() -> list[tuple[str, Method | None, str | None]]:
     presets = load_method_presets()
     out = []
     for name in sorted(METHODS):
-        if name == "csp":
+        if name == SCHEDULE_METHOD:
             continue
         path = ROOT / "configs" / "method" / f"{name}.yaml"
         if f"table1_{name}" in presets:
@@ -377,17 +378,23 @@ def roofline_fields(dims: ModelDims, roofs: dict[str, Any], plain_tokens: list[l
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
-    schedule = (StageSchedule(*(int(v) for v in args.schedule.split(","))) if args.schedule
-                else load_schedule(args.preset))
+    if args.schedule:
+        values = dict(zip(("Lc", "Nc", "Ls", "Np"), (int(v) for v in args.schedule.split(",")), strict=True))
+        resolved = method_from_config({"schedule": values})
+    else:
+        resolved = load_preset(args.preset)
+    schedule = resolved.method
     llm = build_llm(args.shape, dtype, device)
     if args.cpu_prepack:
         prepack_cpu_linears(llm.layers)
     n_img = args.image_tokens
     schedule.validate(len(llm.layers), n_img)
     inputs = sample_inputs(llm, n_img, args.text_tokens, args.sys_tokens)
-    inputs.cluster_keep = torch.arange(schedule.Nc, device=device)[None] * (n_img // schedule.Nc)
     options = CompileOptions(enabled=args.compiled, backend=args.compile_backend, bucket=args.bucket)
     plain, csp = StageRunner(llm, None, n_img, compile=options), StageRunner(llm, schedule, n_img, compile=options)
+    if csp.plan.input_keep:  # a uniform input selection of the size the method keeps before layer 0
+        kept = schedule.image_tokens_per_layer(len(llm.layers), n_img)[0]
+        inputs.cluster_keep = torch.arange(kept, device=device)[None] * (n_img // kept)
     methods = load_methods(args.methods, n_img) if args.methods != "none" else {}
     others = {}
     for name, method in methods.items():
@@ -413,7 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "shape": args.shape, "device": str(device), "dtype": str(dtype).split(".")[-1],
         "machine": machine_info(device, dtype),
-        "schedule": {"Lc": schedule.Lc, "Nc": schedule.Nc, "Ls": schedule.Ls, "Np": schedule.Np},
+        "schedule": {k: resolved.params[k] for k in ("Lc", "Nc", "Ls", "Np")},
         "image_tokens": n_img, "text_tokens": args.text_tokens, "repeats": len(plain_ms),
         "cpu_prepack": args.cpu_prepack,
         "plain_ms_median": statistics.median(plain_ms), "csp_ms_median": statistics.median(csp_ms),
@@ -531,12 +538,13 @@ def suite_settings(args: argparse.Namespace, num_layers: int, num_image_tokens: 
     model = args.model or DEFAULT_MODEL[args.shape]
     presets = model_presets(model)
     for preset in presets:
-        settings.append(Setting(preset.removeprefix(model + "_"), "csp", LvlmCsp(load_schedule(preset))))
+        settings.append(Setting(preset.removeprefix(model + "_"), "csp", load_preset(preset).method))
     if args.seg_first:
-        base = load_schedule(next((p for p in presets if p.endswith("_p70")), presets[0]))
-        schedule = StageSchedule(Lc=base.Lc, Nc=base.Nc, Ls=base.Ls, Np=base.Np, clustering="seg_first",
-                                 clustering_kwargs={"weights": args.seg_first, "imgsz": args.seg_first_imgsz})
-        settings.append(Setting("p70+seg_first", "csp", LvlmCsp(schedule)))
+        base = load_preset(next((p for p in presets if p.endswith("_p70")), presets[0])).params
+        seg_first = method_from_config({"schedule": {
+            **base, "clustering": "seg_first",
+            "clustering_kwargs": {"weights": args.seg_first, "imgsz": args.seg_first_imgsz}}})
+        settings.append(Setting("p70+seg_first", "csp", seg_first.method))
     for name, method, why in registered_methods():
         if method is not None:
             try:

@@ -79,7 +79,7 @@ def compose_setting(preset: str, data: str, overrides: list[str], out_dir: Path)
 
 def settings(table: int | str, root: Path, overrides: list[str]) -> list[tuple[str, DictConfig]]:
     """(label, config) of the baseline and every method row; composed and checked before any run."""
-    from evaluation.evaluate import resolve_method
+    from csp.config import method_from_config
     from model.builder import layers_and_image_tokens
 
     spec = TABLES[table]
@@ -89,7 +89,7 @@ def settings(table: int | str, root: Path, overrides: list[str]) -> list[tuple[s
     if len(models) != 1:
         raise ValueError(f"table {table}: the settings compose to different models; override model.* for all")
     for _, cfg in out[1:]:
-        method, _ = resolve_method(cfg)
+        method = method_from_config(cfg).method
         if method is None:
             raise ValueError(f"{cfg.name}: the preset configures no method")
         method.validate(*layers_and_image_tokens(cfg.model))

@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from csp.accounting import ModelDims
+from csp.config import method_from_config
 from datasets import DatasetLayoutError, MiniatureSpec, UnknownSplitError, load_groups, write_miniature
 from datasets.splits import check_split
 from evaluation.distributed import DistContext, shard, strip_launcher_args
-from evaluation.evaluate import SettingOptions, evaluate, evaluate_setting, resolve_method
+from evaluation.evaluate import SettingOptions, evaluate, evaluate_setting
 from evaluation.loop import SampleFailedError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def test_every_experiment_composes(exp: str) -> None:
     for split in cfg.data.splits:
         check_split(split)
     layers, tokens = MODEL_SHAPES[cfg.model.name]
-    method, _ = resolve_method(cfg)  # a schedule (CSP) or a configs/method node
+    method = method_from_config(cfg).method  # a schedule (CSP) or a configs/method node
     assert (method is None) == exp.endswith("_baseline")
     if method is not None:
         method.validate(layers, tokens)
@@ -160,6 +161,9 @@ class FakePipeline:
             self.calls.append(len(chunk))
             out += [FakeResult(q.sample_id, mask, [4, 2], [10, 8], 1.0, len(chunk)) for q in chunk]
         return out
+
+    def extra_cost(self) -> dict[str, float]:
+        return {}
 
 
 def _groups(root: Path, splits: list[str]) -> list:
@@ -380,15 +384,23 @@ def test_baseline_missing_a_configured_split_fails_before_evaluating(tmp_path: P
 
 
 def test_method_and_schedule_resolve_to_one_method() -> None:
-    """schedule is CSP's config; another method takes its own node and refuses a schedule beside it."""
-    csp, info = resolve_method(compose_cfg(["+exp=llava7b_224_p70"]))
-    assert csp.name == "csp" and info["method"] == "csp" and csp.schedule.Nc == 80
-    fastv, info = resolve_method(compose_cfg(["+exp=table1_fastv"]))
-    assert (fastv.name, fastv.layer, fastv.keep) == ("fastv", 2, 64) and info["schedule"] is None
+    """schedule is CSP's parameters; another method takes its own node and refuses a schedule beside it."""
+    resolved = method_from_config(compose_cfg(["+exp=llava7b_224_p70"]))
+    csp = resolved.method
+    assert csp.name == "csp" and resolved.record()["method"] == "csp" and csp.schedule.Nc == 80
+    assert resolved.spec == {"name": "csp", "Lc": 7, "Nc": 80, "Ls": 7, "Np": 8, "clustering": "uniform",
+                             "clustering_kwargs": {}}
+    # method=csp with its parameters in the method node is the same method
+    inline = method_from_config({"method": {"name": "csp", "Lc": 7, "Nc": 80, "Ls": 7, "Np": 8,
+                                            "clustering": "uniform", "clustering_kwargs": {}}})
+    assert inline.key() == resolved.key() and inline.record() == resolved.record()
+    resolved = method_from_config(compose_cfg(["+exp=table1_fastv"]))
+    fastv = resolved.method
+    assert (fastv.name, fastv.layer, fastv.keep) == ("fastv", 2, 64) and resolved.record()["schedule"] is None
     with pytest.raises(ValueError, match="schedule is LVLM_CSP's config"):
-        resolve_method(compose_cfg(["+exp=table1_fastv", "schedule=table1"]))
+        method_from_config(compose_cfg(["+exp=table1_fastv", "schedule=table1"]))
     with pytest.raises(ValueError, match="method=csp needs a schedule"):
-        resolve_method(compose_cfg(["method=csp"]))
+        method_from_config(compose_cfg(["method=csp"]))
     with pytest.raises(ValueError, match="unknown method 'nope'"):
-        resolve_method(compose_cfg(["+method.name=nope"]))
-    assert resolve_method(compose_cfg([]))[0] is None
+        method_from_config(compose_cfg(["+method.name=nope"]))
+    assert method_from_config(compose_cfg([])).method is None

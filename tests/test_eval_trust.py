@@ -263,12 +263,8 @@ def test_single_process_run_keeps_no_duplicate_rank_file(tmp_path: Path, mini: P
 
 
 def test_detector_cost_reaches_metrics_and_table(tmp_path: Path, mini: Path) -> None:
-    class Strategy:
-        def extra_cost(self) -> dict[str, float]:
-            return {"segmenter_calls": 4.0, "segmenter_ms": 12.5, "segmenter_gflops": 10.4}
-
     pipe = FakePipeline()
-    pipe.strategy = Strategy()
+    pipe.extra_cost = lambda: {"segmenter_calls": 4.0, "segmenter_ms": 12.5, "segmenter_gflops": 10.4}
     groups = load_groups("ReasonSeg|val", mini)
     metrics = evaluate_setting(pipe, groups, ["ReasonSeg|val"], tmp_path, DistContext(), SettingOptions("f"))
     assert (metrics["summary"]["detector_ms"], metrics["summary"]["detector_GFLOPs"]) == (12.5, 10.4)
@@ -309,8 +305,7 @@ def test_row_names_carry_the_schedule_and_sweeps_get_one_table(tmp_path: Path) -
     names = []
     for lc in (1, 2):
         cfg = compose_cfg(["+exp=demo_tiny", f"schedule.Lc={lc}"])
-        schedule = validate_config(cfg).schedule
-        names.append(setting_name(cfg, schedule))
+        names.append(setting_name(cfg, validate_config(cfg).method))
     assert names == ["demo_tiny_csp (Lc=1, Nc=64, Ls=1, Np=16, uniform)",
                      "demo_tiny_csp (Lc=2, Nc=64, Ls=1, Np=16, uniform)"]
     for job, name in enumerate(names):

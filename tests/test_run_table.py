@@ -44,8 +44,8 @@ def test_toy_table_presets_compose_validate_and_reduce_to_about_30_percent(tmp_p
     """Every registered method has a toy preset in ``table=toy``; each composes, validates against the
     committed toy LISA (L = 8, N = 64) and prescribes Navg ~30% of N (15..24 tokens, Table 1's ~70% cut)."""
     from csp.accounting import navg
+    from csp.config import method_from_config
     from csp.methods import METHODS
-    from evaluation.evaluate import resolve_method
     from model.builder import layers_and_image_tokens
     from scripts.run_table import parse, settings
 
@@ -55,9 +55,9 @@ def test_toy_table_presets_compose_validate_and_reduce_to_about_30_percent(tmp_p
     assert sorted(presets) == sorted(f"toy_table1_{m}" for m in METHODS)
     layers, n = layers_and_image_tokens(configured[0][1].model)
     assert (layers, n) == (8, 64)
-    assert resolve_method(configured[0][1])[0] is None  # the baseline is the plain model
+    assert method_from_config(configured[0][1]).method is None  # the baseline is the plain model
     for _, cfg in configured[1:]:
-        method, _ = resolve_method(cfg)
+        method = method_from_config(cfg).method
         counts = method.image_tokens_per_layer(layers, n)
         bounds = [counts] if counts is not None else list(method.count_range(layers, n))
         for per_layer in bounds:  # data-dependent methods: both bounds inside the band

@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = 3
 SCHEDULE = ["schedule=llava7b_224_p70", "schedule.Lc=1", "schedule.Nc=64", "schedule.Ls=1", "schedule.Np=16"]
 SCHEDULE_DICT = {"Lc": 1, "Nc": 64, "Ls": 1, "Np": 16, "clustering": "uniform", "clustering_kwargs": {}}
+CSP_SPEC = {"name": "csp", **SCHEDULE_DICT}  # the method a decoder fine-tuned under SCHEDULE is tied to
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
@@ -337,11 +338,11 @@ def test_missing_lora_target_lists_module_names() -> None:
 
 
 def test_cache_of_another_model_or_schedule_is_an_error(tmp_path: Path) -> None:
-    key = {"fingerprint": "abc", "schedule": json.dumps(SCHEDULE_DICT), "model_name": "tiny", "prompts": "eval"}
+    key = {"fingerprint": "abc", "method": json.dumps(CSP_SPEC), "model_name": "tiny", "prompts": "eval"}
     DecoderCache(tmp_path / "cache", key)
     DecoderCache(tmp_path / "cache", dict(key))  # same key: reused
-    with pytest.raises(ValueError, match="schedule"):
-        DecoderCache(tmp_path / "cache", {**key, "schedule": "null"})
+    with pytest.raises(ValueError, match="method"):
+        DecoderCache(tmp_path / "cache", {**key, "method": "null"})
     with pytest.raises(ValueError, match="fingerprint"):
         DecoderCache(tmp_path / "cache", {**key, "fingerprint": "abd"})
 
@@ -471,18 +472,20 @@ def test_decoder_mode_cache_equals_live_loss_falls_and_eval_reloads(mini: Path, 
     assert changed and all(k.startswith(MASK_DECODER_PREFIX) for k in changed)
     from csp.schedule import StageSchedule
 
-    pipe = SegmentationPipeline(base, schedule=StageSchedule.from_mapping(SCHEDULE_DICT))
+    pipe = SegmentationPipeline(base, StageSchedule.from_mapping(SCHEDULE_DICT))
     group = load_groups("refcoco|unc|train", mini)[0]
     image = open_image(group.image_path)
     queries = [Query(s.text, s.is_sentence, s.sample_id) for s in group.samples]
     enc = pipe.encode_image(image)
     prompts = [r.seg_embeddings for r in pipe.segment(image, queries)]
     logits_before = [pipe.masks_for(enc, p) for p in prompts]
-    with pytest.raises(ValueError, match="schedule"):
-        load_mask_decoder(base.model, decoder_file, schedule=None)
+    with pytest.raises(ValueError, match="under method"):
+        load_mask_decoder(base.model, decoder_file, method=None)
+    with pytest.raises(ValueError, match="under method"):
+        load_mask_decoder(base.model, decoder_file, method={"name": "fastv", "layer": 1, "keep": 16})
     with pytest.raises(ValueError, match="another model"):
-        load_mask_decoder(tiny(seed=1).model, decoder_file, schedule=SCHEDULE_DICT)
-    load_mask_decoder(base.model, decoder_file, schedule=SCHEDULE_DICT)
+        load_mask_decoder(tiny(seed=1).model, decoder_file, method=CSP_SPEC)
+    load_mask_decoder(base.model, decoder_file, method=CSP_SPEC)
     logits_after = [pipe.masks_for(enc, p) for p in prompts]
     assert any((a != b).any() for a, b in zip(logits_before, logits_after))
 
@@ -520,7 +523,7 @@ def test_eval_labels_finetuned_decoder_rows(mini: Path, tmp_path: Path) -> None:
         for name, param in bundle.model.named_parameters():
             if name.startswith(MASK_DECODER_PREFIX):
                 param.add_(0.05 * torch.randn_like(param))
-    path = save_mask_decoder(bundle.model, tmp_path / "dec.safetensors", schedule=SCHEDULE_DICT, model_name="tiny")
+    path = save_mask_decoder(bundle.model, tmp_path / "dec.safetensors", method=CSP_SPEC, model_name="tiny")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[
             "+exp=demo_tiny", f"dataset_dir={mini}", "miniature=null", f"output_dir={tmp_path / 'eval'}",
@@ -608,3 +611,35 @@ def test_finetune_script_runs_one_decoder_per_column_and_its_commands_compose(tm
             assert dict(cfg.schedule) == dict(ecfg.schedule)  # the decoder is evaluated under its own schedule
         assert ecfg.model.mask_decoder.startswith(str(tmp_path / "out" / column / "train"))
         assert ecfg.baseline == str(tmp_path / "out" / "plain" / "metrics.json")
+
+
+def test_decoder_fine_tune_under_fastv_ties_the_decoder_to_fastv(mini: Path, tmp_path: Path) -> None:
+    """mode=decoder takes any method (here FastV through the method group): its cache and its decoder
+    file are keyed by the method with its parameters, evaluation under FastV loads the decoder, and
+    evaluation under another method (CSP) or plain LISA refuses it."""
+    from csp.config import method_from_config
+
+    fastv = ["method=fastv", "method.layer=1", "method.keep=16"]
+    cfg = fast(mini, tmp_path / "fastv", "mode=decoder", *fastv)
+    spec = method_from_config(cfg).spec
+    assert spec == {"name": "fastv", "layer": 1, "keep": 16}
+    result = train(cfg)
+    losses = [h["loss"] for h in result["history"]]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    meta = json.loads((tmp_path / "fastv" / "decoder_cache" / "meta.json").read_text())
+    assert json.loads(meta["method"]) == spec
+    decoder = result["outputs"]["mask_decoder"]
+    load_mask_decoder(tiny().model, decoder, method=spec)
+    for other in (None, CSP_SPEC, {**spec, "keep": 8}):
+        with pytest.raises(ValueError, match="under method"):
+            load_mask_decoder(tiny().model, decoder, method=other)
+    # the cached [SEG] embeddings are the ones evaluation computes under FastV
+    from csp.methods import build_method
+
+    pipe = SegmentationPipeline(tiny(), build_method(spec))
+    group = load_groups("refcoco|unc|train", mini)[0]
+    queries = [Query(s.text, s.is_sentence, s.sample_id) for s in group.samples]
+    evaluated = pipe.segment(open_image(group.image_path), queries)
+    cached = load_file(str(next((tmp_path / "fastv" / "decoder_cache").rglob("*.safetensors"))))
+    for query, res in zip(queries, evaluated, strict=True):
+        assert torch.allclose(cached[f"prompt/{query.sample_id}"], res.seg_embeddings, atol=1e-6)

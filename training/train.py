@@ -1,7 +1,8 @@
 """``train(cfg)``: LISA training in three modes (``lisa``, ``decoder``, ``full``).
 
-Order of checks (fail before anything expensive): mode and trainer keys, split names, schedule
-keys, model paths, the schedule against the model's config, then the training splits (layout
+Order of checks (fail before anything expensive): mode and trainer keys, split names, the method
+(``csp.config.method_from_config``: a ``method`` node or a CSP ``schedule``) and its own checks, model
+paths, the method against the model's config, then the training splits (layout
 errors, empty splits), then the model is loaded and the trainable set is built (LoRA targets).
 
 Per optimizer step: ``grad_accumulation`` micro-batches of ``batch_size`` images each (every image
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from csp.schedule import StageSchedule
+from csp.config import MethodConfig, method_from_config
 from datasets.splits import check_split
 from evaluation.distributed import DistContext, barrier, context_from_env, init_distributed
 from evaluation.evaluate import (
@@ -246,13 +247,16 @@ class RunState:
     val: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_fingerprint(initial: str, cfg: DictConfig, trainable: list[str]) -> str:
-    """What a checkpoint must match to be resumed: the initial weights, the mode, the schedule,
-    the trainable names and the data sources."""
+def run_fingerprint(initial: str, cfg: DictConfig, trainable: list[str], method: MethodConfig) -> str:
+    """What a checkpoint must match to be resumed: the initial weights, the mode, the method with its
+    parameters, the trainable names and the data sources."""
+    record = method.record()  # CSP and plain LISA: the same parts as before other methods could train
     parts = {"initial": initial, "mode": OmegaConf.to_container(cfg.mode, resolve=True),
-             "schedule": OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") else None,
+             "schedule": record["schedule"] or None,
              "trainable": trainable,
              "sources": OmegaConf.to_container(cfg.train_data.sources, resolve=True)}
+    if isinstance(record["method"], Mapping):
+        parts["method"] = record["method"]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -261,15 +265,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ctx = init_distributed()
     check_config(cfg)
     out_dir = output_dir(cfg)
-    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") is not None else None
-    schedule = StageSchedule.from_mapping(schedule_cfg)
+    method = method_from_config(cfg)
+    if method.method is not None:
+        method.method.check()
     from model.checkpoint import check_model_paths
 
     check_model_paths(cfg.model)
-    if schedule is not None:
+    if method.method is not None:
         from model.builder import layers_and_image_tokens
 
-        schedule.validate(*layers_and_image_tokens(cfg.model))
+        method.method.validate(*layers_and_image_tokens(cfg.model))
     dataset_dir = prepare_dataset_dir(cfg, out_dir, ctx)
     sources = load_sources(list(cfg.train_data.sources), dataset_dir)
     val_splits = [str(s) for s in (cfg.train_data.get("val_splits") or [])]
@@ -288,9 +293,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = bundle.model
     initial = weights_fingerprint(model.named_parameters())
     trainable = setup_trainable(model, cfg.mode)
-    fingerprint = run_fingerprint(initial, cfg, trainable.names)
-    pipe = SegmentationPipeline(bundle, schedule=schedule)
-    runner = Runner(cfg, ctx, out_dir, bundle, pipe, trainable, sources, fingerprint, schedule_cfg)
+    fingerprint = run_fingerprint(initial, cfg, trainable.names, method)
+    pipe = SegmentationPipeline(bundle, method.method)
+    runner = Runner(cfg, ctx, out_dir, bundle, pipe, trainable, sources, fingerprint, method)
     runner.resume_if_asked()
     runner.prepare_cache()
     result = runner.loop(val_groups, val_splits)
@@ -301,11 +306,11 @@ class Runner:
     """One training run's state and steps (kept together so that resume restores all of it)."""
 
     def __init__(self, cfg: DictConfig, ctx: DistContext, out_dir: Path, bundle: Any, pipe: Any,
-                 trainable: Trainable, sources: list[Source], fingerprint: str, schedule_cfg: Any):
+                 trainable: Trainable, sources: list[Source], fingerprint: str, method: MethodConfig):
         self.cfg, self.ctx, self.out_dir, self.bundle, self.pipe = cfg, ctx, out_dir, bundle, pipe
         self.model = bundle.model
         self.trainable, self.sources, self.fingerprint = trainable, sources, fingerprint
-        self.schedule_cfg = schedule_cfg
+        self.method = method
         self.t = cfg.trainer
         self.mode = str(cfg.mode.name)
         self.style = PromptStyle(str(cfg.mode.get("prompts", "lisa")))
@@ -375,11 +380,11 @@ class Runner:
     def prepare_cache(self) -> None:
         if self.mode != "decoder" or not self.cfg.mode.get("cache", True):
             return
-        from model.finetuned import schedule_json, upstream_fingerprint
+        from model.finetuned import method_json, upstream_fingerprint
         from training.cache import DecoderCache, group_features
 
         root = self.cfg.mode.get("cache_dir") or self.out_dir / "decoder_cache"
-        key = {"fingerprint": upstream_fingerprint(self.model), "schedule": schedule_json(self.schedule_cfg),
+        key = {"fingerprint": upstream_fingerprint(self.model), "method": method_json(self.method.spec),
                "model_name": str(self.cfg.model.get("name")), "prompts": self.style.kind}
         self.cache = DecoderCache(root, key)
         todo = [(g, i) for s in self.sources for i, g in enumerate(s.groups) if not self.cache.has(g, i)]
@@ -570,7 +575,7 @@ class Runner:
         self.model.eval()
         if self.mode == "decoder":
             decoder = save_mask_decoder(self.model, self.out_dir / "mask_decoder.safetensors",
-                                        schedule=self.schedule_cfg, model_name=str(self.cfg.model.get("name")))
+                                        method=self.method.spec, model_name=str(self.cfg.model.get("name")))
             outputs["mask_decoder"] = str(decoder)
         if self.t.get("save_released", True):
             outputs.update(save_released(self.bundle, self.trainable, self.out_dir / "final"))
