@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
+from csp.config import method_from_config  # noqa: E402
 from datasets.miniature import MiniatureSpec, write_miniature  # noqa: E402
 from datasets.splits import load_groups  # noqa: E402
 from training.train import train  # noqa: E402
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     live, cached = results[False], results[True]
     report = {
         "model": base.model.get("name"),
-        "schedule": OmegaConf.to_container(base.schedule) if base.get("schedule") else None,
+        "method": method_from_config(base).spec,
         "images": images, "epochs": args.epochs, "steps_per_epoch": images,
         "live_epoch_s": live["epoch_s"], "cache_build_s": cached["cache_build_s"], "cached_epoch_s": cached["epoch_s"],
         "speedup_per_epoch": (sum(live["epoch_s"]) / len(live["epoch_s"]))
