@@ -28,11 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from csp.config import PLAIN, MethodConfig, method_from_config
 from csp.methods import Method
 from datasets.base import ImageGroup
-from datasets.miniature import MiniatureSpec, write_miniature
-from datasets.splits import check_split, load_groups, parse_splits
-from datasets.toy import ToySpec, write_toyref
+from datasets.splits import check_split, parse_splits
 from evaluation import records as rec
-from evaluation.distributed import DistContext, barrier, broadcast_object, gather_to_main, init_distributed, shard
 from evaluation.loop import Pipeline, SampleFailedError, SampleOutcome, evaluate_group
 from evaluation.progress import Progress
 from evaluation.report import (
@@ -45,9 +42,11 @@ from evaluation.report import (
     table,
     write_metrics,
 )
+from runs.data import load_all_groups, prepare_dataset_dir, toy_spec  # noqa: F401  (toy_spec: re-exported)
+from runs.distributed import DistContext, barrier, broadcast_object, gather_to_main, init_distributed, shard
+from runs.rundir import MANIFEST, output_dir, setting_differences
 
 SAME_RUN = "same_run"
-MANIFEST = "run_manifest.json"
 SWEEP_TABLE = "sweep_table.txt"
 #: Manifest keys a baseline must share with the run it is compared with.
 BASELINE_KEYS = ("model", "dataset_dir", "max_samples_per_split")
@@ -122,7 +121,7 @@ def validate_config(cfg: DictConfig, *, check_model_files: bool = True) -> Plan:
     if check_model_files:
         _check_model_paths(cfg.model)
         if method is not None:
-            from model.builder import layers_and_image_tokens
+            from runs.models import layers_and_image_tokens
 
             method.validate(*layers_and_image_tokens(cfg.model))  # before any data or weights are read
     plan = Plan(splits, method_cfg, baseline, same_run)
@@ -143,15 +142,6 @@ def run_setting(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
         dataset_dir = str(cfg.get("dataset_dir"))
     return {"model": model, **plan.method_cfg.record(), "splits": plan.splits, "dataset_dir": dataset_dir,
             "max_samples_per_split": cfg.get("max_samples_per_split")}
-
-
-def setting_differences(recorded: Mapping[str, Any], current: Mapping[str, Any],
-                        keys: Sequence[str] | None = None) -> list[str]:
-    """``key: recorded vs current`` for every differing (dotted) key."""
-    flat_a, flat_b = _flatten(recorded), _flatten(current)
-    wanted = [k for k in sorted(set(flat_a) | set(flat_b))
-              if keys is None or k.split(".")[0] in keys]
-    return [f"{k}: {flat_a.get(k)!r} vs {flat_b.get(k)!r}" for k in wanted if flat_a.get(k) != flat_b.get(k)]
 
 
 def check_baseline_setting(baseline: BaselineInfo, setting: Mapping[str, Any]) -> None:
@@ -225,8 +215,8 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
     barrier(ctx)
 
     from csp.runner import CompileOptions
-    from model.builder import build_from_config
     from model.pipeline import SegmentationPipeline
+    from runs.models import build_from_config
 
     compile_options = CompileOptions.from_mapping(cfg.get("compile"))  # checked before the model is built
     bundle = bundle if bundle is not None else build_from_config(cfg.model)
@@ -427,50 +417,6 @@ def _zero_drop(metrics: dict[str, Any], out_dir: Path, ctx: DistContext) -> dict
     return metrics
 
 
-def load_all_groups(splits: Sequence[str], dataset_dir: Path, max_samples: int | None) -> list[ImageGroup]:
-    """Image groups of every split, split after split (layout errors are raised here)."""
-    return [group for split in splits for group in load_groups(split, dataset_dir, max_samples)]
-
-
-def output_dir(cfg: DictConfig) -> Path:
-    """``cfg.output_dir`` if set, else Hydra's run directory."""
-    if cfg.get("output_dir"):
-        return Path(str(cfg.output_dir))
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        raise ValueError("output_dir is not set and there is no Hydra run directory; set output_dir=<dir>")
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-def prepare_dataset_dir(cfg: DictConfig, out_dir: Path, ctx: DistContext) -> Path:
-    """``cfg.dataset_dir``, or the miniature data sets written first when ``cfg.miniature`` is set;
-    with ``cfg.toy`` (datasets.toy.ToySpec fields) the toy world is written into that directory too."""
-    mini = cfg.get("miniature")
-    if mini is None:
-        if not cfg.get("dataset_dir"):
-            raise ValueError("dataset_dir is not set: point it at LISA's dataset directory (see configs/data)")
-        root = Path(str(cfg.dataset_dir))
-    else:
-        root = Path(str(mini.get("dir") or out_dir / "miniature"))
-        if ctx.is_main:
-            spec = {k: v for k, v in OmegaConf.to_container(mini, resolve=True).items() if k != "dir"}
-            write_miniature(root, MiniatureSpec(**spec))
-    if cfg.get("toy") is not None and ctx.is_main:
-        write_toyref(root, toy_spec(cfg.toy))
-    barrier(ctx)
-    return root
-
-
-def toy_spec(node: Any) -> ToySpec:
-    """``toy:`` config node -> :class:`ToySpec`; unknown keys are an error naming them."""
-    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    unknown = sorted(set(values) - set(ToySpec.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"toy: unknown keys {unknown}; expected ToySpec fields {sorted(ToySpec.__dataclass_fields__)}")
-    return ToySpec(**values)
-
-
 def make_logger(cfg: DictConfig, out_dir: Path, ctx: DistContext) -> Any:
     """The wandb logger on rank 0 when ``logger`` is configured, else None."""
     if cfg.get("logger") is None or not ctx.is_main:
@@ -482,16 +428,6 @@ def make_logger(cfg: DictConfig, out_dir: Path, ctx: DistContext) -> Any:
 
 
 def _check_model_paths(model_cfg: Mapping[str, Any]) -> None:
-    from model.checkpoint import check_model_paths
+    from runs.models import check_model_paths
 
     check_model_paths(model_cfg)
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> ``{"a.b": leaf}`` (lists are leaves)."""
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out if out or not prefix else {prefix[:-1]: {}}
-    return {prefix[:-1]: value} if prefix else {"": value}

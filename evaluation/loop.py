@@ -20,7 +20,7 @@ from datasets.base import AnnotationError, ImageGroup, Sample
 from evaluation.metrics import intersection_union, sample_iou
 from evaluation.records import Record
 from model.pipeline import Query
-from model.sam import to_rgb_array
+from runs.images import open_image
 
 
 class Pipeline(Protocol):
@@ -51,14 +51,6 @@ class SampleOutcome:
 
 class SampleFailedError(RuntimeError):
     """Raised with ``strict=true`` at the first failed sample."""
-
-
-def open_image(path: Any) -> Image.Image:
-    """The image as RGB, fully decoded (so that a truncated file fails here), upright as cv2 reads
-    it (EXIF orientation applied) and 16-bit scaled as cv2 does (model.sam.to_rgb_array)."""
-    with Image.open(path) as image:
-        image.load()
-        return Image.fromarray(to_rgb_array(image))
 
 
 def failed_record(sample: Sample, reason: str) -> Record:

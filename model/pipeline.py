@@ -20,7 +20,7 @@ from csp.runner import CompileOptions, StageRunner
 from csp.schedule import StageSchedule
 from csp.strategies import ClusteringInputs
 from csp.tokens import KeptImageTokens
-from model.builder import LisaBundle
+from model.bundle import LisaBundle
 from model.inference import generate, teacher_forced
 from model.prompt import DEFAULT_ANSWER, build_prompt, chat_prompt, tokenize_with_image, vqa_prompt
 from model.sam import decode_masks, sam_postprocess, sam_preprocess, sam_resized_size, to_rgb_array

@@ -54,7 +54,7 @@ from csp.accounting import ModelDims, counts_row, roofline, static_row, total_fl
 from csp.config import SCHEDULE_METHOD, MethodConfig, method_from_config  # noqa: E402
 from csp.methods import METHODS, Method, VisionFeatures, build_method  # noqa: E402
 from csp.runner import CompileOptions, DecoderInputs, StageRunner  # noqa: E402
-from model.builder import LisaBundle, cast_model, keep_fp32_buffers, resolve_dtype  # noqa: E402
+from model.bundle import LisaBundle, cast_model, keep_fp32_buffers, resolve_dtype  # noqa: E402
 from model.cpu_linear import prepack_cpu_linears  # noqa: E402
 from model.inference import teacher_forced  # noqa: E402
 from model.lisa import LISAForCausalLM  # noqa: E402

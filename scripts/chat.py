@@ -39,8 +39,9 @@ if str(ROOT) not in sys.path:  # ``python scripts/chat.py`` from anywhere
     sys.path.insert(0, str(ROOT))
 
 from csp.config import PLAIN, MethodConfig, method_from_config  # noqa: E402
-from model.builder import LisaBundle, build_tiny_lisa, cast_model, resolve_dtype  # noqa: E402
-from model.geometry import TokenGeometry  # noqa: E402
+from csp.geometry import TokenGeometry  # noqa: E402
+from model.builder import build_tiny_lisa  # noqa: E402
+from model.bundle import LisaBundle, cast_model, resolve_dtype  # noqa: E402
 from model.pipeline import SegmentationPipeline  # noqa: E402
 from visualize.token_maps import draw_mask, new_token_map, strategy_selections, token_map  # noqa: E402
 
@@ -159,7 +160,7 @@ def run_query(pipe: SegmentationPipeline, image_path: Path, query: str, out_dir:
     """Answer ``query`` about ``image_path``; write the overlays and the token map into ``out_dir``."""
     if not image_path.is_file():
         raise FileNotFoundError(f"image not found: {image_path}")
-    from evaluation.loop import open_image
+    from runs.images import open_image
 
     image = open_image(image_path)
     result = pipe.chat(image, query, max_new_tokens=max_new_tokens)

@@ -80,7 +80,7 @@ def compose_setting(preset: str, data: str, overrides: list[str], out_dir: Path)
 def settings(table: int | str, root: Path, overrides: list[str]) -> list[tuple[str, DictConfig]]:
     """(label, config) of the baseline and every method row; composed and checked before any run."""
     from csp.config import method_from_config
-    from model.builder import layers_and_image_tokens
+    from runs.models import layers_and_image_tokens
 
     spec = TABLES[table]
     out = [("LISA", compose_setting(spec["baseline"], spec["data"], overrides, root / "baseline"))]
@@ -100,7 +100,7 @@ def run(argv: Sequence[str]) -> str:
     """Evaluate the table and return its printed text."""
     from evaluation.evaluate import evaluate
     from evaluation.report import table as format_table
-    from model.builder import build_from_config
+    from runs.models import build_from_config
 
     table, out, overrides = parse(argv)
     root = out or Path("outputs") / "tables" / f"table{table}"

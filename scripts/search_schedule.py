@@ -106,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.calibrate:
         if args.base is None and args.model == "tiny":
             base = [*base, f"miniature.dir={out_dir / 'miniature'}"]  # written once, shared by the candidates
-        front = calibrate(top, base, out_dir / "calibration", config_dir=ROOT / "configs")
+        from evaluation.evaluate import evaluate
+
+        front = calibrate(top, base, out_dir / "calibration", config_dir=ROOT / "configs", evaluate_fn=evaluate)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = table(top, tokens, front)
     header = (f"Schedule search: {target.describe()} for L={dims.num_layers}, N={tokens}, d={dims.hidden_size}, "

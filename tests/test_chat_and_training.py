@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.builder import LisaBundle, build_tiny_lisa
+from model.builder import build_tiny_lisa
+from model.bundle import LisaBundle
 from model.inference import GenerationOutput, generate, teacher_forced
 from model.pipeline import ImageEncoding, SegmentationPipeline
 from model.prompt import IMAGE_PLACEHOLDER_ID, build_prompt, tokenize_with_image, user_message

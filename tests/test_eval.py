@@ -22,9 +22,9 @@ from csp.accounting import ModelDims
 from csp.config import method_from_config
 from datasets import DatasetLayoutError, MiniatureSpec, UnknownSplitError, load_groups, write_miniature
 from datasets.splits import check_split
-from evaluation.distributed import DistContext, shard, strip_launcher_args
 from evaluation.evaluate import SettingOptions, evaluate, evaluate_setting
 from evaluation.loop import SampleFailedError
+from runs.distributed import DistContext, shard, strip_launcher_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

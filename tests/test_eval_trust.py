@@ -14,7 +14,6 @@ from PIL import Image
 
 from datasets import UnknownSplitError, load_groups, write_miniature
 from datasets.splits import parse_splits
-from evaluation.distributed import DistContext
 from evaluation.evaluate import (
     MANIFEST,
     EmptySplitError,
@@ -26,6 +25,7 @@ from evaluation.evaluate import (
 )
 from evaluation.progress import Progress
 from evaluation.report import MAX_LISTED_FAILURES, collect_runs, summarize, table
+from runs.distributed import DistContext
 from tests.test_eval import SMALL, FakePipeline, compose_cfg
 
 ONE = ["max_samples_per_split=1"]  # two ReasonSeg samples: the real tiny model stays fast

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
-from model.builder import LisaBundle
+from model.bundle import LisaBundle
 from model.checkpoint import load_tokenizer, save_tokenizer
 from model.lisa import LisaExtras
 from model.pipeline import Query, SegmentationPipeline

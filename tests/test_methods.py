@@ -18,7 +18,7 @@ from csp.plan import Prune, TopFraction, TopKUnionGrid
 from csp.runner import DecoderInputs, StageRunner
 from csp.scorers import QueryAttention, ScoreContext, TextSimilarity, sparsevlm_raters
 from csp.tokens import TokenState
-from model.builder import LisaBundle
+from model.bundle import LisaBundle
 from model.inference import generate, teacher_forced
 from model.pipeline import ImageEncoding, Query, SegmentationPipeline
 from model.prompt import build_prompt, tokenize_with_image

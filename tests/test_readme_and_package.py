@@ -130,7 +130,7 @@ def test_package_installs_and_imports_outside_the_repository(tmp_path: Path) -> 
     src.mkdir()
     for name in ("pyproject.toml", "requirements.txt", "README.md", "eval_ds.py", "train_ds.py"):
         shutil.copy(REPO / name, src / name)
-    for package in ("model", "csp", "datasets", "evaluation", "training", "visualize", "scripts"):
+    for package in ("model", "csp", "datasets", "runs", "evaluation", "training", "visualize", "scripts"):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                             "-q", "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True,
@@ -145,7 +145,7 @@ def test_package_installs_and_imports_outside_the_repository(tmp_path: Path) -> 
                  "evaluation/evaluate.py", "training/train.py", "visualize/token_maps.py", "scripts/benchmark.py",
                  "eval_ds.py", "train_ds.py"):
         assert path in names, sorted(names)
-    code = ("import model.pipeline, model.checkpoint, csp.methods, datasets.splits, evaluation.evaluate, "
+    code = ("import model.pipeline, model.checkpoint, csp.methods, datasets.splits, runs.models, evaluation.evaluate, "
             "training.train, visualize.token_maps, eval_ds, train_ds; "
             "print(model.pipeline.__file__)")
     env = {**ENV, "PYTHONPATH": str(site)}

@@ -46,7 +46,7 @@ def test_toy_table_presets_compose_validate_and_reduce_to_about_30_percent(tmp_p
     from csp.accounting import navg
     from csp.config import method_from_config
     from csp.methods import METHODS
-    from model.builder import layers_and_image_tokens
+    from runs.models import layers_and_image_tokens
     from scripts.run_table import parse, settings
 
     assert parse(["table=toy"])[0] == "toy"

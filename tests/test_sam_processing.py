@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.builder import LisaBundle
+from model.bundle import LisaBundle
 from model.pipeline import Query, QueryResult, SegmentationPipeline
 from model.sam import sam_postprocess, sam_postprocess_separable, sam_preprocess, to_rgb_array
 from tests.conftest import random_pil_image

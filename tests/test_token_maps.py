@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from csp.geometry import TokenGeometry, clip_crop_geometry
 from csp.schedule import StageSchedule
 from csp.tokens import KeptImageTokens
-from model.builder import LisaBundle
-from model.geometry import TokenGeometry, clip_crop_geometry
+from model.bundle import LisaBundle
 from model.pipeline import Query, SegmentationPipeline
 from model.prompt import IMAGE_PLACEHOLDER_ID, build_prompt, tokenize_with_image
 from model.vision import clip_processor_for

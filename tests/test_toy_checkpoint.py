@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from model.builder import build_from_config
 from model.checkpoint import read_lisa_config
+from runs.models import build_from_config
 from scripts.toy_metrics import REPO, SPLIT, evaluate_checkpoint
 
 ASSET = REPO / "assets" / "toy_lisa"

@@ -21,13 +21,13 @@ from safetensors.torch import load_file
 
 from datasets import DatasetLayoutError, MiniatureSpec, UnknownSplitError, write_miniature
 from datasets.splits import check_split, load_groups
-from evaluation.loop import open_image
 from model.builder import build_tiny_lisa
 from model.checkpoint import load_lisa_checkpoint
 from model.finetuned import MASK_DECODER_PREFIX, load_mask_decoder
 from model.inference import teacher_forced
 from model.pipeline import Query, SegmentationPipeline
 from model.prompt import ANSWER_LIST, SHORT_QUESTION_LIST, build_prompt, tokenize_with_image
+from runs.images import open_image
 from training import checkpointing as ckpt
 from training.cache import DecoderCache
 from training.data import DataOrder, EmptyTrainingSetError, PromptStyle, conversations, item_rng, load_sources

@@ -27,9 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from datasets.base import ImageGroup, Sample
-from evaluation.loop import open_image
 from model.pipeline import Query, SegmentationPipeline
 from model.training import DecoderFeatures
+from runs.images import open_image
 
 CACHE_VERSION = 2  # 2: keyed by the method (any method), prompts run as evaluation runs them
 
