@@ -22,9 +22,9 @@ The roofline: the device's matmul throughput and memory bandwidth are measured i
 small microbenchmarks at the model's shapes; per stage, roofline time = max(FLOPs / throughput,
 bytes / bandwidth) with FLOPs and bytes from ``csp.accounting`` (the shared calculator).
 
-    python scripts/benchmark.py --preset llava7b_224_p70 --shape cpu32
-    python scripts/benchmark.py --suite --shape cpu32 --out bench.json
-    python scripts/benchmark.py --suite --shape 7b --device cuda --dtype bf16 --compiled --out bench_7b.json
+    python -m scripts.benchmark --preset llava7b_224_p70 --shape cpu32
+    python -m scripts.benchmark --suite --shape cpu32 --out bench.json
+    python -m scripts.benchmark --suite --shape 7b --device cuda --dtype bf16 --compiled --out bench_7b.json
 """
 
 from __future__ import annotations
@@ -46,23 +46,21 @@ import yaml
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaModel
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from csp.accounting import ModelDims, counts_row, roofline, static_row, total_flops
+from csp.config import SCHEDULE_METHOD, MethodConfig, method_from_config
+from csp.methods import METHODS, Method, VisionFeatures, build_method
+from csp.runner import CompileOptions, DecoderInputs, StageRunner
+from model.bundle import LisaBundle, cast_model, keep_fp32_buffers, resolve_dtype
+from model.cpu_linear import prepack_cpu_linears
+from model.inference import teacher_forced
+from model.lisa import LISAForCausalLM
+from model.pipeline import SegmentationPipeline, Timer
+from model.prompt import IMAGE_PLACEHOLDER_ID, SpecialTokenIds
+from model.sam import build_sam_vit_h, build_tiny_sam, decode_masks, sam_postprocess, sam_preprocess
+from model.vision import CLIPVisionTower, clip_processor_for, tiny_clip_config
+from scripts.flops_table import load_method_presets
 
-from csp.accounting import ModelDims, counts_row, roofline, static_row, total_flops  # noqa: E402
-from csp.config import SCHEDULE_METHOD, MethodConfig, method_from_config  # noqa: E402
-from csp.methods import METHODS, Method, VisionFeatures, build_method  # noqa: E402
-from csp.runner import CompileOptions, DecoderInputs, StageRunner  # noqa: E402
-from model.bundle import LisaBundle, cast_model, keep_fp32_buffers, resolve_dtype  # noqa: E402
-from model.cpu_linear import prepack_cpu_linears  # noqa: E402
-from model.inference import teacher_forced  # noqa: E402
-from model.lisa import LISAForCausalLM  # noqa: E402
-from model.pipeline import SegmentationPipeline, Timer  # noqa: E402
-from model.prompt import IMAGE_PLACEHOLDER_ID, SpecialTokenIds  # noqa: E402
-from model.sam import build_sam_vit_h, build_tiny_sam, decode_masks, sam_postprocess, sam_preprocess  # noqa: E402
-from model.vision import CLIPVisionTower, clip_processor_for, tiny_clip_config  # noqa: E402
-from scripts.flops_table import load_method_presets  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),

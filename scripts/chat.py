@@ -1,8 +1,8 @@
 """Chat with LISA (+ a token-reduction method): answer, one mask overlay per [SEG], and the token map.
 
-    python scripts/chat.py --version /x/LISA-7B-v1 --vision-tower /x/clip-vit-large-patch14 \\
+    python -m scripts.chat --version /x/LISA-7B-v1 --vision-tower /x/clip-vit-large-patch14 \\
         --precision bf16 --preset llava7b_224_p70 --image dog.jpg --query "Where is the dog?"
-    python scripts/chat.py --preset demo --image dog.jpg       # tiny/toy model; asks for queries
+    python -m scripts.chat --preset demo --image dog.jpg       # tiny/toy model; asks for queries
 
 LISA's flags (``--version``, ``--vision-tower``, ``--precision``, ``--vis_save_path``) keep their
 meaning. Without ``--version`` the toy LISA trained by ``train_ds.py`` is used when
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,16 +33,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # ``python scripts/chat.py`` from anywhere
-    sys.path.insert(0, str(ROOT))
+from csp.config import PLAIN, MethodConfig, method_from_config
+from csp.geometry import TokenGeometry
+from model.builder import build_tiny_lisa
+from model.bundle import LisaBundle, cast_model, resolve_dtype
+from model.pipeline import SegmentationPipeline
+from visualize.token_maps import draw_mask, new_token_map, strategy_selections, token_map
 
-from csp.config import PLAIN, MethodConfig, method_from_config  # noqa: E402
-from csp.geometry import TokenGeometry  # noqa: E402
-from model.builder import build_tiny_lisa  # noqa: E402
-from model.bundle import LisaBundle, cast_model, resolve_dtype  # noqa: E402
-from model.pipeline import SegmentationPipeline  # noqa: E402
-from visualize.token_maps import draw_mask, new_token_map, strategy_selections, token_map  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 #: The toy LISA of the training issue (a LISA checkpoint directory in ``save_lisa_checkpoint``'s
 #: layout with its CLIP directory in ``vision_tower/``, as train_ds.py writes it); the default model when it exists.

@@ -2,7 +2,7 @@
 table preset in configs/exp/table*_<method>*.yaml (paper eqs. 9-11).
 
 Usage:
-    python scripts/flops_table.py [--json] [--text-tokens 62] [--schedule-dir DIR] [--exp-dir DIR]
+    python -m scripts.flops_table [--json] [--text-tokens 62] [--schedule-dir DIR] [--exp-dir DIR]
 
 Each schedule preset's model and image-token count N come from its name prefix
 (``PRESET_FAMILIES``); a method preset's from its ``override /model``. The plain-model baseline of
@@ -17,15 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-# Make ``csp`` importable when run as ``python scripts/flops_table.py``.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from csp.accounting import DEFAULT_TEXT_TOKENS, MODEL_DIMS, counts_row, static_row
 from csp.config import SCHEDULE_METHOD, method_from_config

@@ -2,9 +2,9 @@
 evaluated by the same code as eval_ds.py, printed in the paper's layout (method rows, split
 columns, mIoU_drop, Navg, TFLOPs).
 
-    python scripts/run_table.py table=1 dataset_dir=/data/lisa_dataset
-    python scripts/run_table.py table=2 output_dir=outputs/tables/table2     # run again: resumes
-    python scripts/run_table.py table=1 model=tiny model.num_layers=32 miniature.seed=0 max_samples_per_split=2
+    python -m scripts.run_table table=1 dataset_dir=/data/lisa_dataset
+    python -m scripts.run_table table=2 output_dir=outputs/tables/table2     # run again: resumes
+    python -m scripts.run_table table=1 model=tiny model.num_layers=32 miniature.seed=0 max_samples_per_split=2
 
 ``table=<1|2|3|toy>`` (``toy``: Table 1's methods on the trained toy LISA, presets
 ``configs/exp/toy_table1_<method>.yaml``); ``output_dir=<dir>`` (default ``outputs/tables/table<k>``):
@@ -21,14 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # run as a file, as the comments of configs/exp/toy_*.yaml still write it;
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the documented form is python -m scripts.run_table
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from evaluation.records import has_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = ROOT / "configs"
 

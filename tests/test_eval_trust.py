@@ -319,7 +319,7 @@ def test_row_names_carry_the_schedule_and_sweeps_get_one_table(tmp_path: Path) -
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "scripts/collect_runs.py", str(tmp_path)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "scripts.collect_runs", str(tmp_path)], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], check=True).stdout
     assert names[0] in out and names[1] in out and (tmp_path / "sweep_table.txt").read_text().strip() == out.strip()
 

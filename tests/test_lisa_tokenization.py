@@ -1,6 +1,6 @@
 """Golden tests: prompts tokenized as LISA's transformers 4.31 slow LlamaTokenizer does it.
 
-Expected token strings are written out by hand from the rules (DESIGN.md, "Tokenization as LISA
+Expected token strings are written out by hand from the rules (docs/design.md, "Tokenization as LISA
 runs it"), not produced by the code under test:
 - the prompt is split on ``<image>`` first; only the first chunk gets ``<s>``;
 - added tokens without strip flags (``<im_start>``, ``<im_end>``, ``[SEG]``) eat the whitespace on
