@@ -223,6 +223,7 @@ def test_one_step_changes_only_trainable_parameters(samples: list[TrainingSample
     assert with_grad <= changed <= trainable, sorted(changed - trainable)[:5]
 
 
+@pytest.mark.slow
 def test_repeating_one_batch_lowers_the_loss(samples: list[TrainingSample]) -> None:
     bundle = build_tiny_lisa(seed=3)
     pipe = SegmentationPipeline(bundle)

@@ -266,6 +266,7 @@ def test_wandb_offline_logs_metrics_and_overlays(tmp_path: Path, monkeypatch: py
 
 # ---------------------------------------------------------------- the real model, end to end
 
+@pytest.mark.slow
 def test_demo_through_the_function(tmp_path: Path) -> None:
     cfg = compose_cfg(["+exp=demo", "data=rio", f"output_dir={tmp_path}"])
     results = evaluate(cfg)
@@ -312,6 +313,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_demo_command_line(tmp_path: Path) -> None:
     out = run_eval(["+exp=demo", "--local_rank=0"], tmp_path / "run")  # as the DeepSpeed launcher appends it
     lines = out.stdout.strip().splitlines()
@@ -325,6 +327,7 @@ def test_demo_command_line(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "baseline" / "results.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(reference_run: Path, tmp_path: Path) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run_eval(SMALL, tmp_path / "run", launcher=launcher)
@@ -334,6 +337,7 @@ def test_two_processes_equal_one(reference_run: Path, tmp_path: Path) -> None:
     assert comparable(tmp_path / "run") == comparable(reference_run)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(reference_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "eval_ds.py"), *SMALL, f"hydra.run.dir={run_dir}"]

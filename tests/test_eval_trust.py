@@ -90,6 +90,7 @@ def test_seg_first_weights_as_documented(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- run directory: overwrite, resume, manifest
 
+@pytest.mark.slow
 def test_existing_run_dir_is_not_overwritten_silently(tmp_path: Path) -> None:
     run = tmp_path / "run"
     (run / "baseline").mkdir(parents=True)
@@ -102,6 +103,7 @@ def test_existing_run_dir_is_not_overwritten_silently(tmp_path: Path) -> None:
         evaluate_setting(FakePipeline(), [], [], run / "baseline", DistContext(), SettingOptions("f"))
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_setting_and_an_empty_dir(tmp_path: Path) -> None:
     run = tmp_path / "run"
     base = SMALL + [f"output_dir={run}", "miniature=null", f"dataset_dir={tmp_path / 'nowhere'}"]
@@ -116,6 +118,7 @@ def test_resume_refuses_another_setting_and_an_empty_dir(tmp_path: Path) -> None
         evaluate(compose_cfg(base + ["resume=true"]))
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_in_the_baseline_counts_its_samples(tmp_path: Path, mini: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """Ctrl-C during the same_run baseline, then resume: before the fix the method's (empty) directory
@@ -154,6 +157,7 @@ def test_reason_seg_image_missing_or_not_jpg_is_a_failed_record(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("data", ["reasonseg", "rio", "refcoco"])
+@pytest.mark.slow
 def test_empty_split_warns_loudly_and_fails_with_strict(tmp_path: Path, mini: Path, data: str,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     root = _copy(mini, tmp_path)
@@ -187,6 +191,7 @@ def test_empty_split_warns_loudly_and_fails_with_strict(tmp_path: Path, mini: Pa
 
 # ---------------------------------------------------------------- baselines
 
+@pytest.mark.slow
 def test_baseline_not_json_other_setting_other_samples_and_recorded(tmp_path: Path, mini: Path) -> None:
     args = ["+exp=demo_tiny", "data=reasonseg", "miniature=null", f"dataset_dir={mini}", *ONE]
     broken = tmp_path / "broken.json"
@@ -272,6 +277,7 @@ def test_detector_cost_reaches_metrics_and_table(tmp_path: Path, mini: Path) -> 
     assert header.endswith("detector ms  detector GFLOPs") and line.split()[-2:] == ["12.5", "10.4"]
 
 
+@pytest.mark.slow
 def test_seg_first_cost_reaches_metrics_end_to_end(tmp_path: Path, mini: Path) -> None:
     """The real pipeline with seg_first (an injected segmenter): its cost is in metrics.json."""
     import numpy as np

@@ -14,6 +14,8 @@ from model.checkpoint import load_lisa_checkpoint
 from model.pipeline import Query, SegmentationPipeline
 from runs.models import build_from_config
 
+pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m "not slow" skips them
+
 
 def rope_inv_freq_fp64(config) -> torch.Tensor:
     """Independent: theta^(-2i/d) for i < d/2."""

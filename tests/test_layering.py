@@ -18,6 +18,7 @@ which never run, do not).
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,7 @@ def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
     return {name for name in found if name.split(".")[0] in PROJECT}
 
 
+@functools.cache
 def graph() -> dict[str, set[str]]:
     modules = project_modules()
     return {name: imports_of(path, modules) for name, path in modules.items()}

@@ -171,6 +171,7 @@ def test_tiny_tokenizer_pieces_by_hand() -> None:
 
 
 # -- mm_use_im_start_end from the checkpoint config reaches the prompt ----------------------------
+@pytest.mark.slow
 def test_pipeline_honours_mm_use_im_start_end(tiny_bundle: LisaBundle) -> None:
     model, vocab = tiny_bundle.model, tiny_bundle.tokenizer.get_vocab()
     pipe = SegmentationPipeline(tiny_bundle)

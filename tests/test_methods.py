@@ -129,6 +129,7 @@ def plain_encoding(tiny_bundle: LisaBundle, make_image) -> ImageEncoding:
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.slow
 def test_every_method_runs_in_evaluation_and_chat(name: str, tiny_bundle: LisaBundle, make_image,
                                                   plain_encoding: ImageEncoding) -> None:
     """Teacher forcing (evaluation) and KV-cache generation (chat), three prompts of different lengths
@@ -158,6 +159,7 @@ def test_every_method_runs_in_evaluation_and_chat(name: str, tiny_bundle: LisaBu
             assert torch.equal(got.indices, want.indices)
 
 
+@pytest.mark.slow
 def test_prumerge_iqr_counts_differ_per_sample_in_one_batch(tiny_bundle: LisaBundle, make_image) -> None:
     pipe = SegmentationPipeline(tiny_bundle, method=build_method({"name": "prumerge"}))
     encs = [pipe.encode_image(make_image(40, 52, seed=s)) for s in (0, 7)]

@@ -19,6 +19,8 @@ from scripts import benchmark, search_schedule
 from scripts import plot as plot_cli
 from visualize.plots import load_runs
 
+pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m "not slow" skips them
+
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:

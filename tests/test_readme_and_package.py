@@ -80,6 +80,7 @@ def stub_model_files(cfg, weights: Path) -> None:
         CLIPVisionConfig(image_size=int(tokens ** 0.5) * PATCH, patch_size=PATCH).save_pretrained(clip)
 
 
+@pytest.mark.slow
 def test_readme_eval_commands_compose_and_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     commands = readme_commands()
     assert len(commands) >= 8, commands  # the Evaluation and weights sections
@@ -116,6 +117,7 @@ def test_readme_eval_commands_compose_and_validate(tmp_path: Path, monkeypatch: 
     assert checked >= len(commands) + 8  # the sweep expands to 9 jobs
 
 
+@pytest.mark.slow
 def test_multirun_writes_one_table_for_the_sweep(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "eval_ds.py"), "-m", "+exp=demo_tiny", "data=reasonseg", "baseline=null",
@@ -129,6 +131,7 @@ def test_multirun_writes_one_table_for_the_sweep(tmp_path: Path) -> None:
     assert lines[2].startswith("demo_tiny_csp (Lc=2, Nc=64, Ls=1, Np=16, uniform)")
 
 
+@pytest.mark.slow
 def test_package_installs_and_imports_outside_the_repository(tmp_path: Path) -> None:
     """A wheel built from pyproject.toml holds every package; imported from elsewhere, it works."""
     src = tmp_path / "src"

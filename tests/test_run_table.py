@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from datasets.miniature import MiniatureSpec, write_miniature
 from scripts.run_table import TABLES, run
+
+pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m "not slow" skips them
 
 
 def test_table1_grid_runs_end_to_end_and_resumes(tmp_path: Path) -> None:

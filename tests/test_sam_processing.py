@@ -225,6 +225,7 @@ def test_16bit_grayscale_is_scaled_like_cv2() -> None:
         assert np.array_equal(rgb[..., channel], expected)
 
 
+@pytest.mark.slow
 def test_postprocess_benchmark_reports_both_paths_and_their_agreement(capsys: pytest.CaptureFixture) -> None:
     from scripts.benchmark_postprocess import main
 

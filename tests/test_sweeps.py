@@ -105,6 +105,7 @@ def test_there_is_a_sweep_per_model_and_resolution() -> None:
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+@pytest.mark.slow
 def test_sweep_file_composes_and_every_setting_is_valid(path: Path) -> None:
     sweep = load_sweep(path)
     assert sweep["command"] == COMMAND and sweep["program"] == "eval_ds.py" and sweep["method"] == "grid"

@@ -209,6 +209,7 @@ def test_chat_token_map_pixels_equal_the_runner_selection(bundle: LisaBundle, tm
     assert len(read_back[4]) == 16 and len(read_back[3]) == N
 
 
+@pytest.mark.slow
 def test_chat_cli_runs_on_the_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(chat, "TOY_CHECKPOINT", tmp_path / "no_toy")  # the tiny model even after the toy lands
     image = tmp_path / "photo.jpg"
@@ -222,6 +223,7 @@ def test_chat_cli_runs_on_the_tiny_model(tmp_path: Path, monkeypatch: pytest.Mon
     assert [(k.stage, k.indices.shape[1]) for k in kept] == [("clustering", 64), ("scattering", N), ("pruning", 8)]
 
 
+@pytest.mark.slow
 def test_chat_cli_runs_the_method_of_a_baseline_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--preset table1_fastv runs FastV (resolved as evaluation resolves it), not plain LISA."""
     monkeypatch.setattr(chat, "TOY_CHECKPOINT", tmp_path / "no_toy")
@@ -237,6 +239,7 @@ def test_chat_cli_runs_the_method_of_a_baseline_preset(tmp_path: Path, monkeypat
     assert [(k.stage, k.first_layer, k.indices.shape[1]) for k in kept] == [("input", 0, N), ("pruning", 2, 64)]
 
 
+@pytest.mark.slow
 def test_chat_cli_defaults_to_the_toy_checkpoint_and_asks_for_queries(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved_tiny_checkpoint) -> None:
     import shutil
@@ -271,6 +274,7 @@ def test_chat_cli_rejects_bad_input_before_loading(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- token maps from evaluation
 
+@pytest.mark.slow
 def test_eval_writes_token_maps_of_the_first_samples_and_logs_them(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from hydra import compose, initialize_config_dir

@@ -34,6 +34,7 @@ def test_committed_checkpoint_is_small_and_complete() -> None:
     assert bundle.model.vision_tower.num_patches == 64
 
 
+@pytest.mark.slow
 def test_committed_checkpoint_reproduces_its_val_giou(tmp_path: Path) -> None:
     recorded = json.loads((ASSET / "metrics.json").read_text())
     check = recorded["check"]

@@ -272,6 +272,7 @@ def test_vqa_source_errors_name_the_file_item_and_key(mini: Path, tmp_path: Path
         train(fast(mini, tmp_path / "dec", "mode=decoder", source))
 
 
+@pytest.mark.slow
 def test_vqa_turns_train_the_llm_and_not_the_mask_path(mini: Path, tmp_path: Path) -> None:
     """Text-only turns: the CE loss falls on a repeated batch, the mask terms are exactly 0, and the mask
     decoder and text_hidden_fcs (which no VQA turn reaches) stay bit for bit unchanged."""
@@ -349,6 +350,7 @@ def test_cache_of_another_model_or_schedule_is_an_error(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- the modes
 
+@pytest.mark.slow
 def test_full_mode_trains_all_but_frozen_and_writes_released_checkpoint(mini: Path, tmp_path: Path) -> None:
     before = initial_params()
     result = train(fast(mini, tmp_path / "run", "mode=full", "trainer.save_released=true", "trainer.steps=2",
@@ -375,6 +377,7 @@ def test_full_mode_trains_all_but_frozen_and_writes_released_checkpoint(mini: Pa
     assert torch.equal(saved["lm_head.weight"], after["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_trainable_sam_image_encoder_same_loss_then_it_moves(mini: Path, tmp_path: Path) -> None:
     """mode=full without the SAM image encoder in mode.freeze: the loss runs it with gradients on the image
     (the cached no-grad embedding is not used), so the first loss equals the frozen run's, and its weights
@@ -392,6 +395,7 @@ def test_trainable_sam_image_encoder_same_loss_then_it_moves(mini: Path, tmp_pat
     assert all(torch.equal(v, bundle.model.vision_tower.state_dict()[k]) for k, v in tower.items())
 
 
+@pytest.mark.slow
 def test_lr_scale_zero_and_silent_images_leave_those_weights_untouched(mini: Path, tmp_path: Path) -> None:
     """lr_scale 0 on the decoder layers and an image ramp that has not started: after two steps the layers
     and the projector (whose output is multiplied by 0, so its gradient is 0) are bit for bit unchanged,
@@ -407,6 +411,7 @@ def test_lr_scale_zero_and_silent_images_leave_those_weights_untouched(mini: Pat
     assert {"lm_head.weight", "model.embed_tokens.weight", "model.text_hidden_fcs.0.0.weight"} <= changed
 
 
+@pytest.mark.slow
 def test_lisa_mode_lora_only_trainable_change_and_resume_equals_uninterrupted(mini: Path, tmp_path: Path) -> None:
     before = initial_params()
     args = ["mode=lisa", "trainer.steps=3", "trainer.save_every=2", "trainer.samples_per_image=1",
@@ -449,6 +454,7 @@ def decoder_runs(mini: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return tmp_path, cached, live
 
 
+@pytest.mark.slow
 def test_decoder_mode_cache_equals_live_loss_falls_and_eval_reloads(mini: Path, decoder_runs: tuple) -> None:
     tmp_path, cached, live = decoder_runs
     assert (tmp_path / "cached" / "decoder_cache" / "meta.json").is_file()
@@ -490,6 +496,7 @@ def test_decoder_mode_cache_equals_live_loss_falls_and_eval_reloads(mini: Path, 
     assert any((a != b).any() for a, b in zip(logits_before, logits_after))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(mini: Path, tmp_path: Path, decoder_runs: tuple,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     real = Runner.micro_loss
@@ -514,6 +521,7 @@ def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(mini: Path, tmp_pa
     assert load_file(str(last / "trainable.safetensors"))
 
 
+@pytest.mark.slow
 def test_eval_labels_finetuned_decoder_rows(mini: Path, tmp_path: Path) -> None:
     from evaluation.evaluate import evaluate
     from model.finetuned import save_mask_decoder
@@ -540,6 +548,7 @@ def test_eval_labels_finetuned_decoder_rows(mini: Path, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- LoRA merge
 
+@pytest.mark.slow
 def test_lora_merge_equals_unmerged_and_reloads(tmp_path: Path) -> None:
     bundle = build_tiny_lisa(seed=4, num_layers=LAYERS)
     model = bundle.model
@@ -586,6 +595,7 @@ def open_image_from_array():  # noqa: ANN201 - a PIL image
 
 # ---------------------------------------------------------------- the Table 6 protocol script
 
+@pytest.mark.slow
 def test_finetune_script_runs_one_decoder_per_column_and_its_commands_compose(tmp_path: Path) -> None:
     import os
     import shlex
@@ -613,6 +623,7 @@ def test_finetune_script_runs_one_decoder_per_column_and_its_commands_compose(tm
         assert ecfg.baseline == str(tmp_path / "out" / "plain" / "metrics.json")
 
 
+@pytest.mark.slow
 def test_decoder_fine_tune_under_fastv_ties_the_decoder_to_fastv(mini: Path, tmp_path: Path) -> None:
     """mode=decoder takes any method (here FastV through the method group): its cache and its decoder
     file are keyed by the method with its parameters, evaluation under FastV loads the decoder, and
