@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from segment_anything.modeling import Sam
 from transformers import (
+    CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
     PreTrainedTokenizerBase,
@@ -167,3 +168,28 @@ def load_vision_tower(clip_dir: str | Path, select_layer: int = -2) -> CLIPVisio
     model = CLIPVisionModel.from_pretrained(clip_dir, attn_implementation="sdpa")
     processor = load_clip_processor(clip_dir)
     return CLIPVisionTower(model=model, processor=processor, select_layer=select_layer)
+
+
+def build_random_lisa(config: LlamaConfig, clip_config: CLIPVisionConfig, sam: Callable[[], Sam], *,
+                      token_ids: SpecialTokenIds, dtype: torch.dtype, device: torch.device | str,
+                      tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
+                      clip_image_size: int = 224) -> LisaBundle:
+    """LISA at any size with seeded random weights, built directly in ``dtype`` on ``device`` (a 7B model
+    is never materialised in float32 on the host): the benchmarks' model.
+
+    ``config``: the LLM's config with LISA's fields (``mm_hidden_size``, ``mm_projector_type``,
+    ``mm_vision_select_layer``, ``out_dim``); ``sam``: a SAM builder (``model.sam.build_sam_vit_h``, ...);
+    ``token_ids``: the special-token ids prompts use (``tokenizer`` may be None when prompts are built as ids).
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(seed)
+            tower = CLIPVisionTower(model=CLIPVisionModel(clip_config), processor=clip_processor_for(clip_image_size))
+            model = LISAForCausalLM(config, visual_model=sam(), vision_tower=tower)
+    finally:
+        torch.set_default_dtype(previous)
+    keep_fp32_buffers(model)
+    tower.clip.config._attn_implementation = "sdpa"
+    return LisaBundle(model.eval(), tokenizer=tokenizer, token_ids=token_ids)

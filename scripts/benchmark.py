@@ -44,20 +44,20 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaModel
+from transformers import CLIPVisionConfig, LlamaConfig, LlamaModel
 
 from csp.accounting import ModelDims, counts_row, roofline, static_row, total_flops
 from csp.config import SCHEDULE_METHOD, MethodConfig, method_from_config
 from csp.methods import METHODS, Method, VisionFeatures, build_method
 from csp.runner import CompileOptions, DecoderInputs, StageRunner
-from model.bundle import LisaBundle, cast_model, keep_fp32_buffers, resolve_dtype
+from model.builder import build_random_lisa
+from model.bundle import LisaBundle, cast_model, resolve_dtype
 from model.cpu_linear import prepack_cpu_linears
 from model.inference import teacher_forced
-from model.lisa import LISAForCausalLM
 from model.pipeline import SegmentationPipeline, Timer
 from model.prompt import IMAGE_PLACEHOLDER_ID, SpecialTokenIds
 from model.sam import build_sam_vit_h, build_tiny_sam, decode_masks, sam_postprocess, sam_preprocess
-from model.vision import CLIPVisionTower, clip_processor_for, tiny_clip_config
+from model.vision import tiny_clip_config
 from scripts.flops_table import load_method_presets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,20 +111,10 @@ def build_bundle(shape: str, dtype: torch.dtype, device: torch.device) -> LisaBu
     config.mm_projector_type = "mlp2x_gelu" if real else "linear"
     config.mm_vision_select_layer = -2
     config.out_dim = 256 if real else 32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            tower = CLIPVisionTower(model=CLIPVisionModel(clip_config), processor=clip_processor_for(224))
-            sam = build_sam_vit_h() if real else build_tiny_sam(config.out_dim)
-            model = LISAForCausalLM(config, visual_model=sam, vision_tower=tower)
-    finally:
-        torch.set_default_dtype(previous)
-    keep_fp32_buffers(model)
-    tower.clip.config._attn_implementation = "sdpa"
+    sam = build_sam_vit_h if real else (lambda: build_tiny_sam(config.out_dim))
+    # no tokenizer: prompts are built as ids here, with LISA-7B's special-token ids
     ids = SpecialTokenIds(seg=SEG_ID, im_start=32001, im_end=32002, eos=2, pad=PAD_ID)
-    return LisaBundle(model.eval(), tokenizer=None, token_ids=ids)  # prompts are built as ids here
+    return build_random_lisa(config, clip_config, sam, token_ids=ids, dtype=dtype, device=device)
 
 
 # -- methods ------------------------------------------------------------------------------
