@@ -44,7 +44,7 @@ from evaluation.report import (
 )
 from runs.data import load_all_groups, prepare_dataset_dir, toy_spec  # noqa: F401  (toy_spec: re-exported)
 from runs.distributed import DistContext, barrier, broadcast_object, gather_to_main, init_distributed, shard
-from runs.rundir import MANIFEST, output_dir, setting_differences
+from runs.rundir import MANIFEST, RunDirectoryError, check_run_dir, output_dir, setting_differences
 
 SAME_RUN = "same_run"
 SWEEP_TABLE = "sweep_table.txt"
@@ -52,11 +52,6 @@ SWEEP_TABLE = "sweep_table.txt"
 BASELINE_KEYS = ("model", "dataset_dir", "max_samples_per_split")
 
 log = logging.getLogger(__name__)
-
-
-class RunDirectoryError(RuntimeError):
-    """The run directory holds another run (resume of a different setting, or records a fresh run
-    would delete)."""
 
 
 class EmptySplitError(ValueError):
@@ -164,33 +159,6 @@ def plain_model_setting(model: Any) -> Any:
     return {k: v for k, v in model.items() if k != "mask_decoder"}
 
 
-def check_run_dir(out_dir: Path, setting: Mapping[str, Any], *, resume: bool, overwrite: bool) -> None:
-    """Refuse to resume another setting's run, or to delete an earlier run's records unasked."""
-    manifest = out_dir / MANIFEST
-    dirs = [out_dir, out_dir / "baseline"]
-    holds = [d for d in dirs if rec.has_results(d)]
-    if resume:
-        if not manifest.is_file():
-            what = "records but no " + MANIFEST if holds else "no run (no " + MANIFEST + ")"
-            raise RunDirectoryError(f"resume=true but {out_dir} holds {what}: pass the old run's directory "
-                                    "(hydra.run.dir=<dir> or output_dir=<dir>), or drop resume=true")
-        try:
-            recorded = json.loads(manifest.read_text())
-        except ValueError as exc:
-            raise RunDirectoryError(f"resume=true but {manifest} is not readable JSON ({exc}); cannot check that "
-                                    "the run was produced by the same setting") from exc
-        if diffs := setting_differences(recorded, setting):
-            raise RunDirectoryError(
-                f"resume=true but {out_dir} was produced by a different setting (recorded vs now): "
-                + "; ".join(diffs) + ". Resume with the same setting, use another run directory, or pass "
-                "overwrite=true (without resume) to discard its records")
-        return
-    if holds and not overwrite:
-        raise RunDirectoryError(
-            f"{', '.join(map(str, holds))} already holds results of an earlier run; pass resume=true to continue "
-            "it (finished samples are kept) or overwrite=true to delete them and start again")
-
-
 def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
     """Evaluate as configured; returns ``{"method": metrics, "baseline": metrics | None}`` on every rank.
 
@@ -204,7 +172,8 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
     resume, overwrite = bool(cfg.get("resume", False)), bool(cfg.get("overwrite", False))
     if resume and overwrite:
         raise ValueError("resume=true and overwrite=true contradict each other: pick one")
-    check_run_dir(out_dir, plan.setting, resume=resume, overwrite=overwrite)
+    check_run_dir(out_dir, plan.setting, resume=resume, overwrite=overwrite, holds_results=rec.has_results,
+                  subdirs=("baseline",))
     strict = bool(cfg.get("strict", False))
     dataset_dir = prepare_dataset_dir(cfg, out_dir, ctx)
     groups = load_all_groups(plan.splits, dataset_dir, cfg.get("max_samples_per_split"))
