@@ -15,7 +15,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.distributed import launch, run_stamp
+from runs.distributed import launch, run_stamp
 
 OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
 

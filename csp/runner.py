@@ -18,8 +18,7 @@ import torch
 from transformers import Cache, LlamaModel
 
 from csp.accounting import TokenRecord
-from csp.methods import Method
-from csp.methods.lvlm_csp import LvlmCsp
+from csp.methods import Method, as_method
 from csp.plan import Prune, Scatter, TokenPlan
 from csp.schedule import StageSchedule
 from csp.scorers import ScoreContext
@@ -154,11 +153,6 @@ def image_keep_mask(is_image: torch.Tensor, source: torch.Tensor, keep: torch.Te
     return ~is_image | picked
 
 
-def as_method(method: Method | StageSchedule | None) -> Method | None:
-    """A schedule is LVLM_CSP's config: wrap it; None stays plain LISA."""
-    return LvlmCsp(method) if isinstance(method, StageSchedule) else method
-
-
 @dataclass(frozen=True)
 class HostCounts:
     """Per-sample token counts of the active set, known on the host (no device read needed).
@@ -246,7 +240,8 @@ def _layer_call(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor
 
 
 class StageRunner:
-    """Runs the decoder layers of ``llm`` under ``method`` (a Method, a CSP schedule, or None = plain).
+    """Runs the decoder layers of ``llm`` under ``method`` (a Method, or None = plain; a
+    :class:`~csp.schedule.StageSchedule` stands for the ``csp`` method with those parameters).
 
     ``always_move_tokens``: execute every stage of the plan even where it keeps all tokens (so that
     tests can check the gather/scatter path against the plain loop). ``compile``: the compiled path
@@ -275,11 +270,6 @@ class StageRunner:
         self._ahead = [self.plan.scored_before(i) for i in range(self.num_layers)]
         self.compile = compile or CompileOptions()
         self._compiled: Any = None
-
-    @property
-    def schedule(self) -> StageSchedule | None:
-        """CSP's schedule when the method is LVLM_CSP (for callers that report it)."""
-        return self.method.schedule if isinstance(self.method, LvlmCsp) else None
 
     # -- running --------------------------------------------------------------------------
     def forward(self, inputs: DecoderInputs, cache: Cache | None = None) -> DecoderOutput:

@@ -191,18 +191,17 @@ def pareto_front(points: Iterable[tuple[float, float, Any]]) -> list[tuple[float
 
 
 def calibrate(candidates: Sequence[Candidate], base_overrides: Sequence[str], out_dir: str | Path, *,
-              config_dir: str | Path, evaluate_fn: Callable[[Any], dict[str, Any]] | None = None,
-              ) -> list[Candidate]:
+              config_dir: str | Path, evaluate_fn: Callable[[Any], dict[str, Any]]) -> list[Candidate]:
     """Evaluate each candidate (``evaluate(cfg)`` of ``configs/eval.yaml`` composed with
     ``base_overrides``, the candidate's schedule and ``output_dir=<out_dir>/<label>``); fills
     ``candidate.metrics`` and returns the Pareto front (gIoU mean against measured TFLOPs).
 
-    ``base_overrides`` must select a schedule node to merge into (e.g. ``+exp=demo``).
+    ``base_overrides`` must select a schedule node to merge into (e.g. ``+exp=demo``). ``evaluate_fn``:
+    the evaluation to run (``evaluation.evaluate.evaluate``; given by the caller, so that this module
+    needs nothing from the evaluation layer).
     """
     from hydra import compose, initialize_config_dir
 
-    if evaluate_fn is None:
-        from evaluation.evaluate import evaluate as evaluate_fn
     out_dir = Path(out_dir)
     for cand in candidates:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):

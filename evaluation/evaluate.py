@@ -1,9 +1,9 @@
-"""``evaluate(cfg)``: one model, plain LISA and/or one method (an LVLM_CSP schedule or any registered
-method, ``configs/method``), on the configured splits.
+"""``evaluate(cfg)``: one model, plain LISA and/or one method (any registered method, resolved by
+``csp.config.method_from_config``: a ``method`` node, or a ``schedule`` for LVLM_CSP), on the configured splits.
 
-Order of checks (fail before anything expensive): split names, the method's / schedule's keys, the clustering
-strategy and its options (e.g. seg_first's weights file), the baseline file, the model paths and
-the schedule against the model's config files (:func:`validate_config`); then the run directory
+Order of checks (fail before anything expensive): split names, the method's name and parameters, its
+own checks (``Method.check``: e.g. a weights file), the baseline file, the model paths and the method
+against the model's config files (:func:`validate_config`); then the run directory
 (a resumed run must have been produced by the same setting, a fresh run must not silently delete
 an earlier one's records); then the data sets (layout errors, empty splits, the baseline's sample
 ids); only then is the model loaded. Outputs in the run directory: ``run_manifest.json`` (the
@@ -25,16 +25,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from csp.methods import Method, build_method
-from csp.methods.lvlm_csp import LvlmCsp
-from csp.schedule import StageSchedule
-from csp.strategies import check_strategy
+from csp.config import PLAIN, MethodConfig, method_from_config
+from csp.methods import Method
 from datasets.base import ImageGroup
-from datasets.miniature import MiniatureSpec, write_miniature
-from datasets.splits import check_split, load_groups, parse_splits
-from datasets.toy import ToySpec, write_toyref
+from datasets.splits import check_split, parse_splits
 from evaluation import records as rec
-from evaluation.distributed import DistContext, barrier, broadcast_object, gather_to_main, init_distributed, shard
 from evaluation.loop import Pipeline, SampleFailedError, SampleOutcome, evaluate_group
 from evaluation.progress import Progress
 from evaluation.report import (
@@ -47,19 +42,16 @@ from evaluation.report import (
     table,
     write_metrics,
 )
+from runs.data import load_all_groups, prepare_dataset_dir, toy_spec  # noqa: F401  (toy_spec: re-exported)
+from runs.distributed import DistContext, barrier, broadcast_object, gather_to_main, init_distributed, shard
+from runs.rundir import MANIFEST, RunDirectoryError, check_run_dir, output_dir, setting_differences
 
 SAME_RUN = "same_run"
-MANIFEST = "run_manifest.json"
 SWEEP_TABLE = "sweep_table.txt"
 #: Manifest keys a baseline must share with the run it is compared with.
 BASELINE_KEYS = ("model", "dataset_dir", "max_samples_per_split")
 
 log = logging.getLogger(__name__)
-
-
-class RunDirectoryError(RuntimeError):
-    """The run directory holds another run (resume of a different setting, or records a fresh run
-    would delete)."""
 
 
 class EmptySplitError(ValueError):
@@ -87,29 +79,30 @@ class Plan:
     """What :func:`validate_config` checked: everything but the data and the weights."""
 
     splits: list[str]
-    method: Method | None
-    method_info: dict[str, Any]
-    schedule: StageSchedule | None
-    schedule_cfg: dict[str, Any] | None
+    method_cfg: MethodConfig
     baseline: BaselineInfo | None = None
     same_run: bool = False
     setting: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> Method | None:
+        """The configured method (None: plain LISA)."""
+        return self.method_cfg.method
 
 
 def validate_config(cfg: DictConfig, *, check_model_files: bool = True) -> Plan:
     """Every check that needs no data set and no weights, in the order of the module docstring.
 
-    ``check_model_files=False`` skips the model paths and the schedule-vs-model check (for configs
+    ``check_model_files=False`` skips the model paths and the method-vs-model check (for configs
     composed where the weights do not exist, e.g. documentation tests).
     """
     splits = parse_splits(cfg.data.splits, "data.splits")
     for split in splits:
         check_split(split)
-    method, method_info = resolve_method(cfg)
-    schedule = method.schedule if isinstance(method, LvlmCsp) else None
-    schedule_cfg = method_info["schedule"]
-    if schedule is not None:
-        check_strategy(schedule)  # unknown name, bad option, missing weights file: now, not after the baseline
+    method_cfg = method_from_config(cfg)
+    method = method_cfg.method
+    if method is not None:
+        method.check()  # unknown option, missing weights file: now, not after the baseline
     baseline, same_run = None, cfg.get("baseline") == SAME_RUN
     if cfg.get("baseline") not in (None, SAME_RUN):
         baseline = read_baseline(str(cfg.baseline))
@@ -123,10 +116,10 @@ def validate_config(cfg: DictConfig, *, check_model_files: bool = True) -> Plan:
     if check_model_files:
         _check_model_paths(cfg.model)
         if method is not None:
-            from model.builder import layers_and_image_tokens
+            from runs.models import layers_and_image_tokens
 
             method.validate(*layers_and_image_tokens(cfg.model))  # before any data or weights are read
-    plan = Plan(splits, method, method_info, schedule, schedule_cfg, baseline, same_run)
+    plan = Plan(splits, method_cfg, baseline, same_run)
     plan.setting = run_setting(cfg, plan)
     if baseline is not None:
         check_baseline_setting(baseline, plan.setting)
@@ -142,19 +135,8 @@ def run_setting(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
         dataset_dir = "miniature " + json.dumps(spec, sort_keys=True)
     else:
         dataset_dir = str(cfg.get("dataset_dir"))
-    method = plan.method_info["method"]
-    return {"model": model, "method": method, "schedule": plan.schedule_cfg, "splits": plan.splits,
-            "dataset_dir": dataset_dir,
+    return {"model": model, **plan.method_cfg.record(), "splits": plan.splits, "dataset_dir": dataset_dir,
             "max_samples_per_split": cfg.get("max_samples_per_split")}
-
-
-def setting_differences(recorded: Mapping[str, Any], current: Mapping[str, Any],
-                        keys: Sequence[str] | None = None) -> list[str]:
-    """``key: recorded vs current`` for every differing (dotted) key."""
-    flat_a, flat_b = _flatten(recorded), _flatten(current)
-    wanted = [k for k in sorted(set(flat_a) | set(flat_b))
-              if keys is None or k.split(".")[0] in keys]
-    return [f"{k}: {flat_a.get(k)!r} vs {flat_b.get(k)!r}" for k in wanted if flat_a.get(k) != flat_b.get(k)]
 
 
 def check_baseline_setting(baseline: BaselineInfo, setting: Mapping[str, Any]) -> None:
@@ -177,33 +159,6 @@ def plain_model_setting(model: Any) -> Any:
     return {k: v for k, v in model.items() if k != "mask_decoder"}
 
 
-def check_run_dir(out_dir: Path, setting: Mapping[str, Any], *, resume: bool, overwrite: bool) -> None:
-    """Refuse to resume another setting's run, or to delete an earlier run's records unasked."""
-    manifest = out_dir / MANIFEST
-    dirs = [out_dir, out_dir / "baseline"]
-    holds = [d for d in dirs if rec.has_results(d)]
-    if resume:
-        if not manifest.is_file():
-            what = "records but no " + MANIFEST if holds else "no run (no " + MANIFEST + ")"
-            raise RunDirectoryError(f"resume=true but {out_dir} holds {what}: pass the old run's directory "
-                                    "(hydra.run.dir=<dir> or output_dir=<dir>), or drop resume=true")
-        try:
-            recorded = json.loads(manifest.read_text())
-        except ValueError as exc:
-            raise RunDirectoryError(f"resume=true but {manifest} is not readable JSON ({exc}); cannot check that "
-                                    "the run was produced by the same setting") from exc
-        if diffs := setting_differences(recorded, setting):
-            raise RunDirectoryError(
-                f"resume=true but {out_dir} was produced by a different setting (recorded vs now): "
-                + "; ".join(diffs) + ". Resume with the same setting, use another run directory, or pass "
-                "overwrite=true (without resume) to discard its records")
-        return
-    if holds and not overwrite:
-        raise RunDirectoryError(
-            f"{', '.join(map(str, holds))} already holds results of an earlier run; pass resume=true to continue "
-            "it (finished samples are kept) or overwrite=true to delete them and start again")
-
-
 def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
     """Evaluate as configured; returns ``{"method": metrics, "baseline": metrics | None}`` on every rank.
 
@@ -217,7 +172,8 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
     resume, overwrite = bool(cfg.get("resume", False)), bool(cfg.get("overwrite", False))
     if resume and overwrite:
         raise ValueError("resume=true and overwrite=true contradict each other: pick one")
-    check_run_dir(out_dir, plan.setting, resume=resume, overwrite=overwrite)
+    check_run_dir(out_dir, plan.setting, resume=resume, overwrite=overwrite, holds_results=rec.has_results,
+                  subdirs=("baseline",))
     strict = bool(cfg.get("strict", False))
     dataset_dir = prepare_dataset_dir(cfg, out_dir, ctx)
     groups = load_all_groups(plan.splits, dataset_dir, cfg.get("max_samples_per_split"))
@@ -228,8 +184,8 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
     barrier(ctx)
 
     from csp.runner import CompileOptions
-    from model.builder import build_from_config
     from model.pipeline import SegmentationPipeline
+    from runs.models import build_from_config
 
     compile_options = CompileOptions.from_mapping(cfg.get("compile"))  # checked before the model is built
     bundle = bundle if bundle is not None else build_from_config(cfg.model)
@@ -243,16 +199,15 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
     method, baseline = plan.method, plan.baseline
     results: dict[str, Any] = {"baseline": None}
     mask_decoder = cfg.model.get("mask_decoder")
-    # The method row: the schedule and/or a fine-tuned mask decoder (mIoU*); plain LISA otherwise.
+    # The method row: the method and/or a fine-tuned mask decoder (mIoU*); plain LISA otherwise.
     has_method = method is not None or bool(mask_decoder)
     if not has_method or plan.same_run:
         # the released mask decoder: a fine-tuned one is loaded below, for the method row
-        plain = SegmentationPipeline(bundle, schedule=None, compile=compile_options)
+        plain = SegmentationPipeline(bundle, None, compile=compile_options)
         name = f"LISA ({cfg.model.get('name')})"
         base_dir = out_dir if not has_method else out_dir / "baseline"
-        setting = {**plan.setting, "model": plain_model_setting(plan.setting["model"]), "method": None,
-                   "schedule": None}
-        opts = SettingOptions(name=name, extra={**model_info, "method": None, "schedule": None, "setting": setting},
+        setting = {**plan.setting, "model": plain_model_setting(plan.setting["model"]), **PLAIN.record()}
+        opts = SettingOptions(name=name, extra={**model_info, **PLAIN.record(), "setting": setting},
                               **common)
         metrics = evaluate_setting(plain, groups, plan.splits, base_dir, ctx, opts,
                                    baseline=None if plan.same_run else baseline, logger=logger)
@@ -265,13 +220,13 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
         if mask_decoder:
             from model.finetuned import load_mask_decoder
 
-            load_mask_decoder(bundle.model, mask_decoder, schedule=plan.schedule_cfg)
+            load_mask_decoder(bundle.model, mask_decoder, method=plan.method_cfg.spec)
             model_info = {**model_info, "mask_decoder": str(mask_decoder)}
-        pipe = SegmentationPipeline(bundle, method=method, compile=compile_options)
+        pipe = SegmentationPipeline(bundle, method, compile=compile_options)
         name = setting_name(cfg, method) if method is not None else str(cfg.get("name") or cfg.model.get("name"))
         # mIoU*: the paper's label for accuracy after fine-tuning only SAM's mask decoder (Table 6)
         opts = SettingOptions(name=name + (" (mIoU*)" if mask_decoder else ""),
-                              extra={**model_info, **plan.method_info}, **common)
+                              extra={**model_info, **plan.method_cfg.record()}, **common)
         results["method"] = evaluate_setting(pipe, groups, plan.splits, out_dir, ctx, opts, baseline=baseline,
                                              logger=logger)
     if ctx.is_main:
@@ -284,31 +239,6 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> dict[str, Any]:
     if logger is not None:
         logger.finish()
     return results
-
-
-def resolve_method(cfg: DictConfig) -> tuple[Method | None, dict[str, Any]]:
-    """The configured method and what metrics.json records about it.
-
-    ``schedule`` is LVLM_CSP's config: with ``method`` null (or ``method=csp``) a schedule means CSP;
-    any other ``method`` takes its parameters from its own node and needs ``schedule: null``.
-    """
-    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") is not None else None
-    method_cfg = OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") is not None else None
-    if method_cfg is None or method_cfg.get("name") == "csp":
-        params = {k: v for k, v in (method_cfg or {}).items() if k != "name"}
-        if params and schedule_cfg is not None:
-            raise ValueError(f"method=csp has parameters {sorted(params)} and a schedule is set too; give "
-                             "CSP's (Lc, Nc, Ls, Np) in one place (schedule=<preset> or schedule.Lc=...)")
-        schedule_cfg = schedule_cfg if schedule_cfg is not None else (params or None)
-        if method_cfg is not None and schedule_cfg is None:
-            raise ValueError("method=csp needs a schedule: schedule=<configs/schedule preset>")
-        schedule = StageSchedule.from_mapping(schedule_cfg)
-        info = {"method": "csp" if schedule is not None else None, "schedule": schedule_cfg}
-        return (None if schedule is None else LvlmCsp(schedule)), info
-    if schedule_cfg is not None:
-        raise ValueError(f"method={method_cfg.get('name')} but a CSP schedule is set too; schedule is "
-                         "LVLM_CSP's config: set schedule=null with another method")
-    return build_method(method_cfg), {"method": method_cfg, "schedule": None}
 
 
 def setting_name(cfg: DictConfig, method: Method) -> str:
@@ -408,8 +338,7 @@ def evaluate_setting(pipe: Pipeline, groups: Sequence[ImageGroup], splits: Seque
     finally:
         progress.close()
     own = rec.read_records(rec.rank_file(out_dir, ctx.rank))
-    strategy = getattr(pipe, "strategy", None)
-    cost = strategy.extra_cost() if strategy is not None else {}
+    cost = pipe.extra_cost()  # the method's cost outside the LLM (e.g. seg_first's detector)
     if ctx.is_main:  # a finished earlier run's merged file, and ranks of an earlier run with more processes
         own = rec.read_records(out_dir / rec.MERGED) + own
         own += [r for path in rec.orphan_rank_files(out_dir, ctx.world_size) for r in rec.read_records(path)]
@@ -457,50 +386,6 @@ def _zero_drop(metrics: dict[str, Any], out_dir: Path, ctx: DistContext) -> dict
     return metrics
 
 
-def load_all_groups(splits: Sequence[str], dataset_dir: Path, max_samples: int | None) -> list[ImageGroup]:
-    """Image groups of every split, split after split (layout errors are raised here)."""
-    return [group for split in splits for group in load_groups(split, dataset_dir, max_samples)]
-
-
-def output_dir(cfg: DictConfig) -> Path:
-    """``cfg.output_dir`` if set, else Hydra's run directory."""
-    if cfg.get("output_dir"):
-        return Path(str(cfg.output_dir))
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        raise ValueError("output_dir is not set and there is no Hydra run directory; set output_dir=<dir>")
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-def prepare_dataset_dir(cfg: DictConfig, out_dir: Path, ctx: DistContext) -> Path:
-    """``cfg.dataset_dir``, or the miniature data sets written first when ``cfg.miniature`` is set;
-    with ``cfg.toy`` (datasets.toy.ToySpec fields) the toy world is written into that directory too."""
-    mini = cfg.get("miniature")
-    if mini is None:
-        if not cfg.get("dataset_dir"):
-            raise ValueError("dataset_dir is not set: point it at LISA's dataset directory (see configs/data)")
-        root = Path(str(cfg.dataset_dir))
-    else:
-        root = Path(str(mini.get("dir") or out_dir / "miniature"))
-        if ctx.is_main:
-            spec = {k: v for k, v in OmegaConf.to_container(mini, resolve=True).items() if k != "dir"}
-            write_miniature(root, MiniatureSpec(**spec))
-    if cfg.get("toy") is not None and ctx.is_main:
-        write_toyref(root, toy_spec(cfg.toy))
-    barrier(ctx)
-    return root
-
-
-def toy_spec(node: Any) -> ToySpec:
-    """``toy:`` config node -> :class:`ToySpec`; unknown keys are an error naming them."""
-    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    unknown = sorted(set(values) - set(ToySpec.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"toy: unknown keys {unknown}; expected ToySpec fields {sorted(ToySpec.__dataclass_fields__)}")
-    return ToySpec(**values)
-
-
 def make_logger(cfg: DictConfig, out_dir: Path, ctx: DistContext) -> Any:
     """The wandb logger on rank 0 when ``logger`` is configured, else None."""
     if cfg.get("logger") is None or not ctx.is_main:
@@ -512,16 +397,6 @@ def make_logger(cfg: DictConfig, out_dir: Path, ctx: DistContext) -> Any:
 
 
 def _check_model_paths(model_cfg: Mapping[str, Any]) -> None:
-    from model.checkpoint import check_model_paths
+    from runs.models import check_model_paths
 
     check_model_paths(model_cfg)
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> ``{"a.b": leaf}`` (lists are leaves)."""
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out if out or not prefix else {prefix[:-1]: {}}
-    return {prefix[:-1]: value} if prefix else {"": value}

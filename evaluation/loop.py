@@ -20,7 +20,7 @@ from datasets.base import AnnotationError, ImageGroup, Sample
 from evaluation.metrics import intersection_union, sample_iou
 from evaluation.records import Record
 from model.pipeline import Query
-from model.sam import to_rgb_array
+from runs.images import open_image
 
 
 class Pipeline(Protocol):
@@ -32,6 +32,9 @@ class Pipeline(Protocol):
     def segment(self, image: Image.Image, queries: list[Any], *, queries_per_batch: int | None = None) -> list[Any]:
         """One result per query (``sample_id``, ``mask``, ``image_tokens``, ``total_tokens``,
         ``llm_ms``, ``batch_size``); the image is encoded once whatever ``queries_per_batch``."""
+
+    def extra_cost(self) -> dict[str, float]:
+        """The method's cost outside the LLM so far (``csp.methods.Method.extra_cost``)."""
 
 
 @dataclass
@@ -48,14 +51,6 @@ class SampleOutcome:
 
 class SampleFailedError(RuntimeError):
     """Raised with ``strict=true`` at the first failed sample."""
-
-
-def open_image(path: Any) -> Image.Image:
-    """The image as RGB, fully decoded (so that a truncated file fails here), upright as cv2 reads
-    it (EXIF orientation applied) and 16-bit scaled as cv2 does (model.sam.to_rgb_array)."""
-    with Image.open(path) as image:
-        image.load()
-        return Image.fromarray(to_rgb_array(image))
 
 
 def failed_record(sample: Sample, reason: str) -> Record:

@@ -1,6 +1,8 @@
-"""Builders for LISA models: tiny random models, released checkpoints, fresh LLaVA + SAM.
+"""Builders for LISA models with typed arguments: the tiny and toy random models, the CLIP tower
+from its directory (released checkpoints and fresh LLaVA + SAM builds: ``model.checkpoint``).
 
-``build_from_config`` maps a Hydra ``model`` node to a :class:`LisaBundle`.
+The bundle type lives in ``model.bundle``; a Hydra ``model`` node is mapped onto these builders by
+the entry layer (``runs.models.build_from_config``).
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ from typing import Any
 
 import torch
 from segment_anything.modeling import Sam
-from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
     PreTrainedTokenizerBase,
 )
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from model.bundle import (  # noqa: F401  (re-exported: the bundle type and dtype helpers live in model.bundle)
+    DTYPES,
+    LisaBundle,
+    cast_model,
+    keep_fp32_buffers,
+    resolve_dtype,
+)
 from model.lisa import LISAForCausalLM
 from model.prompt import SpecialTokenIds
 from model.sam import build_sam_vit_h, build_tiny_sam, build_toy_conv_sam, build_toy_sam
@@ -37,63 +43,6 @@ from model.vision import (
 #: SAM architectures by the config key ``sam_arch`` (LISA's configs have none: ViT-H).
 SAM_BUILDERS: dict[str, Callable[[], Sam]] = {"vit_h": build_sam_vit_h, "tiny": build_tiny_sam, "toy": build_toy_sam,
                                               "toy_conv": build_toy_conv_sam}
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-@dataclass
-class LisaBundle:
-    """A model with everything needed to feed it."""
-
-    model: LISAForCausalLM
-    tokenizer: PreTrainedTokenizerBase
-    token_ids: SpecialTokenIds
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.model.layers.parameters()).dtype
-
-
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
-def keep_fp32_buffers(model: torch.nn.Module) -> None:
-    """Undo what ``Module.to(dtype)`` does to buffers that must stay float32.
-
-    RoPE inverse frequencies are recomputed in float32 (in bf16 the angles at positions of a few
-    hundred are off by up to ~0.8 in cos), and SAM's random positional-encoding matrix is kept
-    float32 because segment-anything builds its coordinate grid in float32.
-    """
-    for module in model.modules():
-        if isinstance(module, LlamaRotaryEmbedding):
-            device = module.inv_freq.device
-            if module.rope_type == "default":
-                inv_freq, _ = module.compute_default_rope_parameters(module.config)
-            else:
-                inv_freq, _ = ROPE_INIT_FUNCTIONS[module.rope_type](module.config, device)
-            module.inv_freq = inv_freq.to(device=device, dtype=torch.float32)
-            module.original_inv_freq = module.inv_freq.clone()
-        elif isinstance(module, PositionEmbeddingRandom):
-            matrix = module.positional_encoding_gaussian_matrix
-            module.positional_encoding_gaussian_matrix = matrix.float()
-
-
-def cast_model(model: torch.nn.Module, *, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
-    """``model.to(device, dtype)`` with the float32 buffers kept float32 (see keep_fp32_buffers)."""
-    model.to(device=device, dtype=dtype)
-    keep_fp32_buffers(model)
-    return model
-
 
 def tiny_llama_config(vocab_size: int, *, num_layers: int = 6, hidden_size: int = 64, heads: int = 4,
                       kv_heads: int | None = None, projector: str = "linear", intermediate_size: int | None = None,
@@ -270,69 +219,26 @@ def load_vision_tower(clip_dir: str | Path, select_layer: int = -2) -> CLIPVisio
     return CLIPVisionTower(model=model, processor=processor, select_layer=select_layer)
 
 
-def layers_and_image_tokens(cfg: Mapping[str, Any]) -> tuple[int, int]:
-    """(decoder layers L, image tokens N) of the configured model, read from config files only,
-    so that a schedule can be validated before any weights are loaded."""
-    kind = cfg.get("kind", "lisa")
-    if kind == "tiny":
-        clip = tiny_clip_config()
-        return int(cfg.get("num_layers", 6)), (clip.image_size // clip.patch_size) ** 2
-    if kind == "toy":
-        sizes = ToySizes.from_config(cfg)
-        return sizes.num_layers, sizes.num_image_tokens
-    from model.checkpoint import check_model_paths, read_lisa_config
+def build_random_lisa(config: LlamaConfig, clip_config: CLIPVisionConfig, sam: Callable[[], Sam], *,
+                      token_ids: SpecialTokenIds, dtype: torch.dtype, device: torch.device | str,
+                      tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
+                      clip_image_size: int = 224) -> LisaBundle:
+    """LISA at any size with seeded random weights, built directly in ``dtype`` on ``device`` (a 7B model
+    is never materialised in float32 on the host): the benchmarks' model.
 
-    check_model_paths(cfg)
-    llm_dir = cfg["checkpoint"] if kind == "lisa" else cfg["llava"]
-    clip = CLIPVisionConfig.from_pretrained(cfg["vision_tower"])
-    return read_lisa_config(Path(llm_dir)).num_hidden_layers, (clip.image_size // clip.patch_size) ** 2
-
-
-def build_from_config(cfg: Mapping[str, Any]) -> LisaBundle:
-    """Hydra ``model`` node -> bundle. ``kind``: ``tiny`` | ``toy`` | ``lisa`` (released) | ``fresh``.
-
-    Paths are checked before anything is loaded. ``cpu_prepack: true`` (fp32 on a CPU only) runs the LLM's
-    linear layers on oneDNN-prepacked weights (``model.cpu_linear``; same outputs up to fp32 rounding).
+    ``config``: the LLM's config with LISA's fields (``mm_hidden_size``, ``mm_projector_type``,
+    ``mm_vision_select_layer``, ``out_dim``); ``sam``: a SAM builder (``model.sam.build_sam_vit_h``, ...);
+    ``token_ids``: the special-token ids prompts use (``tokenizer`` may be None when prompts are built as ids).
     """
-    kind = cfg.get("kind", "lisa")
-    dtype = resolve_dtype(cfg["dtype"]) if cfg.get("dtype") else None  # None: the checkpoint's own
-    device = torch.device(cfg.get("device", "cpu"))
-    prepack = bool(cfg.get("cpu_prepack", False))
-    if prepack and dtype is not None:  # before anything is loaded when the dtype is known
-        _check_prepack(device, dtype)
-    bundle = _build(cfg, kind, dtype, device)
-    if prepack:  # fp32 CPU inference: the LLM's linears on oneDNN-prepacked weights (model.cpu_linear)
-        from model.cpu_linear import prepack_cpu_linears
-
-        if dtype is None:  # the checkpoint's own dtype: known only now
-            _check_prepack(bundle.device, bundle.dtype)
-        prepack_cpu_linears(bundle.model.model.layers)
-    return bundle
-
-
-def _check_prepack(device: torch.device, dtype: torch.dtype) -> None:
-    from model.cpu_linear import check_prepack_supported
-
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
     try:
-        check_prepack_supported(device, dtype)
-    except ValueError as err:
-        raise ValueError(f"model.cpu_prepack=true: {err}") from None
-
-
-def _build(cfg: Mapping[str, Any], kind: str, dtype: torch.dtype | None, device: torch.device) -> LisaBundle:
-    from model.checkpoint import build_fresh_lisa, check_model_paths, load_lisa_checkpoint
-
-    if kind == "tiny":
-        bundle = build_tiny_lisa(int(cfg.get("seed", 0)), num_layers=int(cfg.get("num_layers", 6)))
-        cast_model(bundle.model, dtype=dtype or torch.float32, device=device)
-        return bundle
-    if kind == "toy":
-        bundle = build_toy_lisa(int(cfg.get("seed", 0)), ToySizes.from_config(cfg))
-        cast_model(bundle.model, dtype=dtype or torch.float32, device=device)
-        return bundle
-    check_model_paths(cfg)
-    if kind == "lisa":
-        return load_lisa_checkpoint(cfg["checkpoint"], cfg["vision_tower"], dtype=dtype, device=device)
-    if kind == "fresh":
-        return build_fresh_lisa(cfg["llava"], cfg["vision_tower"], cfg["sam_checkpoint"], dtype=dtype, device=device)
-    raise ValueError(f"model.kind must be one of tiny, toy, lisa, fresh; got {kind!r}")
+        with torch.device(device):
+            torch.manual_seed(seed)
+            tower = CLIPVisionTower(model=CLIPVisionModel(clip_config), processor=clip_processor_for(clip_image_size))
+            model = LISAForCausalLM(config, visual_model=sam(), vision_tower=tower)
+    finally:
+        torch.set_default_dtype(previous)
+    keep_fp32_buffers(model)
+    tower.clip.config._attn_implementation = "sdpa"
+    return LisaBundle(model.eval(), tokenizer=tokenizer, token_ids=token_ids)

@@ -12,16 +12,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from model.builder import SAM_BUILDERS, LisaBundle, cast_model, keep_fp32_buffers, load_vision_tower
+from model.builder import SAM_BUILDERS, load_vision_tower
+from model.bundle import LisaBundle, cast_model, keep_fp32_buffers
 from model.lisa import LISAForCausalLM
 from model.prompt import (
     IM_END_TOKEN,
@@ -39,19 +39,6 @@ WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
-
-
-def check_model_paths(cfg: Mapping[str, Any]) -> None:
-    """Fail early, naming every configured path that does not exist."""
-    kind = cfg.get("kind", "lisa")
-    keys = {"lisa": ("checkpoint", "vision_tower"), "fresh": ("llava", "vision_tower", "sam_checkpoint")}.get(kind, ())
-    missing = []
-    for key in keys:
-        value = cfg.get(key)
-        if not value or not Path(str(value)).exists():
-            missing.append(f"model.{key}={value!r}")
-    if missing:
-        raise FileNotFoundError(f"model paths not found: {', '.join(missing)} (kind={kind})")
 
 
 def read_lisa_config(ckpt_dir: Path) -> LlamaConfig:

@@ -2,8 +2,12 @@
 
 A fine-tuned decoder file is safetensors with the ``mask_decoder`` state dict (keys relative to
 ``model.visual_model.mask_decoder``) and metadata: the fingerprint of the frozen weights it was
-trained on (everything but the decoder), the schedule (JSON, ``null`` for plain LISA) and the
-model name. Loading it into another model is an error; so is evaluating it under another schedule.
+trained on (everything but the decoder), the method with its parameters in the LLM (``method``:
+JSON of ``{name, ...params}``, ``null`` for plain LISA; ``csp.config.MethodConfig.spec``) and the
+model name. Loading it into another model is an error; so is evaluating it under another method or
+other parameters (a Table 6 column is one decoder). Files written before methods other than CSP
+could be fine-tuned carry ``schedule`` (CSP's parameters, ``null``) instead; they are read as
+``{"name": "csp", ...schedule}``.
 """
 
 from __future__ import annotations
@@ -46,29 +50,41 @@ def upstream_fingerprint(model: torch.nn.Module) -> str:
     return weights_fingerprint(model.named_parameters(), exclude=(MASK_DECODER_PREFIX,))
 
 
-def schedule_json(schedule: Mapping[str, Any] | None) -> str:
-    return json.dumps(dict(schedule) if schedule is not None else None, sort_keys=True)
+def method_json(method: Mapping[str, Any] | None) -> str:
+    """``{name, ...params}`` (None: plain LISA) -> the JSON that identifies it."""
+    return json.dumps(dict(method) if method is not None else None, sort_keys=True)
 
 
-def save_mask_decoder(model: torch.nn.Module, path: str | Path, *, schedule: Mapping[str, Any] | None,
+def recorded_method(meta: Mapping[str, str]) -> str | None:
+    """The method JSON of a decoder file's metadata (older files: from their CSP ``schedule``)."""
+    if "method" in meta:
+        return meta["method"]
+    if "schedule" not in meta:
+        return None
+    schedule = json.loads(meta["schedule"])
+    return method_json(None if schedule is None else {"name": "csp", **schedule})
+
+
+def save_mask_decoder(model: torch.nn.Module, path: str | Path, *, method: Mapping[str, Any] | None,
                       model_name: str, fingerprint: str | None = None) -> Path:
     """Write ``model``'s mask decoder with the metadata that ties it to its frozen upstream."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k[len(MASK_DECODER_PREFIX):]: v.detach().contiguous().cpu()
              for k, v in model.named_parameters() if k.startswith(MASK_DECODER_PREFIX)}
-    meta = {"fingerprint": fingerprint or upstream_fingerprint(model), "schedule": schedule_json(schedule),
+    meta = {"fingerprint": fingerprint or upstream_fingerprint(model), "method": method_json(method),
             "model_name": str(model_name), "kind": "lisa_mask_decoder"}
     save_file(state, str(path), metadata=meta)
     return path
 
 
-def load_mask_decoder(model: torch.nn.Module, path: str | Path, *, schedule: Mapping[str, Any] | None,
-                      check_schedule: bool = True) -> dict[str, str]:
+def load_mask_decoder(model: torch.nn.Module, path: str | Path, *, method: Mapping[str, Any] | None,
+                      check_method: bool = True) -> dict[str, str]:
     """Load a fine-tuned decoder into ``model`` (strict); returns its metadata.
 
+    ``method``: ``{name, ...params}`` of the method this evaluation runs (None: plain LISA).
     Errors (before any weight changes): a missing file, a file of another kind, a decoder trained
-    on other frozen weights, or (``check_schedule``) one trained under another schedule.
+    on other frozen weights, or (``check_method``) one trained under another method or parameters.
     """
     path = Path(path)
     if not path.is_file():
@@ -82,9 +98,9 @@ def load_mask_decoder(model: torch.nn.Module, path: str | Path, *, schedule: Map
     if meta.get("fingerprint") != own:
         raise ValueError(f"{path} was fine-tuned on another model ({meta.get('model_name')}, fingerprint "
                          f"{meta.get('fingerprint')}) than the one configured (fingerprint {own})")
-    if check_schedule and meta.get("schedule") != schedule_json(schedule):
-        raise ValueError(f"{path} was fine-tuned under schedule {meta.get('schedule')} but this evaluation runs "
-                         f"{schedule_json(schedule)}; one decoder per schedule (Table 6 column)")
+    if check_method and recorded_method(meta) != method_json(method):
+        raise ValueError(f"{path} was fine-tuned under method {recorded_method(meta)} but this evaluation runs "
+                         f"{method_json(method)}; one decoder per method and parameters (Table 6 column)")
     state = load_file(str(path))
     decoder = dict(model.named_parameters())
     expected = {k[len(MASK_DECODER_PREFIX):] for k in decoder if k.startswith(MASK_DECODER_PREFIX)}

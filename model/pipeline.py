@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from csp.accounting import ModelDims
-from csp.methods import Method, ReducedImages, VisionFeatures
-from csp.runner import CompileOptions, StageRunner, as_method
+from csp.methods import Method, ReducedImages, VisionFeatures, as_method
+from csp.runner import CompileOptions, StageRunner
 from csp.schedule import StageSchedule
 from csp.strategies import ClusteringInputs
 from csp.tokens import KeptImageTokens
-from model.builder import LisaBundle
+from model.bundle import LisaBundle
 from model.inference import generate, teacher_forced
 from model.prompt import DEFAULT_ANSWER, build_prompt, chat_prompt, expression_span, tokenize_with_image, vqa_prompt
 from model.sam import decode_masks, sam_postprocess, sam_preprocess, sam_resized_size, to_rgb_array
@@ -98,31 +99,31 @@ class Timer:
 
 
 class SegmentationPipeline:
-    """LISA inference with an optional image-token reduction method (a CSP schedule is LVLM_CSP)."""
+    """LISA inference with an optional image-token reduction method.
 
-    def __init__(self, bundle: LisaBundle, schedule: StageSchedule | None = None, *, method: Method | None = None,
+    ``method``: a registered :class:`~csp.methods.Method` (``csp.config.method_from_config`` builds
+    it from a config), None for plain LISA; a :class:`~csp.schedule.StageSchedule` stands for the
+    ``csp`` method with those parameters.
+    """
+
+    def __init__(self, bundle: LisaBundle, method: Method | StageSchedule | None = None, *,
                  compile: CompileOptions | None = None):
-        if schedule is not None and method is not None:
-            raise ValueError("give a schedule (LVLM_CSP) or a method, not both")
         self.bundle = bundle
         self.model = bundle.model
-        self.method = as_method(schedule) if method is None else method
+        self.method = as_method(method)
         tower = self.model.vision_tower
+        if self.method is not None:
+            self.method.check()  # bad settings (e.g. a missing weights file) fail here, before any image
         self.runner = StageRunner(self.model.model, self.method, tower.num_patches, compile=compile)
-        self.strategy  # noqa: B018  (builds CSP's clustering strategy now: bad settings fail here)
 
     @property
-    def schedule(self) -> StageSchedule | None:
-        """LVLM_CSP's schedule, if the method is CSP."""
-        return self.runner.schedule
+    def selects_input(self) -> bool:
+        """Whether the method picks the grid tokens that enter layer 0 (``Method.select_input``)."""
+        return self.runner.plan.input_keep
 
-    @property
-    def strategy(self) -> object | None:
-        """CSP's clustering strategy when it clusters (None otherwise)."""
-        schedule = self.schedule
-        if schedule is None or not schedule.clusters(self.num_image_tokens):
-            return None
-        return self.method.strategy
+    def extra_cost(self) -> dict[str, float]:
+        """The method's cost outside the LLM so far (``Method.extra_cost``; {} for plain LISA)."""
+        return self.method.extra_cost() if self.method is not None else {}
 
     @property
     def num_layers(self) -> int:
@@ -242,9 +243,10 @@ class SegmentationPipeline:
             results += self._segment_encoded(enc, chunk, chunk_keep)
         return results
 
-    def _segment_encoded(self, enc: ImageEncoding, queries: list[Query],
-                         keep: torch.Tensor | None) -> list[QueryResult]:
-        """One LLM batch over an encoded image; ``keep``: ``B x Nc`` clustered indices or None."""
+    def teacher_forced(self, enc: ImageEncoding, queries: list[Query], keep: torch.Tensor | None) -> Any:
+        """The LLM over an encoded image for ``queries`` with the evaluation prompt (answer ``[SEG].``)
+        under the method: ``model.inference.teacher_forced``'s output (``seg_embeddings``, records,
+        kept tokens). ``keep``: the method's input selection (:meth:`cluster`) or None."""
         ids, prompt_lengths = [], []
         for q in queries:
             ids.append(self.prompt_ids(q.text, q.is_sentence))
@@ -256,10 +258,15 @@ class SegmentationPipeline:
         tok = self.bundle.token_ids
         spans = [expression_span(q.text, q.is_sentence, self.bundle.tokenizer, use_im_start_end=self.use_im_start_end)
                  for q in queries]  # the user's words (Simignore compares with them)
+        return teacher_forced(self.model, self.runner, ids, seg_id=tok.seg, pad_id=tok.pad, cluster_keep=keep,
+                              prompt_lengths=prompt_lengths, expression_spans=spans,
+                              **self.image_inputs(enc, len(queries)))
+
+    def _segment_encoded(self, enc: ImageEncoding, queries: list[Query],
+                         keep: torch.Tensor | None) -> list[QueryResult]:
+        """One LLM batch over an encoded image; ``keep``: ``B x Nc`` clustered indices or None."""
         with Timer(self.bundle.device) as timer:
-            out = teacher_forced(self.model, self.runner, ids, seg_id=tok.seg, pad_id=tok.pad, cluster_keep=keep,
-                                 prompt_lengths=prompt_lengths, expression_spans=spans,
-                                 **self.image_inputs(enc, len(queries)))
+            out = self.teacher_forced(enc, queries, keep)
         results = []
         for i, (query, emb, record) in enumerate(zip(queries, out.seg_embeddings, out.records)):
             masks = self.masks_for(enc, emb)

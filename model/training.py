@@ -206,7 +206,9 @@ def training_loss(pipe: SegmentationPipeline, samples: list[TrainingSample],
     seg_rows = [seg_query_rows(ids[: int(n)], tok.seg) for ids, n in zip(batch.ids, batch.lengths)]
     pred_rows = [torch.arange(a - 1, int(n) - 1) for a, n in zip(answer_starts, batch.lengths)]
     device = image_embeds.device
-    keep = torch.cat([pipe.cluster(e, [s.sample_id]) for e, s in zip(encodings, samples)]) if pipe.strategy else None
+    keep = None
+    if pipe.selects_input:
+        keep = torch.cat([pipe.cluster(e, [s.sample_id]) for e, s in zip(encodings, samples)])
     # Pruning is ranked by the [SEG] rows only, as in evaluation; text rows always survive, so the
     # answer-prediction rows are read from the same final state afterwards.
     if any(e.reduced is not None for e in encodings):

@@ -2,7 +2,7 @@
 alternating processes (A, B, A, B, ...) so that the load of a shared machine affects both alike.
 
     git archive <old commit> | tar -x -C /tmp/before
-    python scripts/ab_benchmark.py /tmp/before . --preset llava7b_224_p90 --shape tiny --pairs 3
+    python -m scripts.ab_benchmark /tmp/before . --preset llava7b_224_p90 --shape tiny --pairs 3
 
 Prints, per checkout, the median over all its repeats of the plain and CSP forward times. Each
 checkout runs its own benchmark.py, so the old one must accept --preset/--shape/--repeats/--rounds/
@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def one_run(tree: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(tree / "scripts" / "benchmark.py"), "--preset", args.preset, "--shape", args.shape,
+    cmd = [sys.executable, "-m", "scripts.benchmark", "--preset", args.preset, "--shape", args.shape,
            "--repeats", str(args.repeats), "--rounds", "1", "--warmup", str(args.warmup), "--threads", "1"]
     if "--methods" in (tree / "scripts" / "benchmark.py").read_text():
         cmd += ["--methods", "none"]  # plain and CSP only

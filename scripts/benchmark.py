@@ -22,9 +22,9 @@ The roofline: the device's matmul throughput and memory bandwidth are measured i
 small microbenchmarks at the model's shapes; per stage, roofline time = max(FLOPs / throughput,
 bytes / bandwidth) with FLOPs and bytes from ``csp.accounting`` (the shared calculator).
 
-    python scripts/benchmark.py --preset llava7b_224_p70 --shape cpu32
-    python scripts/benchmark.py --suite --shape cpu32 --out bench.json
-    python scripts/benchmark.py --suite --shape 7b --device cuda --dtype bf16 --compiled --out bench_7b.json
+    python -m scripts.benchmark --preset llava7b_224_p70 --shape cpu32
+    python -m scripts.benchmark --suite --shape cpu32 --out bench.json
+    python -m scripts.benchmark --suite --shape 7b --device cuda --dtype bf16 --compiled --out bench_7b.json
 """
 
 from __future__ import annotations
@@ -44,26 +44,23 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaModel
+from transformers import CLIPVisionConfig, LlamaConfig, LlamaModel
+
+from csp.accounting import ModelDims, counts_row, roofline, static_row, total_flops
+from csp.config import SCHEDULE_METHOD, MethodConfig, method_from_config
+from csp.methods import METHODS, Method, VisionFeatures, build_method
+from csp.runner import CompileOptions, DecoderInputs, StageRunner
+from model.builder import build_random_lisa
+from model.bundle import LisaBundle, cast_model, resolve_dtype
+from model.cpu_linear import prepack_cpu_linears
+from model.inference import teacher_forced
+from model.pipeline import SegmentationPipeline, Timer
+from model.prompt import IMAGE_PLACEHOLDER_ID, SpecialTokenIds
+from model.sam import build_sam_vit_h, build_tiny_sam, decode_masks, sam_postprocess, sam_preprocess
+from model.vision import tiny_clip_config
+from scripts.flops_table import load_method_presets
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from csp.accounting import ModelDims, counts_row, roofline, static_row, total_flops  # noqa: E402
-from csp.methods import METHODS, Method, VisionFeatures, build_method  # noqa: E402
-from csp.methods.lvlm_csp import LvlmCsp  # noqa: E402
-from csp.runner import CompileOptions, DecoderInputs, StageRunner  # noqa: E402
-from csp.schedule import StageSchedule  # noqa: E402
-from model.builder import LisaBundle, cast_model, keep_fp32_buffers, resolve_dtype  # noqa: E402
-from model.cpu_linear import prepack_cpu_linears  # noqa: E402
-from model.inference import teacher_forced  # noqa: E402
-from model.lisa import LISAForCausalLM  # noqa: E402
-from model.pipeline import SegmentationPipeline, Timer  # noqa: E402
-from model.prompt import IMAGE_PLACEHOLDER_ID, SpecialTokenIds  # noqa: E402
-from model.sam import build_sam_vit_h, build_tiny_sam, decode_masks, sam_postprocess, sam_preprocess  # noqa: E402
-from model.vision import CLIPVisionTower, clip_processor_for, tiny_clip_config  # noqa: E402
-from scripts.flops_table import load_method_presets  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
@@ -114,28 +111,20 @@ def build_bundle(shape: str, dtype: torch.dtype, device: torch.device) -> LisaBu
     config.mm_projector_type = "mlp2x_gelu" if real else "linear"
     config.mm_vision_select_layer = -2
     config.out_dim = 256 if real else 32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            tower = CLIPVisionTower(model=CLIPVisionModel(clip_config), processor=clip_processor_for(224))
-            sam = build_sam_vit_h() if real else build_tiny_sam(config.out_dim)
-            model = LISAForCausalLM(config, visual_model=sam, vision_tower=tower)
-    finally:
-        torch.set_default_dtype(previous)
-    keep_fp32_buffers(model)
-    tower.clip.config._attn_implementation = "sdpa"
+    sam = build_sam_vit_h if real else (lambda: build_tiny_sam(config.out_dim))
+    # no tokenizer: prompts are built as ids here, with LISA-7B's special-token ids
     ids = SpecialTokenIds(seg=SEG_ID, im_start=32001, im_end=32002, eos=2, pad=PAD_ID)
-    return LisaBundle(model.eval(), tokenizer=None, token_ids=ids)  # prompts are built as ids here
+    return build_random_lisa(config, clip_config, sam, token_ids=ids, dtype=dtype, device=device)
 
 
 # -- methods ------------------------------------------------------------------------------
-def load_schedule(preset: str) -> StageSchedule:
+def load_preset(preset: str) -> MethodConfig:
+    """The CSP method of a schedule preset (``configs/schedule/<preset>.yaml``), as ``schedule=<preset>``
+    resolves in evaluation."""
     path = ROOT / "configs" / "schedule" / f"{preset}.yaml"
     if not path.is_file():
         raise SystemExit(f"unknown preset {preset!r}: {path} does not exist")
-    return StageSchedule.from_mapping(yaml.safe_load(path.read_text()))
+    return method_from_config({"schedule": yaml.safe_load(path.read_text())})
 
 
 def model_presets(model: str) -> list[str]:
@@ -155,7 +144,7 @@ def registered_methods() -> list[tuple[str, Method | None, str | None]]:
     presets = load_method_presets()
     out = []
     for name in sorted(METHODS):
-        if name == "csp":
+        if name == SCHEDULE_METHOD:
             continue
         path = ROOT / "configs" / "method" / f"{name}.yaml"
         if f"table1_{name}" in presets:
@@ -377,17 +366,23 @@ def roofline_fields(dims: ModelDims, roofs: dict[str, Any], plain_tokens: list[l
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
-    schedule = (StageSchedule(*(int(v) for v in args.schedule.split(","))) if args.schedule
-                else load_schedule(args.preset))
+    if args.schedule:
+        values = dict(zip(("Lc", "Nc", "Ls", "Np"), (int(v) for v in args.schedule.split(",")), strict=True))
+        resolved = method_from_config({"schedule": values})
+    else:
+        resolved = load_preset(args.preset)
+    schedule = resolved.method
     llm = build_llm(args.shape, dtype, device)
     if args.cpu_prepack:
         prepack_cpu_linears(llm.layers)
     n_img = args.image_tokens
     schedule.validate(len(llm.layers), n_img)
     inputs = sample_inputs(llm, n_img, args.text_tokens, args.sys_tokens)
-    inputs.cluster_keep = torch.arange(schedule.Nc, device=device)[None] * (n_img // schedule.Nc)
     options = CompileOptions(enabled=args.compiled, backend=args.compile_backend, bucket=args.bucket)
     plain, csp = StageRunner(llm, None, n_img, compile=options), StageRunner(llm, schedule, n_img, compile=options)
+    if csp.plan.input_keep:  # a uniform input selection of the size the method keeps before layer 0
+        kept = schedule.image_tokens_per_layer(len(llm.layers), n_img)[0]
+        inputs.cluster_keep = torch.arange(kept, device=device)[None] * (n_img // kept)
     methods = load_methods(args.methods, n_img) if args.methods != "none" else {}
     others = {}
     for name, method in methods.items():
@@ -413,7 +408,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "shape": args.shape, "device": str(device), "dtype": str(dtype).split(".")[-1],
         "machine": machine_info(device, dtype),
-        "schedule": {"Lc": schedule.Lc, "Nc": schedule.Nc, "Ls": schedule.Ls, "Np": schedule.Np},
+        "schedule": {k: resolved.params[k] for k in ("Lc", "Nc", "Ls", "Np")},
         "image_tokens": n_img, "text_tokens": args.text_tokens, "repeats": len(plain_ms),
         "cpu_prepack": args.cpu_prepack,
         "plain_ms_median": statistics.median(plain_ms), "csp_ms_median": statistics.median(csp_ms),
@@ -531,12 +526,13 @@ def suite_settings(args: argparse.Namespace, num_layers: int, num_image_tokens: 
     model = args.model or DEFAULT_MODEL[args.shape]
     presets = model_presets(model)
     for preset in presets:
-        settings.append(Setting(preset.removeprefix(model + "_"), "csp", LvlmCsp(load_schedule(preset))))
+        settings.append(Setting(preset.removeprefix(model + "_"), "csp", load_preset(preset).method))
     if args.seg_first:
-        base = load_schedule(next((p for p in presets if p.endswith("_p70")), presets[0]))
-        schedule = StageSchedule(Lc=base.Lc, Nc=base.Nc, Ls=base.Ls, Np=base.Np, clustering="seg_first",
-                                 clustering_kwargs={"weights": args.seg_first, "imgsz": args.seg_first_imgsz})
-        settings.append(Setting("p70+seg_first", "csp", LvlmCsp(schedule)))
+        base = load_preset(next((p for p in presets if p.endswith("_p70")), presets[0])).params
+        seg_first = method_from_config({"schedule": {
+            **base, "clustering": "seg_first",
+            "clustering_kwargs": {"weights": args.seg_first, "imgsz": args.seg_first_imgsz}}})
+        settings.append(Setting("p70+seg_first", "csp", seg_first.method))
     for name, method, why in registered_methods():
         if method is not None:
             try:

@@ -5,8 +5,8 @@ Per original size: median seconds over ``--repeats`` interleaved runs of each pa
 ``K x 1 x 256 x 256`` low-res logits (BCE + Dice against a random mask, as the loss), the speed-up
 (interpolate / separable), and the largest difference of the logits and of their gradients.
 
-    python scripts/benchmark_postprocess.py                       # toy (128 x 128) and COCO-like (480 x 640)
-    python scripts/benchmark_postprocess.py --size 128x128 --masks 3 --repeats 20 --device cuda
+    python -m scripts.benchmark_postprocess                       # toy (128 x 128) and COCO-like (480 x 640)
+    python -m scripts.benchmark_postprocess --size 128x128 --masks 3 --repeats 20 --device cuda
 """
 
 from __future__ import annotations
@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+from model.sam import sam_postprocess, sam_postprocess_separable, sam_resized_size
+from model.training import dice_loss, sigmoid_ce_loss
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from model.sam import sam_postprocess, sam_postprocess_separable, sam_resized_size  # noqa: E402
-from model.training import dice_loss, sigmoid_ce_loss  # noqa: E402
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -6,9 +6,9 @@ LLM, ``text_hidden_fcs``) at every step; ``mode.cache=true`` computes them once 
 (``cache_build_s``), after which an epoch runs only the mask decoder. Per-epoch times come from the
 steps' ``elapsed_s`` in the run's history (validation and checkpointing are off).
 
-    python scripts/benchmark_train.py                                   # tiny model, miniature data
-    python scripts/benchmark_train.py --images 16 --epochs 3
-    python scripts/benchmark_train.py --override model=llava7b_224 --override schedule=llava7b_224_p70 \\
+    python -m scripts.benchmark_train                                   # tiny model, miniature data
+    python -m scripts.benchmark_train --images 16 --epochs 3
+    python -m scripts.benchmark_train --override model=llava7b_224 --override schedule=llava7b_224_p70 \\
         --override dataset_dir=/data/lisa --override train_data=refcoco --no-miniature   # real model, GPU
 """
 
@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+
+from csp.config import method_from_config
+from datasets.miniature import MiniatureSpec, write_miniature
+from datasets.splits import load_groups
+from training.train import train
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from datasets.miniature import MiniatureSpec, write_miniature  # noqa: E402
-from datasets.splits import load_groups  # noqa: E402
-from training.train import train  # noqa: E402
 
 TINY_SCHEDULE = ["schedule=llava7b_224_p70", "schedule.Lc=2", "schedule.Nc=64", "schedule.Ls=1", "schedule.Np=16"]
 
@@ -75,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     live, cached = results[False], results[True]
     report = {
         "model": base.model.get("name"),
-        "schedule": OmegaConf.to_container(base.schedule) if base.get("schedule") else None,
+        "method": method_from_config(base).spec,
         "images": images, "epochs": args.epochs, "steps_per_epoch": images,
         "live_epoch_s": live["epoch_s"], "cache_build_s": cached["cache_build_s"], "cached_epoch_s": cached["epoch_s"],
         "speedup_per_epoch": (sum(live["epoch_s"]) / len(live["epoch_s"]))

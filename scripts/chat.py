@@ -1,8 +1,8 @@
-"""Chat with LISA (+ an LVLM_CSP schedule): answer, one mask overlay per [SEG], and the token map.
+"""Chat with LISA (+ a token-reduction method): answer, one mask overlay per [SEG], and the token map.
 
-    python scripts/chat.py --version /x/LISA-7B-v1 --vision-tower /x/clip-vit-large-patch14 \\
+    python -m scripts.chat --version /x/LISA-7B-v1 --vision-tower /x/clip-vit-large-patch14 \\
         --precision bf16 --preset llava7b_224_p70 --image dog.jpg --query "Where is the dog?"
-    python scripts/chat.py --preset demo --image dog.jpg       # tiny/toy model; asks for queries
+    python -m scripts.chat --preset demo --image dog.jpg       # tiny/toy model; asks for queries
 
 LISA's flags (``--version``, ``--vision-tower``, ``--precision``, ``--vis_save_path``) keep their
 meaning. Without ``--version`` the toy LISA trained by ``train_ds.py`` is used when
@@ -11,8 +11,10 @@ and masks are then noise; the token maps still show what each stage keeps).
 
 ``--preset NAME`` names an experiment (``configs/exp/NAME.yaml``, composed as ``+exp=NAME`` over
 ``configs/eval.yaml``) or a schedule preset (``configs/schedule/NAME.yaml``, composed as
-``schedule=NAME``); ``--override`` adds Hydra overrides (``schedule.Np=8``). The schedule is the
-composed config's ``schedule`` node; its model choice is ignored (the model is ``--version``).
+``schedule=NAME``); ``--override`` adds Hydra overrides (``schedule.Np=8``, ``method.keep=32``). The
+method is what the composed config selects (``csp.config.method_from_config``, as evaluation
+resolves it: ``--preset table1_fastv`` runs FastV); its model choice is ignored (the model is
+``--version``).
 
 Written into ``--out-dir`` per query: ``<image>_masked_img_<k>.png`` (the image with the k-th
 [SEG]'s mask tinted) and ``<image>_token_map.png`` (the paper's Figure 5 for this query: the
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +33,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # ``python scripts/chat.py`` from anywhere
-    sys.path.insert(0, str(ROOT))
+from csp.config import PLAIN, MethodConfig, method_from_config
+from csp.geometry import TokenGeometry
+from model.builder import build_tiny_lisa
+from model.bundle import LisaBundle, cast_model, resolve_dtype
+from model.pipeline import SegmentationPipeline
+from visualize.token_maps import draw_mask, new_token_map, strategy_selections, token_map
 
-from csp.schedule import StageSchedule  # noqa: E402
-from model.builder import LisaBundle, build_tiny_lisa, cast_model, resolve_dtype  # noqa: E402
-from model.geometry import TokenGeometry  # noqa: E402
-from model.pipeline import SegmentationPipeline  # noqa: E402
-from visualize.token_maps import draw_mask, new_token_map, strategy_selections, token_map  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 #: The toy LISA of the training issue (a LISA checkpoint directory in ``save_lisa_checkpoint``'s
 #: layout with its CLIP directory in ``vision_tower/``, as train_ds.py writes it); the default model when it exists.
@@ -102,12 +102,12 @@ def load_bundle(args: argparse.Namespace) -> LisaBundle:
     return load_lisa_checkpoint(checkpoint, clip_dir, dtype=dtype, device=device)
 
 
-def resolve_preset(name: str | None, overrides: Sequence[str] = ()) -> StageSchedule | None:
-    """The schedule of a ``configs/exp`` or ``configs/schedule`` preset (None: plain LISA)."""
+def resolve_preset(name: str | None, overrides: Sequence[str] = ()) -> MethodConfig:
+    """The method of a ``configs/exp`` or ``configs/schedule`` preset (``csp.config.PLAIN``: plain LISA)."""
     if name is None or name in ("", "none", "plain"):
         if overrides:
             raise SystemExit(f"--override {list(overrides)} needs a --preset")
-        return None
+        return PLAIN
     configs = ROOT / "configs"
     if (configs / "exp" / f"{name}.yaml").is_file():
         base = [f"+exp={name}"]
@@ -119,12 +119,10 @@ def resolve_preset(name: str | None, overrides: Sequence[str] = ()) -> StageSche
         raise SystemExit(f"--preset {name!r}: no configs/exp/{name}.yaml or configs/schedule/{name}.yaml; "
                          f"known presets: {', '.join(known)}")
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[*base, *overrides])
-    node = cfg.get("schedule")
-    return StageSchedule.from_mapping(None if node is None else OmegaConf.to_container(node, resolve=True))
+    return method_from_config(cfg)
 
 
 # ------------------------------------------------------------------ one query
@@ -144,8 +142,10 @@ def overlay_name(image_path: Path, index: int) -> str:
     return f"{image_path.stem}_masked_img_{index}.png"
 
 
-def compared_strategies(spec: str, schedule: StageSchedule | None, num_tokens: int) -> list[str]:
-    if spec == "none" or schedule is None or not schedule.clusters(num_tokens):
+def compared_strategies(spec: str, pipe: SegmentationPipeline) -> list[str]:
+    """Clustering strategies drawn beside the method's own input selection (none when the method
+    selects no input tokens)."""
+    if spec == "none" or not pipe.selects_input:
         return []
     if spec == "auto":
         return list(COMPARED_STRATEGIES)
@@ -157,7 +157,7 @@ def run_query(pipe: SegmentationPipeline, image_path: Path, query: str, out_dir:
     """Answer ``query`` about ``image_path``; write the overlays and the token map into ``out_dir``."""
     if not image_path.is_file():
         raise FileNotFoundError(f"image not found: {image_path}")
-    from evaluation.loop import open_image
+    from runs.images import open_image
 
     image = open_image(image_path)
     result = pipe.chat(image, query, max_new_tokens=max_new_tokens)
@@ -169,7 +169,11 @@ def run_query(pipe: SegmentationPipeline, image_path: Path, query: str, out_dir:
         path = out_dir / overlay_name(image_path, k)
         Image.fromarray(draw_mask(plain, mask)).save(path)
         output.overlays.append(path)
-    compared = strategy_selections(pipe, image, strategies, pipe.schedule.Nc) if strategies else {}
+    compared = {}
+    if strategies:  # as many tokens as the method's own selection keeps before layer 0
+        kept = pipe.method.image_tokens_per_layer(pipe.num_layers, pipe.num_image_tokens)
+        if kept is not None:
+            compared = strategy_selections(pipe, image, strategies, kept[0])
     tmap = token_map(image, geometry, result.kept_image_tokens, num_layers=pipe.num_layers, masks=result.masks,
                      strategies=compared, caption=_caption(query), max_side=max_side)
     output.token_map = out_dir / f"{image_path.stem}_token_map.png"
@@ -189,12 +193,14 @@ def main(argv: Sequence[str] | None = None, ask: Callable[[str], str] = input) -
     args = parse_args(argv)
     if args.image is not None and not Path(args.image).is_file():
         raise SystemExit(f"--image {args.image}: no such file")
-    schedule = resolve_preset(args.preset, args.override)  # before the model: a bad preset fails fast
+    method = resolve_preset(args.preset, args.override)  # before the model: a bad preset fails fast
+    if method.method is not None:
+        method.method.check()
     bundle = load_bundle(args)
-    pipe = SegmentationPipeline(bundle, schedule=schedule)  # validates the schedule against L and N
-    strategies = compared_strategies(args.strategies, schedule, pipe.num_image_tokens)
-    label = "plain LISA" if schedule is None else schedule.describe()
-    print(f"model: {args.version or default_checkpoint() or 'tiny random LISA'}; schedule: {label}", flush=True)
+    pipe = SegmentationPipeline(bundle, method.method)  # validates the method against L and N
+    strategies = compared_strategies(args.strategies, pipe)
+    print(f"model: {args.version or default_checkpoint() or 'tiny random LISA'}; method: {method.describe()}",
+          flush=True)
     outputs = []
     while True:
         query = args.query

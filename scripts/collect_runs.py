@@ -1,6 +1,6 @@
 """One table for many runs: every metrics.json under a directory (e.g. a Hydra multirun sweep).
 
-    python scripts/collect_runs.py multirun/2026-01-01/12-00-00        # prints and writes sweep_table.txt there
+    python -m scripts.collect_runs multirun/2026-01-01/12-00-00        # prints and writes sweep_table.txt there
 
 A plain-LISA baseline evaluated by several jobs (``<job>/baseline/metrics.json``) appears once.
 ``eval_ds.py -m ...`` already rewrites ``<sweep dir>/sweep_table.txt`` after every job; this
@@ -10,13 +10,9 @@ script rebuilds it (or gathers runs from anywhere).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation.report import collect_runs, table  # noqa: E402
+from evaluation.report import collect_runs, table
 
 SWEEP_TABLE = "sweep_table.txt"
 

@@ -2,7 +2,7 @@
 table preset in configs/exp/table*_<method>*.yaml (paper eqs. 9-11).
 
 Usage:
-    python scripts/flops_table.py [--json] [--text-tokens 62] [--schedule-dir DIR] [--exp-dir DIR]
+    python -m scripts.flops_table [--json] [--text-tokens 62] [--schedule-dir DIR] [--exp-dir DIR]
 
 Each schedule preset's model and image-token count N come from its name prefix
 (``PRESET_FAMILIES``); a method preset's from its ``override /model``. The plain-model baseline of
@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-# Make ``csp`` importable when run as ``python scripts/flops_table.py``.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from csp.accounting import DEFAULT_TEXT_TOKENS, MODEL_DIMS, counts_row, static_row
+from csp.config import SCHEDULE_METHOD, method_from_config
 from csp.methods import build_method
-from csp.methods.lvlm_csp import LvlmCsp
 from csp.schedule import ScheduleError, StageSchedule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +89,7 @@ def make_row(
     fields = ("Lc", "Nc", "Ls", "Np", "clustering")
     return {
         "name": name,
-        "method": None if schedule is None else "csp",
+        "method": None if schedule is None else SCHEDULE_METHOD,
         "model": model,
         "N": num_image_tokens,
         **{f: getattr(schedule, f) if schedule is not None else None for f in fields},
@@ -118,21 +114,26 @@ def _defaults(exp: dict[str, Any], path: Path) -> dict[str, str]:
 
 def load_method_presets(exp_dir: Path = EXP_DIR, schedule_dir: Path = SCHEDULE_DIR,
                         method_dir: Path = METHOD_DIR) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Every ``table*_*.yaml`` experiment: name -> (model config name, method config incl. ``name``)."""
+    """Every ``table*_*.yaml`` experiment: name -> (model config name, method config incl. ``name``).
+
+    The experiment's ``schedule`` and ``method`` choices (and its own overrides of them) are merged as
+    Hydra would and resolved by ``csp.config.method_from_config``, as evaluation resolves them.
+    """
     presets = {}
     for path in sorted(exp_dir.glob("table*_*.yaml"), key=lambda p: natural_key(p.stem)):
         exp = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         groups = _defaults(exp, path)
-        method = groups.get("method") or "csp"
-        if method == "csp":
-            schedule = exp.get("schedule")
-            if schedule is None:
-                schedule = yaml.safe_load((schedule_dir / f"{groups['schedule']}.yaml").read_text(encoding="utf-8"))
-            cfg = {"name": "csp", **schedule}
-        else:
-            cfg = yaml.safe_load((method_dir / f"{method}.yaml").read_text(encoding="utf-8"))
-            cfg.update(exp.get("method") or {})
-        presets[path.stem] = (groups["model"], cfg)
+        nodes: dict[str, Any] = {}
+        for group, folder in (("schedule", schedule_dir), ("method", method_dir)):
+            node = yaml.safe_load((folder / f"{groups[group]}.yaml").read_text(encoding="utf-8")) \
+                if groups.get(group) else None
+            if exp.get(group) is not None:
+                node = {**(node or {}), **exp[group]}
+            nodes[group] = node
+        resolved = method_from_config(nodes, build=False)
+        if resolved.spec is None:
+            raise ValueError(f"{path}: a method preset selects no method (schedule and method are null)")
+        presets[path.stem] = (groups["model"], resolved.spec)
     return presets
 
 
@@ -144,10 +145,9 @@ def method_row(name: str, model_name: str, cfg: dict[str, Any], text_tokens: int
     dims = MODEL_DIMS[model]
     method = build_method(cfg)
     method.validate(dims.num_layers, n)
-    schedule = method.schedule if isinstance(method, LvlmCsp) else None
-    fields = ("Lc", "Nc", "Ls", "Np", "clustering")
+    fields = ("Lc", "Nc", "Ls", "Np", "clustering")  # the columns of the schedule presets' rows
     row = {"name": name, "method": method.name, "model": model, "N": n,
-           **{f: getattr(schedule, f) if schedule is not None else None for f in fields},
+           **{f: cfg.get(f) for f in fields},
            "Navg": None, "Navg_floor": None, "TFLOPs": None, "data_dependent": method.data_dependent(),
            "params": {k: v for k, v in cfg.items() if k != "name"}}
     counts = method.image_tokens_per_layer(dims.num_layers, n)

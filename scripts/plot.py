@@ -1,8 +1,8 @@
 """Plots from finished runs (PNG).
 
-    python scripts/plot.py pareto multirun/2026-01-01/12-00-00 --out docs/pareto.png
-    python scripts/plot.py pareto outputs/eval/*/*/metrics.json --out pareto.png --title "7B-224 sweep"
-    python scripts/plot.py speedup bench_p65.json bench_p70.json --out docs/speedup.png
+    python -m scripts.plot pareto multirun/2026-01-01/12-00-00 --out docs/pareto.png
+    python -m scripts.plot pareto outputs/eval/*/*/metrics.json --out pareto.png --title "7B-224 sweep"
+    python -m scripts.plot speedup bench_p65.json bench_p70.json --out docs/speedup.png
 
 ``pareto``: mIoU (gIoU mean over splits) against measured TFLOPs of every metrics.json found
 under the given files / directories (a sweep's or multirun's runs, a table grid, the schedule
@@ -13,15 +13,12 @@ measured speed-up against the FLOPs ratio.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from visualize.plots import load_benchmarks, load_runs, pareto_plot, speedup_plot
 
-from visualize.plots import load_benchmarks, load_runs, pareto_plot, speedup_plot  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -2,9 +2,9 @@
 evaluated by the same code as eval_ds.py, printed in the paper's layout (method rows, split
 columns, mIoU_drop, Navg, TFLOPs).
 
-    python scripts/run_table.py table=1 dataset_dir=/data/lisa_dataset
-    python scripts/run_table.py table=2 output_dir=outputs/tables/table2     # run again: resumes
-    python scripts/run_table.py table=1 model=tiny model.num_layers=32 miniature.seed=0 max_samples_per_split=2
+    python -m scripts.run_table table=1 dataset_dir=/data/lisa_dataset
+    python -m scripts.run_table table=2 output_dir=outputs/tables/table2     # run again: resumes
+    python -m scripts.run_table table=1 model=tiny model.num_layers=32 miniature.seed=0 max_samples_per_split=2
 
 ``table=<1|2|3|toy|toy19|toy10>``: ``toy19`` and ``toy10`` are Table 1's methods (and the ``random_keep``
 control) on the trained toy LISA at Navg ~19 and ~10 of its N = 64 tokens (presets
@@ -25,14 +25,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # run as a file, as the comments of configs/exp/toy_*.yaml still write it;
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the documented form is python -m scripts.run_table
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from evaluation.records import has_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = ROOT / "configs"
 
@@ -90,8 +91,8 @@ def compose_setting(preset: str, data: str, overrides: list[str], out_dir: Path)
 
 def settings(table: int | str, root: Path, overrides: list[str]) -> list[tuple[str, DictConfig]]:
     """(label, config) of the baseline and every method row; composed and checked before any run."""
-    from evaluation.evaluate import resolve_method
-    from model.builder import layers_and_image_tokens
+    from csp.config import method_from_config
+    from runs.models import layers_and_image_tokens
 
     spec = TABLES[table]
     out = [("LISA", compose_setting(spec["baseline"], spec["data"], overrides, root / "baseline"))]
@@ -100,7 +101,7 @@ def settings(table: int | str, root: Path, overrides: list[str]) -> list[tuple[s
     if len(models) != 1:
         raise ValueError(f"table {table}: the settings compose to different models; override model.* for all")
     for _, cfg in out[1:]:
-        method, _ = resolve_method(cfg)
+        method = method_from_config(cfg).method
         if method is None:
             raise ValueError(f"{cfg.name}: the preset configures no method")
         method.validate(*layers_and_image_tokens(cfg.model))
@@ -120,7 +121,7 @@ def run_grid(table: int | str, root: Path, overrides: list[str]) -> tuple[str, l
     """One table's grid for one model: (printed text, metrics rows)."""
     from evaluation.evaluate import evaluate
     from evaluation.report import table as format_table
-    from model.builder import build_from_config
+    from runs.models import build_from_config
 
     configured = settings(table, root, overrides)
     baseline_metrics = root / "baseline" / "metrics.json"

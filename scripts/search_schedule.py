@@ -1,9 +1,9 @@
 """Find (Lc, Nc, Ls, Np) settings for an efficiency target; optionally calibrate them.
 
-    python scripts/search_schedule.py --model llava7b_224 --reduction 0.7
-    python scripts/search_schedule.py --model llava13b_224 --tflops 3.0 --top 12
-    python scripts/search_schedule.py --dims 32,256,4096,11008 --reduction 0.8 --base +exp=llava7b_224_p80
-    python scripts/search_schedule.py --model tiny --reduction 0.7 --top 4 --calibrate \\
+    python -m scripts.search_schedule --model llava7b_224 --reduction 0.7
+    python -m scripts.search_schedule --model llava13b_224 --tflops 3.0 --top 12
+    python -m scripts.search_schedule --dims 32,256,4096,11008 --reduction 0.8 --base +exp=llava7b_224_p80
+    python -m scripts.search_schedule --model tiny --reduction 0.7 --top 4 --calibrate \\
         --base data=reasonseg --base max_samples_per_split=4
 
 Enumerates the settings meeting the target by the evaluation's calculator (csp.accounting), ranks
@@ -22,13 +22,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from csp.accounting import DEFAULT_TEXT_TOKENS, ModelDims
+from csp.search import MODEL_SHAPES, Candidate, Target, calibrate, search, table
+from csp.sweeps import schedule_override, sweep_config, write_sweep
 
-from csp.accounting import DEFAULT_TEXT_TOKENS, ModelDims  # noqa: E402
-from csp.search import MODEL_SHAPES, Candidate, Target, calibrate, search, table  # noqa: E402
-from csp.sweeps import schedule_override, sweep_config, write_sweep  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 #: Hydra overrides that select each model's experiment (model, data, a schedule node to tune).
 DEFAULT_BASE = {
@@ -106,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.calibrate:
         if args.base is None and args.model == "tiny":
             base = [*base, f"miniature.dir={out_dir / 'miniature'}"]  # written once, shared by the candidates
-        front = calibrate(top, base, out_dir / "calibration", config_dir=ROOT / "configs")
+        from evaluation.evaluate import evaluate
+
+        front = calibrate(top, base, out_dir / "calibration", config_dir=ROOT / "configs", evaluate_fn=evaluate)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = table(top, tokens, front)
     header = (f"Schedule search: {target.describe()} for L={dims.num_layers}, N={tokens}, d={dims.hidden_size}, "

@@ -40,13 +40,13 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import datasets.toy as toy  # noqa: E402
-from evaluation.distributed import DistContext  # noqa: E402
 from evaluation.evaluate import SettingOptions, evaluate_setting, load_all_groups  # noqa: E402
 from model.builder import ToySizes, build_toy_lisa  # noqa: E402
 from model.pipeline import SegmentationPipeline  # noqa: E402
 from model.training import LossWeights, TrainingSample, training_loss  # noqa: E402
+from runs.distributed import DistContext  # noqa: E402
 from training.data import PromptStyle, conversations, item_rng, load_sources  # noqa: E402
-from training.train import setup_trainable  # noqa: E402
+from training.params import setup_trainable  # noqa: E402
 
 TRAIN, VAL = "toyref|unc|train", "toyref|unc|val"
 IMAGE_DIR = "refer_seg/images/mscoco/images/train2014"

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.builder import LisaBundle, build_tiny_lisa
+from model.builder import build_tiny_lisa
+from model.bundle import LisaBundle
 from model.checkpoint import save_clip_dir, save_lisa_checkpoint
 
 #: Shard limit for the saved tiny checkpoint: small enough for several shards (~2 MB of weights).

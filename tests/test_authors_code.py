@@ -6,7 +6,7 @@ layers in the authors' loop: physical gathers of ``hidden_states`` / ``position_
 their code does them, masks where their code masks; the registered method runs in
 :class:`csp.runner.StageRunner`; kept image indices must be equal and the final hidden states close.
 Before-LLM reducers (PruMerge, PruMerge+, VisionZip) run on a small random CLIP encoder.
-See docs/methods.md for the per-method table.
+See docs/baselines.md for the per-method table.
 """
 
 from __future__ import annotations

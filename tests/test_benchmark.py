@@ -11,7 +11,7 @@ import torch
 
 from csp.accounting import MODEL_DIMS, ModelDims, roofline, static_row, total_flops
 from csp.schedule import StageSchedule
-from scripts.benchmark import SHAPES, format_table, load_schedule, main, spread
+from scripts.benchmark import SHAPES, format_table, load_preset, main, spread
 
 TINY = ModelDims(hidden_size=SHAPES["tiny"]["hidden_size"], intermediate_size=SHAPES["tiny"]["intermediate_size"],
                  num_layers=SHAPES["tiny"]["num_hidden_layers"])
@@ -88,7 +88,7 @@ def test_suite_report_structure_and_shared_calculator(tmp_path, capsys) -> None:
         assert name in printed
     # batch 1 has the static table's 62 text tokens, so the runtime FLOPs equal the static row
     for name in ("p70", "p90"):
-        static = static_row(TINY, load_schedule(f"llava7b_224_{name}"), 256, 62)
+        static = static_row(TINY, load_preset(f"llava7b_224_{name}").method, 256, 62)
         assert rows[(name, 1)]["tflops"] == pytest.approx(static["TFLOPs"], rel=1e-12)
         assert rows[(name, 1)]["image_tokens_per_layer"] == [static["image_tokens"]]
     assert format_table(report) in printed

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.builder import LisaBundle, build_tiny_lisa
+from model.builder import build_tiny_lisa
+from model.bundle import LisaBundle
 from model.inference import GenerationOutput, generate, teacher_forced
 from model.pipeline import ImageEncoding, SegmentationPipeline
 from model.prompt import IMAGE_PLACEHOLDER_ID, build_prompt, tokenize_with_image, user_message
@@ -222,6 +223,7 @@ def test_one_step_changes_only_trainable_parameters(samples: list[TrainingSample
     assert with_grad <= changed <= trainable, sorted(changed - trainable)[:5]
 
 
+@pytest.mark.slow
 def test_repeating_one_batch_lowers_the_loss(samples: list[TrainingSample]) -> None:
     bundle = build_tiny_lisa(seed=3)
     pipe = SegmentationPipeline(bundle)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast
 
-from model.builder import LisaBundle, build_from_config, tiny_llama_config
+from model.builder import tiny_llama_config
+from model.bundle import LisaBundle
 from model.checkpoint import load_lisa_checkpoint, save_lisa_checkpoint
 from model.lisa import LISAForCausalLM
 from model.pipeline import Query, QueryResult, SegmentationPipeline
@@ -28,6 +29,7 @@ from model.prompt import SpecialTokenIds
 from model.sam import build_tiny_sam, load_sam_checkpoint
 from model.tokenizer import build_tiny_tokenizer
 from model.vision import CLIPVisionTower, clip_processor_for, tiny_clip_config
+from runs.models import build_from_config
 from tests.conftest import TINY_SHARD_BYTES, SavedCheckpoint, random_pil_image, save_clip_dir
 
 QUERIES = [Query("dog", False, "phrase"), Query("the man on the left with a cup", True, "sentence")]

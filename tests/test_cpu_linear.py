@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from csp.schedule import StageSchedule
-from model.builder import build_from_config
 from model.cpu_linear import is_prepacked, prepack_cpu_linears
 from model.pipeline import Query, SegmentationPipeline
+from runs.models import build_from_config
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
 

@@ -3,7 +3,7 @@
 Referring expressions reach the prompt stripped and lower-cased (LISA's refer_seg reader:
 ``sent.strip().lower()``); ReasonSeg queries only stripped. Overlapping polygons of one COCO
 annotation: LISA sums the decoded masks (2 where they overlap, dropped from its target), this
-project takes their union (DESIGN.md: frPyObjects + decode + merge)."""
+project takes their union (docs/design.md section 3: frPyObjects + decode + merge)."""
 
 from __future__ import annotations
 

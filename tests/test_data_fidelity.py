@@ -7,8 +7,8 @@ from PIL import Image
 
 from datasets.reason_seg import labelme_mask
 from datasets.refer import coco_segmentation_mask
-from evaluation.loop import open_image
 from evaluation.report import t_lvlm
+from runs.images import open_image
 
 
 def test_degenerate_polygons_are_dropped_not_fatal() -> None:

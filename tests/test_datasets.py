@@ -271,6 +271,7 @@ def _is_utf8(raw: bytes) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_third_party_imports_work_from_repo_root() -> None:
     """Our ``datasets`` shadows Hugging Face ``datasets``; transformers, peft and wandb must not care."""
     code = ("import transformers, transformers.trainer, peft, wandb, datasets; "

@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from csp.accounting import ModelDims
+from csp.config import method_from_config
 from datasets import DatasetLayoutError, MiniatureSpec, UnknownSplitError, load_groups, write_miniature
 from datasets.splits import check_split
-from evaluation.distributed import DistContext, shard, strip_launcher_args
-from evaluation.evaluate import SettingOptions, evaluate, evaluate_setting, resolve_method
+from evaluation.evaluate import SettingOptions, evaluate, evaluate_setting
 from evaluation.loop import SampleFailedError
+from runs.distributed import DistContext, shard, strip_launcher_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -56,7 +57,7 @@ def test_every_experiment_composes(exp: str) -> None:
     for split in cfg.data.splits:
         check_split(split)
     layers, tokens = MODEL_SHAPES[cfg.model.name]
-    method, _ = resolve_method(cfg)  # a schedule (CSP) or a configs/method node
+    method = method_from_config(cfg).method  # a schedule (CSP) or a configs/method node
     assert (method is None) == exp.endswith("_baseline")
     if method is not None:
         method.validate(layers, tokens)
@@ -161,6 +162,9 @@ class FakePipeline:
             out += [FakeResult(q.sample_id, mask, [4, 2], [10, 8], 1.0, len(chunk)) for q in chunk]
         return out
 
+    def extra_cost(self) -> dict[str, float]:
+        return {}
+
 
 def _groups(root: Path, splits: list[str]) -> list:
     return [g for split in splits for g in load_groups(split, root)]
@@ -262,6 +266,7 @@ def test_wandb_offline_logs_metrics_and_overlays(tmp_path: Path, monkeypatch: py
 
 # ---------------------------------------------------------------- the real model, end to end
 
+@pytest.mark.slow
 def test_demo_through_the_function(tmp_path: Path) -> None:
     cfg = compose_cfg(["+exp=demo", "data=rio", f"output_dir={tmp_path}"])
     results = evaluate(cfg)
@@ -308,6 +313,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_demo_command_line(tmp_path: Path) -> None:
     out = run_eval(["+exp=demo", "--local_rank=0"], tmp_path / "run")  # as the DeepSpeed launcher appends it
     lines = out.stdout.strip().splitlines()
@@ -321,6 +327,7 @@ def test_demo_command_line(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "baseline" / "results.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(reference_run: Path, tmp_path: Path) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run_eval(SMALL, tmp_path / "run", launcher=launcher)
@@ -330,6 +337,7 @@ def test_two_processes_equal_one(reference_run: Path, tmp_path: Path) -> None:
     assert comparable(tmp_path / "run") == comparable(reference_run)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(reference_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "eval_ds.py"), *SMALL, f"hydra.run.dir={run_dir}"]
@@ -380,15 +388,23 @@ def test_baseline_missing_a_configured_split_fails_before_evaluating(tmp_path: P
 
 
 def test_method_and_schedule_resolve_to_one_method() -> None:
-    """schedule is CSP's config; another method takes its own node and refuses a schedule beside it."""
-    csp, info = resolve_method(compose_cfg(["+exp=llava7b_224_p70"]))
-    assert csp.name == "csp" and info["method"] == "csp" and csp.schedule.Nc == 80
-    fastv, info = resolve_method(compose_cfg(["+exp=table1_fastv"]))
-    assert (fastv.name, fastv.layer, fastv.keep) == ("fastv", 2, 64) and info["schedule"] is None
+    """schedule is CSP's parameters; another method takes its own node and refuses a schedule beside it."""
+    resolved = method_from_config(compose_cfg(["+exp=llava7b_224_p70"]))
+    csp = resolved.method
+    assert csp.name == "csp" and resolved.record()["method"] == "csp" and csp.schedule.Nc == 80
+    assert resolved.spec == {"name": "csp", "Lc": 7, "Nc": 80, "Ls": 7, "Np": 8, "clustering": "uniform",
+                             "clustering_kwargs": {}}
+    # method=csp with its parameters in the method node is the same method
+    inline = method_from_config({"method": {"name": "csp", "Lc": 7, "Nc": 80, "Ls": 7, "Np": 8,
+                                            "clustering": "uniform", "clustering_kwargs": {}}})
+    assert inline.key() == resolved.key() and inline.record() == resolved.record()
+    resolved = method_from_config(compose_cfg(["+exp=table1_fastv"]))
+    fastv = resolved.method
+    assert (fastv.name, fastv.layer, fastv.keep) == ("fastv", 2, 64) and resolved.record()["schedule"] is None
     with pytest.raises(ValueError, match="schedule is LVLM_CSP's config"):
-        resolve_method(compose_cfg(["+exp=table1_fastv", "schedule=table1"]))
+        method_from_config(compose_cfg(["+exp=table1_fastv", "schedule=table1"]))
     with pytest.raises(ValueError, match="method=csp needs a schedule"):
-        resolve_method(compose_cfg(["method=csp"]))
+        method_from_config(compose_cfg(["method=csp"]))
     with pytest.raises(ValueError, match="unknown method 'nope'"):
-        resolve_method(compose_cfg(["+method.name=nope"]))
-    assert resolve_method(compose_cfg([]))[0] is None
+        method_from_config(compose_cfg(["+method.name=nope"]))
+    assert method_from_config(compose_cfg([])).method is None

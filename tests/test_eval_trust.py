@@ -14,7 +14,6 @@ from PIL import Image
 
 from datasets import UnknownSplitError, load_groups, write_miniature
 from datasets.splits import parse_splits
-from evaluation.distributed import DistContext
 from evaluation.evaluate import (
     MANIFEST,
     EmptySplitError,
@@ -26,6 +25,7 @@ from evaluation.evaluate import (
 )
 from evaluation.progress import Progress
 from evaluation.report import MAX_LISTED_FAILURES, collect_runs, summarize, table
+from runs.distributed import DistContext
 from tests.test_eval import SMALL, FakePipeline, compose_cfg
 
 ONE = ["max_samples_per_split=1"]  # two ReasonSeg samples: the real tiny model stays fast
@@ -90,6 +90,7 @@ def test_seg_first_weights_as_documented(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- run directory: overwrite, resume, manifest
 
+@pytest.mark.slow
 def test_existing_run_dir_is_not_overwritten_silently(tmp_path: Path) -> None:
     run = tmp_path / "run"
     (run / "baseline").mkdir(parents=True)
@@ -102,6 +103,7 @@ def test_existing_run_dir_is_not_overwritten_silently(tmp_path: Path) -> None:
         evaluate_setting(FakePipeline(), [], [], run / "baseline", DistContext(), SettingOptions("f"))
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_setting_and_an_empty_dir(tmp_path: Path) -> None:
     run = tmp_path / "run"
     base = SMALL + [f"output_dir={run}", "miniature=null", f"dataset_dir={tmp_path / 'nowhere'}"]
@@ -116,6 +118,7 @@ def test_resume_refuses_another_setting_and_an_empty_dir(tmp_path: Path) -> None
         evaluate(compose_cfg(base + ["resume=true"]))
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_in_the_baseline_counts_its_samples(tmp_path: Path, mini: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """Ctrl-C during the same_run baseline, then resume: before the fix the method's (empty) directory
@@ -154,6 +157,7 @@ def test_reason_seg_image_missing_or_not_jpg_is_a_failed_record(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("data", ["reasonseg", "rio", "refcoco"])
+@pytest.mark.slow
 def test_empty_split_warns_loudly_and_fails_with_strict(tmp_path: Path, mini: Path, data: str,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     root = _copy(mini, tmp_path)
@@ -187,6 +191,7 @@ def test_empty_split_warns_loudly_and_fails_with_strict(tmp_path: Path, mini: Pa
 
 # ---------------------------------------------------------------- baselines
 
+@pytest.mark.slow
 def test_baseline_not_json_other_setting_other_samples_and_recorded(tmp_path: Path, mini: Path) -> None:
     args = ["+exp=demo_tiny", "data=reasonseg", "miniature=null", f"dataset_dir={mini}", *ONE]
     broken = tmp_path / "broken.json"
@@ -263,12 +268,8 @@ def test_single_process_run_keeps_no_duplicate_rank_file(tmp_path: Path, mini: P
 
 
 def test_detector_cost_reaches_metrics_and_table(tmp_path: Path, mini: Path) -> None:
-    class Strategy:
-        def extra_cost(self) -> dict[str, float]:
-            return {"segmenter_calls": 4.0, "segmenter_ms": 12.5, "segmenter_gflops": 10.4}
-
     pipe = FakePipeline()
-    pipe.strategy = Strategy()
+    pipe.extra_cost = lambda: {"segmenter_calls": 4.0, "segmenter_ms": 12.5, "segmenter_gflops": 10.4}
     groups = load_groups("ReasonSeg|val", mini)
     metrics = evaluate_setting(pipe, groups, ["ReasonSeg|val"], tmp_path, DistContext(), SettingOptions("f"))
     assert (metrics["summary"]["detector_ms"], metrics["summary"]["detector_GFLOPs"]) == (12.5, 10.4)
@@ -276,6 +277,7 @@ def test_detector_cost_reaches_metrics_and_table(tmp_path: Path, mini: Path) -> 
     assert header.endswith("detector ms  detector GFLOPs") and line.split()[-2:] == ["12.5", "10.4"]
 
 
+@pytest.mark.slow
 def test_seg_first_cost_reaches_metrics_end_to_end(tmp_path: Path, mini: Path) -> None:
     """The real pipeline with seg_first (an injected segmenter): its cost is in metrics.json."""
     import numpy as np
@@ -309,8 +311,7 @@ def test_row_names_carry_the_schedule_and_sweeps_get_one_table(tmp_path: Path) -
     names = []
     for lc in (1, 2):
         cfg = compose_cfg(["+exp=demo_tiny", f"schedule.Lc={lc}"])
-        schedule = validate_config(cfg).schedule
-        names.append(setting_name(cfg, schedule))
+        names.append(setting_name(cfg, validate_config(cfg).method))
     assert names == ["demo_tiny_csp (Lc=1, Nc=64, Ls=1, Np=16, uniform)",
                      "demo_tiny_csp (Lc=2, Nc=64, Ls=1, Np=16, uniform)"]
     for job, name in enumerate(names):
@@ -324,7 +325,7 @@ def test_row_names_carry_the_schedule_and_sweeps_get_one_table(tmp_path: Path) -
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "scripts/collect_runs.py", str(tmp_path)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "scripts.collect_runs", str(tmp_path)], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], check=True).stdout
     assert names[0] in out and names[1] in out and (tmp_path / "sweep_table.txt").read_text().strip() == out.strip()
 

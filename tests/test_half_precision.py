@@ -10,9 +10,11 @@ from PIL import Image
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
 from csp.schedule import StageSchedule
-from model.builder import build_from_config
 from model.checkpoint import load_lisa_checkpoint
 from model.pipeline import Query, SegmentationPipeline
+from runs.models import build_from_config
+
+pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m "not slow" skips them
 
 
 def rope_inv_freq_fp64(config) -> torch.Tensor:

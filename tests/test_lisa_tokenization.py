@@ -1,6 +1,6 @@
 """Golden tests: prompts tokenized as LISA's transformers 4.31 slow LlamaTokenizer does it.
 
-Expected token strings are written out by hand from the rules (DESIGN.md, "Tokenization as LISA
+Expected token strings are written out by hand from the rules (docs/design.md, "Tokenization as LISA
 runs it"), not produced by the code under test:
 - the prompt is split on ``<image>`` first; only the first chunk gets ``<s>``;
 - added tokens without strip flags (``<im_start>``, ``<im_end>``, ``[SEG]``) eat the whitespace on
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
-from model.builder import LisaBundle
+from model.bundle import LisaBundle
 from model.checkpoint import load_tokenizer, save_tokenizer
 from model.lisa import LisaExtras
 from model.pipeline import Query, SegmentationPipeline
@@ -171,6 +171,7 @@ def test_tiny_tokenizer_pieces_by_hand() -> None:
 
 
 # -- mm_use_im_start_end from the checkpoint config reaches the prompt ----------------------------
+@pytest.mark.slow
 def test_pipeline_honours_mm_use_im_start_end(tiny_bundle: LisaBundle) -> None:
     model, vocab = tiny_bundle.model, tiny_bundle.tokenizer.get_vocab()
     pipe = SegmentationPipeline(tiny_bundle)

@@ -18,7 +18,7 @@ from csp.plan import Prune, TopFraction, TopKUnionGrid
 from csp.runner import DecoderInputs, StageRunner
 from csp.scorers import QueryAttention, ScoreContext, TextSimilarity, sparsevlm_raters
 from csp.tokens import TokenState
-from model.builder import LisaBundle
+from model.bundle import LisaBundle
 from model.inference import generate, teacher_forced
 from model.pipeline import ImageEncoding, Query, SegmentationPipeline
 from model.prompt import build_prompt, tokenize_with_image
@@ -131,6 +131,7 @@ def plain_encoding(tiny_bundle: LisaBundle, make_image) -> ImageEncoding:
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.slow
 def test_every_method_runs_in_evaluation_and_chat(name: str, tiny_bundle: LisaBundle, make_image,
                                                   plain_encoding: ImageEncoding) -> None:
     """Teacher forcing (evaluation) and KV-cache generation (chat), three prompts of different lengths
@@ -160,6 +161,7 @@ def test_every_method_runs_in_evaluation_and_chat(name: str, tiny_bundle: LisaBu
             assert torch.equal(got.indices, want.indices)
 
 
+@pytest.mark.slow
 def test_prumerge_iqr_counts_differ_per_sample_in_one_batch(tiny_bundle: LisaBundle, make_image) -> None:
     pipe = SegmentationPipeline(tiny_bundle, method=build_method({"name": "prumerge"}))
     encs = [pipe.encode_image(make_image(40, 52, seed=s)) for s in (0, 7)]

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed numbers (DESIGN.md section 4 'Metrics')."""
+"""Metrics against hand-computed numbers (docs/design.md section 2 'Metrics')."""
 
 from __future__ import annotations
 

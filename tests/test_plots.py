@@ -19,6 +19,8 @@ from scripts import benchmark, search_schedule
 from scripts import plot as plot_cli
 from visualize.plots import load_runs
 
+pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m "not slow" skips them
+
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -98,3 +100,12 @@ def test_speedup_plot_from_benchmark_reports(tmp_path: Path) -> None:
         plot_cli.main(["speedup", str(bad), "--out", str(tmp_path / "x.png")])
     with pytest.raises(FileNotFoundError, match="no such metrics.json"):
         plot_cli.main(["pareto", str(tmp_path / "nothing"), "--out", str(tmp_path / "y.png")])
+
+
+def test_run_labels_name_the_method_of_any_run() -> None:
+    from visualize.plots import schedule_label
+
+    assert schedule_label({"method": "csp", "schedule": {"Lc": 7, "Nc": 80, "Ls": 7, "Np": 8}}) == "(7,80,7,8)"
+    assert schedule_label({"method": {"name": "fastv", "layer": 2, "keep": 64}, "schedule": None}) == \
+        "fastv(layer=2,keep=64)"
+    assert schedule_label({"method": None, "schedule": None}) == "plain"

@@ -1,4 +1,4 @@
-"""What the README tells a user works as written: every `python eval_ds.py ...` command composes
+"""What the README and docs/ tell a user works as written: every `python eval_ds.py ...` command composes
 and passes the up-front checks (on stand-in model config files and miniature data), a multirun
 writes its sweep table, and the project installs as a package usable outside the repository."""
 
@@ -22,13 +22,15 @@ from evaluation.report import summarize
 from tests.test_eval import ENV, MODEL_SHAPES, REPO, compose_cfg
 
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 COMMAND = re.compile(r"python eval_ds\.py([^`\n#]*)")
 PATCH = 14  # CLIP ViT-L/14
 
 
 def readme_commands() -> list[list[str]]:
-    """The argument lists of every `python eval_ds.py ...` in the README (code blocks and inline)."""
-    text = README.read_text(encoding="utf-8")
+    """The argument lists of every `python eval_ds.py ...` in the README and in docs/*.md (code blocks
+    and inline)."""
+    text = "\n".join(path.read_text(encoding="utf-8") for path in [README, *sorted(DOCS.glob("*.md"))])
     # <placeholders> (which may hold spaces) become one word
     return [shlex.split(re.sub(r"<[^>]+>", "PLACEHOLDER", m.group(1))) for m in COMMAND.finditer(text)]
 
@@ -78,6 +80,7 @@ def stub_model_files(cfg, weights: Path) -> None:
         CLIPVisionConfig(image_size=int(tokens ** 0.5) * PATCH, patch_size=PATCH).save_pretrained(clip)
 
 
+@pytest.mark.slow
 def test_readme_eval_commands_compose_and_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     commands = readme_commands()
     assert len(commands) >= 8, commands  # the Evaluation and weights sections
@@ -103,6 +106,9 @@ def test_readme_eval_commands_compose_and_validate(tmp_path: Path, monkeypatch: 
         for overrides in expand(args, weights, data, baseline):
             cfg = compose_cfg(overrides)
             stub_model_files(cfg, weights)
+            if cfg.model.get("mask_decoder"):  # a fine-tuned decoder from a training run: only its existence is checked
+                Path(cfg.model.mask_decoder).parent.mkdir(parents=True, exist_ok=True)
+                Path(cfg.model.mask_decoder).touch()
             plan = validate_config(cfg)
             if cfg.get("miniature") is None and cfg.get("toy") is None:  # generated data is written by the run
                 check_samples(load_all_groups(plan.splits, Path(cfg.dataset_dir), cfg.max_samples_per_split), plan,
@@ -111,6 +117,7 @@ def test_readme_eval_commands_compose_and_validate(tmp_path: Path, monkeypatch: 
     assert checked >= len(commands) + 8  # the sweep expands to 9 jobs
 
 
+@pytest.mark.slow
 def test_multirun_writes_one_table_for_the_sweep(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "eval_ds.py"), "-m", "+exp=demo_tiny", "data=reasonseg", "baseline=null",
@@ -124,13 +131,14 @@ def test_multirun_writes_one_table_for_the_sweep(tmp_path: Path) -> None:
     assert lines[2].startswith("demo_tiny_csp (Lc=2, Nc=64, Ls=1, Np=16, uniform)")
 
 
+@pytest.mark.slow
 def test_package_installs_and_imports_outside_the_repository(tmp_path: Path) -> None:
     """A wheel built from pyproject.toml holds every package; imported from elsewhere, it works."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "requirements.txt", "README.md", "eval_ds.py", "train_ds.py"):
         shutil.copy(REPO / name, src / name)
-    for package in ("model", "csp", "datasets", "evaluation", "training", "visualize", "scripts"):
+    for package in ("model", "csp", "datasets", "runs", "evaluation", "training", "visualize", "scripts"):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                             "-q", "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True,
@@ -145,7 +153,7 @@ def test_package_installs_and_imports_outside_the_repository(tmp_path: Path) -> 
                  "evaluation/evaluate.py", "training/train.py", "visualize/token_maps.py", "scripts/benchmark.py",
                  "eval_ds.py", "train_ds.py"):
         assert path in names, sorted(names)
-    code = ("import model.pipeline, model.checkpoint, csp.methods, datasets.splits, evaluation.evaluate, "
+    code = ("import model.pipeline, model.checkpoint, csp.methods, datasets.splits, runs.models, evaluation.evaluate, "
             "training.train, visualize.token_maps, eval_ds, train_ds; "
             "print(model.pipeline.__file__)")
     env = {**ENV, "PYTHONPATH": str(site)}
@@ -153,3 +161,23 @@ def test_package_installs_and_imports_outside_the_repository(tmp_path: Path) -> 
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().startswith(str(site))
+
+
+def test_readme_is_short_and_every_link_resolves_inside_the_repository() -> None:
+    """The README stays a README (<= 350 lines); every relative link of it and of docs/ names a file of
+    this repository, and nothing cites a document that is not in it."""
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 350
+    for path in [README, *sorted(DOCS.glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) + re.findall(r'src="([^"]+)"', text)
+        for target in targets:
+            if "://" in target:
+                continue
+            assert (path.parent / target).exists(), f"{path.name} links to {target}, which is not in the repository"
+    roots = ["csp", "datasets", "model", "runs", "evaluation", "training", "visualize", "scripts", "tests", "configs",
+             "docs", "sweeps"]
+    files = [p for root in roots for p in (REPO / root).rglob("*") if p.suffix in {".py", ".md", ".yaml", ".sh"}]
+    files += [p for p in REPO.iterdir() if p.suffix in {".py", ".md", ".toml", ".txt"}]
+    cited = [p for p in files if p.name != "test_readme_and_package.py"
+             and "DESIGN.md" in p.read_text(encoding="utf-8", errors="ignore")]
+    assert not cited, f"these files cite DESIGN.md, which is not part of the repository: {cited}"

@@ -7,8 +7,12 @@ import json
 import pytest
 from pathlib import Path
 
+import pytest
+
 from datasets.miniature import MiniatureSpec, write_miniature
 from scripts.run_table import TABLES, run
+
+pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m "not slow" skips them
 
 
 def test_table1_grid_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
@@ -49,9 +53,9 @@ def test_toy_table_presets_compose_validate_and_reach_their_budget(tmp_path: Pat
     validates against the committed toy LISA (L = 8, N = 64) and prescribes its budget: Navg ~19 (Table 1's
     ~70% cut) and ~10 of the 64 tokens, both bounds of a data-dependent count inside the band."""
     from csp.accounting import navg
+    from csp.config import method_from_config
     from csp.methods import METHODS
-    from evaluation.evaluate import resolve_method
-    from model.builder import layers_and_image_tokens
+    from runs.models import layers_and_image_tokens
     from scripts.run_table import parse, settings
 
     assert parse(["table=toy"])[0] == "toy"
@@ -61,9 +65,9 @@ def test_toy_table_presets_compose_validate_and_reach_their_budget(tmp_path: Pat
     assert sorted(presets) == sorted(f"{prefix}{m}" for m in METHODS)
     layers, n = layers_and_image_tokens(configured[0][1].model)
     assert (layers, n) == (8, 64)
-    assert resolve_method(configured[0][1])[0] is None  # the baseline is the plain model
+    assert method_from_config(configured[0][1]).method is None  # the baseline is the plain model
     for _, cfg in configured[1:]:
-        method, _ = resolve_method(cfg)
+        method = method_from_config(cfg).method
         counts = method.image_tokens_per_layer(layers, n)
         bounds = [counts] if counts is not None else list(method.count_range(layers, n))
         for per_layer in bounds:  # data-dependent methods: both bounds inside the band

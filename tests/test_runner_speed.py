@@ -150,6 +150,7 @@ def tiny32():
     return build_tiny_lisa(num_layers=32)  # the Table 1 presets are written for 32 layers
 
 
+@pytest.mark.slow
 def test_every_method_reads_the_device_at_most_once_per_forward(tiny32, monkeypatch: pytest.MonkeyPatch) -> None:
     """Evaluation's path (pipeline -> teacher_forced -> runner) for every registered method at its
     Table 1 setting: host reads inside the runner's forward, counted per forward."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.builder import LisaBundle
+from model.bundle import LisaBundle
 from model.pipeline import Query, QueryResult, SegmentationPipeline
 from model.sam import sam_postprocess, sam_postprocess_separable, sam_preprocess, to_rgb_array
 from tests.conftest import random_pil_image
@@ -225,6 +225,7 @@ def test_16bit_grayscale_is_scaled_like_cv2() -> None:
         assert np.array_equal(rgb[..., channel], expected)
 
 
+@pytest.mark.slow
 def test_postprocess_benchmark_reports_both_paths_and_their_agreement(capsys: pytest.CaptureFixture) -> None:
     from scripts.benchmark_postprocess import main
 

@@ -20,10 +20,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
+from csp.config import method_from_config
 from csp.schedule import ScheduleError, StageSchedule
 from csp.search import MODEL_SHAPES
 from csp.sweeps import COMMAND, SweepFileError, grid_points, load_sweep, overrides
-from evaluation.evaluate import resolve_method
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -56,7 +56,7 @@ def point_schedule(base_schedule: dict[str, Any], args: list[str]) -> StageSched
 def validate_point(cfg: Any) -> None:
     """The composed point's method (a CSP schedule or a configs/method node) against its model."""
     layers, tokens = MODEL_SHAPES[cfg.model.name]
-    method, _ = resolve_method(cfg)
+    method = method_from_config(cfg).method
     assert method is not None, "a sweep point evaluates plain LISA only"
     method.validate(layers.num_layers, tokens)
 
@@ -91,7 +91,7 @@ def test_there_is_a_sweep_for_every_registered_method() -> None:
 
     swept = set()
     for path in SWEEPS:
-        method, _ = resolve_method(compose_eval(wandb_args(grid_points(load_sweep(path))[0])))
+        method = method_from_config(compose_eval(wandb_args(grid_points(load_sweep(path))[0]))).method
         swept.add(method.name)
     assert swept >= set(METHODS), sorted(set(METHODS) - swept)
 
@@ -105,6 +105,7 @@ def test_there_is_a_sweep_per_model_and_resolution() -> None:
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+@pytest.mark.slow
 def test_sweep_file_composes_and_every_setting_is_valid(path: Path) -> None:
     sweep = load_sweep(path)
     assert sweep["command"] == COMMAND and sweep["program"] == "eval_ds.py" and sweep["method"] == "grid"

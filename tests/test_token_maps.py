@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from csp.geometry import TokenGeometry, clip_crop_geometry
 from csp.schedule import StageSchedule
 from csp.tokens import KeptImageTokens
-from model.builder import LisaBundle
-from model.geometry import TokenGeometry, clip_crop_geometry
+from model.bundle import LisaBundle
 from model.pipeline import Query, SegmentationPipeline
 from model.prompt import IMAGE_PLACEHOLDER_ID, build_prompt, tokenize_with_image
 from model.vision import clip_processor_for
@@ -102,7 +102,7 @@ def image_tokens_seen(positions: torch.Tensor, first_row: int) -> list[int]:
     (None, [("input", 0, N)]),
 ])
 def test_runner_kept_tokens_are_what_the_layers_ran_on(bundle: LisaBundle, make_image, schedule, stages) -> None:
-    pipe = SegmentationPipeline(bundle, schedule=schedule)
+    pipe = SegmentationPipeline(bundle, schedule)
     queries = [Query("the cat", False, "a"), Query("what would keep the rain off the table here", True, "b")]
     seen = layer_image_positions(pipe, [first for _, first, _ in stages])
     try:
@@ -166,7 +166,7 @@ def forced_answer(bundle: LisaBundle, answer: list[int]) -> torch.utils.hooks.Re
 @pytest.mark.parametrize("max_side", [None, 300])
 def test_chat_token_map_pixels_equal_the_runner_selection(bundle: LisaBundle, tmp_path: Path, max_side) -> None:
     schedule = StageSchedule(Lc=2, Nc=64, Ls=1, Np=16, clustering="cls_attention")
-    pipe = SegmentationPipeline(bundle, schedule=schedule)
+    pipe = SegmentationPipeline(bundle, schedule)
     image_path = tmp_path / "scene.png"
     rgb_image(150, 260).save(image_path)  # landscape: the crop cuts off the left and right
     seg = bundle.token_ids.seg
@@ -209,6 +209,7 @@ def test_chat_token_map_pixels_equal_the_runner_selection(bundle: LisaBundle, tm
     assert len(read_back[4]) == 16 and len(read_back[3]) == N
 
 
+@pytest.mark.slow
 def test_chat_cli_runs_on_the_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(chat, "TOY_CHECKPOINT", tmp_path / "no_toy")  # the tiny model even after the toy lands
     image = tmp_path / "photo.jpg"
@@ -222,6 +223,23 @@ def test_chat_cli_runs_on_the_tiny_model(tmp_path: Path, monkeypatch: pytest.Mon
     assert [(k.stage, k.indices.shape[1]) for k in kept] == [("clustering", 64), ("scattering", N), ("pruning", 8)]
 
 
+@pytest.mark.slow
+def test_chat_cli_runs_the_method_of_a_baseline_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--preset table1_fastv runs FastV (resolved as evaluation resolves it), not plain LISA."""
+    monkeypatch.setattr(chat, "TOY_CHECKPOINT", tmp_path / "no_toy")
+    assert chat.resolve_preset("table1_fastv").spec == {"name": "fastv", "layer": 2, "keep": 64}
+    assert chat.resolve_preset("table1_fastv", ["method.keep=32"]).method.keep == 32
+    assert chat.resolve_preset(None).method is None
+    image = tmp_path / "photo.png"
+    rgb_image(64, 80).save(image)
+    [result] = chat.main(["--preset", "table1_fastv", "--image", str(image), "--query", "what is on the left?",
+                          "--out-dir", str(tmp_path / "out"), "--max-new-tokens", "2"])
+    kept = result.token_map_obj.kept_entries
+    # FastV (K = 2, R = 64): all 256 tokens in layers 0-1, the 64 ranked by the last prompt row from layer 2
+    assert [(k.stage, k.first_layer, k.indices.shape[1]) for k in kept] == [("input", 0, N), ("pruning", 2, 64)]
+
+
+@pytest.mark.slow
 def test_chat_cli_defaults_to_the_toy_checkpoint_and_asks_for_queries(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved_tiny_checkpoint) -> None:
     import shutil
@@ -256,6 +274,7 @@ def test_chat_cli_rejects_bad_input_before_loading(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- token maps from evaluation
 
+@pytest.mark.slow
 def test_eval_writes_token_maps_of_the_first_samples_and_logs_them(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from hydra import compose, initialize_config_dir

@@ -22,9 +22,10 @@ from PIL import Image
 from datasets import toy
 from datasets.base import UnknownSplitError
 from datasets.splits import check_split, load_split, valid_splits
-from model.builder import ToySizes, build_from_config, layers_and_image_tokens
+from model.builder import ToySizes
 from model.prompt import build_prompt, tokenize_with_image, vqa_prompt
 from model.tokenizer import build_tiny_tokenizer
+from runs.models import build_from_config, layers_and_image_tokens
 
 SPEC = toy.ToySpec(seed=5, train_images=6, val_images=5, testA_images=3)
 SPLIT_NAMES = ("toyref|unc|train", "toyref|unc|val", "toyref|unc|testA")
@@ -404,7 +405,7 @@ def test_training_experiments_compose() -> None:
     assert (decoder.schedule.Lc, decoder.schedule.Nc, decoder.schedule.Ls, decoder.schedule.Np) == (2, 20, 2, 4)
     assert layers_and_image_tokens(full.model) == (8, 64)
     # the recipe's per-module learning rates name real parameters of the toy model (else training stops)
-    from model.builder import build_from_config
+    from runs.models import build_from_config
     from training.train import param_groups, setup_trainable
 
     model = build_from_config(full.model).model

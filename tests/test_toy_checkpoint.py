@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from model.builder import build_from_config
 from model.checkpoint import read_lisa_config
+from runs.models import build_from_config
 from scripts.toy_metrics import REPO, SPLIT, evaluate_checkpoint
 
 ASSET = REPO / "assets" / "toy_lisa"
@@ -34,6 +34,7 @@ def test_committed_checkpoint_is_small_and_complete() -> None:
     assert bundle.model.vision_tower.num_patches == 64
 
 
+@pytest.mark.slow
 def test_committed_checkpoint_reproduces_its_val_giou(tmp_path: Path) -> None:
     recorded = json.loads((ASSET / "metrics.json").read_text())
     check = recorded["check"]

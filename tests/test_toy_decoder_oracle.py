@@ -14,6 +14,8 @@ from datasets import toy
 from datasets.refer import refer_mask
 from scripts import toy_decoder_oracle as oracle
 
+pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m "not slow" skips them
+
 SPEC = toy.ToySpec(seed=4, train_images=6, val_images=2, testA_images=0)
 
 

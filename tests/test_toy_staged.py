@@ -11,6 +11,8 @@ import pytest
 from datasets import toy
 from scripts import toy_staged
 
+pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m "not slow" skips them
+
 SPEC = toy.ToySpec(seed=3, train_images=8, val_images=2, testA_images=0)
 
 

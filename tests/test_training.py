@@ -21,13 +21,13 @@ from safetensors.torch import load_file
 
 from datasets import DatasetLayoutError, MiniatureSpec, UnknownSplitError, write_miniature
 from datasets.splits import check_split, load_groups
-from evaluation.loop import open_image
 from model.builder import build_tiny_lisa
 from model.checkpoint import load_lisa_checkpoint
 from model.finetuned import MASK_DECODER_PREFIX, load_mask_decoder
 from model.inference import teacher_forced
 from model.pipeline import Query, SegmentationPipeline
 from model.prompt import ANSWER_LIST, SHORT_QUESTION_LIST, build_prompt, tokenize_with_image
+from runs.images import open_image
 from training import checkpointing as ckpt
 from training.cache import DecoderCache
 from training.data import DataOrder, EmptyTrainingSetError, PromptStyle, conversations, item_rng, load_sources
@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = 3
 SCHEDULE = ["schedule=llava7b_224_p70", "schedule.Lc=1", "schedule.Nc=64", "schedule.Ls=1", "schedule.Np=16"]
 SCHEDULE_DICT = {"Lc": 1, "Nc": 64, "Ls": 1, "Np": 16, "clustering": "uniform", "clustering_kwargs": {}}
+CSP_SPEC = {"name": "csp", **SCHEDULE_DICT}  # the method a decoder fine-tuned under SCHEDULE is tied to
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
@@ -271,6 +272,7 @@ def test_vqa_source_errors_name_the_file_item_and_key(mini: Path, tmp_path: Path
         train(fast(mini, tmp_path / "dec", "mode=decoder", source))
 
 
+@pytest.mark.slow
 def test_vqa_turns_train_the_llm_and_not_the_mask_path(mini: Path, tmp_path: Path) -> None:
     """Text-only turns: the CE loss falls on a repeated batch, the mask terms are exactly 0, and the mask
     decoder and text_hidden_fcs (which no VQA turn reaches) stay bit for bit unchanged."""
@@ -337,17 +339,18 @@ def test_missing_lora_target_lists_module_names() -> None:
 
 
 def test_cache_of_another_model_or_schedule_is_an_error(tmp_path: Path) -> None:
-    key = {"fingerprint": "abc", "schedule": json.dumps(SCHEDULE_DICT), "model_name": "tiny", "prompts": "eval"}
+    key = {"fingerprint": "abc", "method": json.dumps(CSP_SPEC), "model_name": "tiny", "prompts": "eval"}
     DecoderCache(tmp_path / "cache", key)
     DecoderCache(tmp_path / "cache", dict(key))  # same key: reused
-    with pytest.raises(ValueError, match="schedule"):
-        DecoderCache(tmp_path / "cache", {**key, "schedule": "null"})
+    with pytest.raises(ValueError, match="method"):
+        DecoderCache(tmp_path / "cache", {**key, "method": "null"})
     with pytest.raises(ValueError, match="fingerprint"):
         DecoderCache(tmp_path / "cache", {**key, "fingerprint": "abd"})
 
 
 # ---------------------------------------------------------------- the modes
 
+@pytest.mark.slow
 def test_full_mode_trains_all_but_frozen_and_writes_released_checkpoint(mini: Path, tmp_path: Path) -> None:
     before = initial_params()
     result = train(fast(mini, tmp_path / "run", "mode=full", "trainer.save_released=true", "trainer.steps=2",
@@ -374,6 +377,7 @@ def test_full_mode_trains_all_but_frozen_and_writes_released_checkpoint(mini: Pa
     assert torch.equal(saved["lm_head.weight"], after["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_trainable_sam_image_encoder_same_loss_then_it_moves(mini: Path, tmp_path: Path) -> None:
     """mode=full without the SAM image encoder in mode.freeze: the loss runs it with gradients on the image
     (the cached no-grad embedding is not used), so the first loss equals the frozen run's, and its weights
@@ -391,6 +395,7 @@ def test_trainable_sam_image_encoder_same_loss_then_it_moves(mini: Path, tmp_pat
     assert all(torch.equal(v, bundle.model.vision_tower.state_dict()[k]) for k, v in tower.items())
 
 
+@pytest.mark.slow
 def test_lr_scale_zero_and_silent_images_leave_those_weights_untouched(mini: Path, tmp_path: Path) -> None:
     """lr_scale 0 on the decoder layers and an image ramp that has not started: after two steps the layers
     and the projector (whose output is multiplied by 0, so its gradient is 0) are bit for bit unchanged,
@@ -406,6 +411,7 @@ def test_lr_scale_zero_and_silent_images_leave_those_weights_untouched(mini: Pat
     assert {"lm_head.weight", "model.embed_tokens.weight", "model.text_hidden_fcs.0.0.weight"} <= changed
 
 
+@pytest.mark.slow
 def test_lisa_mode_lora_only_trainable_change_and_resume_equals_uninterrupted(mini: Path, tmp_path: Path) -> None:
     before = initial_params()
     args = ["mode=lisa", "trainer.steps=3", "trainer.save_every=2", "trainer.samples_per_image=1",
@@ -448,6 +454,7 @@ def decoder_runs(mini: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return tmp_path, cached, live
 
 
+@pytest.mark.slow
 def test_decoder_mode_cache_equals_live_loss_falls_and_eval_reloads(mini: Path, decoder_runs: tuple) -> None:
     tmp_path, cached, live = decoder_runs
     assert (tmp_path / "cached" / "decoder_cache" / "meta.json").is_file()
@@ -471,22 +478,25 @@ def test_decoder_mode_cache_equals_live_loss_falls_and_eval_reloads(mini: Path, 
     assert changed and all(k.startswith(MASK_DECODER_PREFIX) for k in changed)
     from csp.schedule import StageSchedule
 
-    pipe = SegmentationPipeline(base, schedule=StageSchedule.from_mapping(SCHEDULE_DICT))
+    pipe = SegmentationPipeline(base, StageSchedule.from_mapping(SCHEDULE_DICT))
     group = load_groups("refcoco|unc|train", mini)[0]
     image = open_image(group.image_path)
     queries = [Query(s.text, s.is_sentence, s.sample_id) for s in group.samples]
     enc = pipe.encode_image(image)
     prompts = [r.seg_embeddings for r in pipe.segment(image, queries)]
     logits_before = [pipe.masks_for(enc, p) for p in prompts]
-    with pytest.raises(ValueError, match="schedule"):
-        load_mask_decoder(base.model, decoder_file, schedule=None)
+    with pytest.raises(ValueError, match="under method"):
+        load_mask_decoder(base.model, decoder_file, method=None)
+    with pytest.raises(ValueError, match="under method"):
+        load_mask_decoder(base.model, decoder_file, method={"name": "fastv", "layer": 1, "keep": 16})
     with pytest.raises(ValueError, match="another model"):
-        load_mask_decoder(tiny(seed=1).model, decoder_file, schedule=SCHEDULE_DICT)
-    load_mask_decoder(base.model, decoder_file, schedule=SCHEDULE_DICT)
+        load_mask_decoder(tiny(seed=1).model, decoder_file, method=CSP_SPEC)
+    load_mask_decoder(base.model, decoder_file, method=CSP_SPEC)
     logits_after = [pipe.masks_for(enc, p) for p in prompts]
     assert any((a != b).any() for a, b in zip(logits_before, logits_after))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(mini: Path, tmp_path: Path, decoder_runs: tuple,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     real = Runner.micro_loss
@@ -511,6 +521,7 @@ def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(mini: Path, tmp_pa
     assert load_file(str(last / "trainable.safetensors"))
 
 
+@pytest.mark.slow
 def test_eval_labels_finetuned_decoder_rows(mini: Path, tmp_path: Path) -> None:
     from evaluation.evaluate import evaluate
     from model.finetuned import save_mask_decoder
@@ -520,7 +531,7 @@ def test_eval_labels_finetuned_decoder_rows(mini: Path, tmp_path: Path) -> None:
         for name, param in bundle.model.named_parameters():
             if name.startswith(MASK_DECODER_PREFIX):
                 param.add_(0.05 * torch.randn_like(param))
-    path = save_mask_decoder(bundle.model, tmp_path / "dec.safetensors", schedule=SCHEDULE_DICT, model_name="tiny")
+    path = save_mask_decoder(bundle.model, tmp_path / "dec.safetensors", method=CSP_SPEC, model_name="tiny")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[
             "+exp=demo_tiny", f"dataset_dir={mini}", "miniature=null", f"output_dir={tmp_path / 'eval'}",
@@ -537,6 +548,7 @@ def test_eval_labels_finetuned_decoder_rows(mini: Path, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- LoRA merge
 
+@pytest.mark.slow
 def test_lora_merge_equals_unmerged_and_reloads(tmp_path: Path) -> None:
     bundle = build_tiny_lisa(seed=4, num_layers=LAYERS)
     model = bundle.model
@@ -583,6 +595,7 @@ def open_image_from_array():  # noqa: ANN201 - a PIL image
 
 # ---------------------------------------------------------------- the Table 6 protocol script
 
+@pytest.mark.slow
 def test_finetune_script_runs_one_decoder_per_column_and_its_commands_compose(tmp_path: Path) -> None:
     import os
     import shlex
@@ -608,3 +621,36 @@ def test_finetune_script_runs_one_decoder_per_column_and_its_commands_compose(tm
             assert dict(cfg.schedule) == dict(ecfg.schedule)  # the decoder is evaluated under its own schedule
         assert ecfg.model.mask_decoder.startswith(str(tmp_path / "out" / column / "train"))
         assert ecfg.baseline == str(tmp_path / "out" / "plain" / "metrics.json")
+
+
+@pytest.mark.slow
+def test_decoder_fine_tune_under_fastv_ties_the_decoder_to_fastv(mini: Path, tmp_path: Path) -> None:
+    """mode=decoder takes any method (here FastV through the method group): its cache and its decoder
+    file are keyed by the method with its parameters, evaluation under FastV loads the decoder, and
+    evaluation under another method (CSP) or plain LISA refuses it."""
+    from csp.config import method_from_config
+
+    fastv = ["method=fastv", "method.layer=1", "method.keep=16"]
+    cfg = fast(mini, tmp_path / "fastv", "mode=decoder", *fastv)
+    spec = method_from_config(cfg).spec
+    assert spec == {"name": "fastv", "layer": 1, "keep": 16}
+    result = train(cfg)
+    losses = [h["loss"] for h in result["history"]]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    meta = json.loads((tmp_path / "fastv" / "decoder_cache" / "meta.json").read_text())
+    assert json.loads(meta["method"]) == spec
+    decoder = result["outputs"]["mask_decoder"]
+    load_mask_decoder(tiny().model, decoder, method=spec)
+    for other in (None, CSP_SPEC, {**spec, "keep": 8}):
+        with pytest.raises(ValueError, match="under method"):
+            load_mask_decoder(tiny().model, decoder, method=other)
+    # the cached [SEG] embeddings are the ones evaluation computes under FastV
+    from csp.methods import build_method
+
+    pipe = SegmentationPipeline(tiny(), build_method(spec))
+    group = load_groups("refcoco|unc|train", mini)[0]
+    queries = [Query(s.text, s.is_sentence, s.sample_id) for s in group.samples]
+    evaluated = pipe.segment(open_image(group.image_path), queries)
+    cached = load_file(str(next((tmp_path / "fastv" / "decoder_cache").rglob("*.safetensors"))))
+    for query, res in zip(queries, evaluated, strict=True):
+        assert torch.allclose(cached[f"prompt/{query.sample_id}"], res.seg_embeddings, atol=1e-6)

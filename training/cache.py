@@ -1,17 +1,17 @@
 """The decoder-mode feature cache: SAM image embeddings and [SEG] prompt embeddings on disk.
 
 In the mIoU* setting everything upstream of SAM's mask decoder is frozen (CLIP, LLaVA with the
-CSP schedule, ``text_hidden_fcs``, SAM's image and prompt encoders), so the decoder's inputs are
+method in the LLM, ``text_hidden_fcs``, SAM's image and prompt encoders), so the decoder's inputs are
 computed once per sample. Layout of a cache directory::
 
-    meta.json                         {"version", "fingerprint", "schedule", "model_name", "prompts"}
+    meta.json                         {"version", "fingerprint", "method", "model_name", "prompts"}
     <split with | as _>/<group>.safetensors
         sam_embedding                 1 x C x 64 x 64
         prompt/<sample_id>            K x out_dim ([SEG] embeddings after text_hidden_fcs)
         metadata: image, resized "h,w", original "H,W"
 
-The key is checkpoint (fingerprint of the frozen weights) + schedule + sample: opening a cache
-written for another model or schedule is an error, never a silent mix; a sample missing from its
+The key is checkpoint (fingerprint of the frozen weights) + method with its parameters + sample:
+opening a cache written for another model or method is an error, never a silent mix; a sample missing from its
 image's file is an error naming it.
 """
 
@@ -27,12 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from datasets.base import ImageGroup, Sample
-from evaluation.loop import open_image
-from model.inference import teacher_forced
-from model.pipeline import SegmentationPipeline
+from model.pipeline import Query, SegmentationPipeline
 from model.training import DecoderFeatures
+from runs.images import open_image
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by the method (any method), prompts run as evaluation runs them
 
 
 @torch.no_grad()
@@ -40,16 +39,14 @@ def group_features(pipe: SegmentationPipeline, group: ImageGroup,
                    encoded: tuple[Any, Any] | None = None) -> tuple[dict[str, torch.Tensor], Any]:
     """Decoder inputs of every query of ``group``: ``({sample_id: K x out_dim}, encoding)``.
 
-    All queries of the image run as one teacher-forced batch with the evaluation prompt, exactly
-    as evaluation runs them, so the decoder is fine-tuned on the embeddings it will be given.
+    All queries of the image run as one teacher-forced batch with the evaluation prompt under the
+    pipeline's method (``SegmentationPipeline.teacher_forced``), exactly as evaluation runs them, so
+    the decoder is fine-tuned on the embeddings it will be given.
     ``encoded``: the (image, encoding) pair when already computed (frozen encoders).
     """
     enc = encoded[1] if encoded is not None else pipe.encode_image(open_image(group.image_path))
-    tok = pipe.bundle.token_ids
-    ids = [pipe.prompt_ids(s.text, s.is_sentence) for s in group.samples]
-    keep = pipe.cluster(enc, [s.sample_id for s in group.samples])
-    out = teacher_forced(pipe.model, pipe.runner, ids, enc.image_embeds.expand(len(ids), -1, -1), tok.seg, tok.pad,
-                         cluster_keep=keep)
+    queries = [Query(s.text, s.is_sentence, s.sample_id) for s in group.samples]
+    out = pipe.teacher_forced(enc, queries, pipe.cluster(enc, [q.sample_id for q in queries]))
     return {s.sample_id: e.detach() for s, e in zip(group.samples, out.seg_embeddings, strict=True)}, enc
 
 
@@ -59,7 +56,7 @@ def features_for(prompts: dict[str, torch.Tensor], enc: Any, samples: Sequence[S
 
 
 class DecoderCache:
-    """One cache directory bound to one key (fingerprint, schedule, model name, prompt style)."""
+    """One cache directory bound to one key (fingerprint, method, model name, prompt style)."""
 
     def __init__(self, root: str | Path, key: dict[str, Any]):
         self.root = Path(root)
@@ -70,7 +67,7 @@ class DecoderCache:
             if found != self.key:
                 diff = {k: (found.get(k), self.key.get(k)) for k in set(found) | set(self.key)
                         if found.get(k) != self.key.get(k)}
-                raise ValueError(f"decoder cache {self.root} was built for another model or schedule: "
+                raise ValueError(f"decoder cache {self.root} was built for another model or method: "
                                  f"(cached, this run) differ in {diff}; use another trainer.cache_dir or delete it")
         else:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -170,11 +170,11 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, fingerprint: str, rank_suffix: str = "") -> dict[str, Any]:
     """``{"trainable", "state", "optimizer", "rng"}`` of a checkpoint directory; a checkpoint of
-    another model / mode / schedule (fingerprint) is an error, never a silent mix."""
+    another model / mode / method (fingerprint) is an error, never a silent mix."""
     state = json.loads((path / "state.json").read_text())
     if state.get("fingerprint") != fingerprint:
         raise ValueError(
-            f"checkpoint {path} was written for another model, mode or schedule (fingerprint "
+            f"checkpoint {path} was written for another model, mode or method (fingerprint "
             f"{state.get('fingerprint')!r}, this run {fingerprint!r}); compare {path / 'config.yaml'} with this config"
         )
     optimizer = unflatten_state(json.loads((path / f"optimizer{rank_suffix}.json").read_text()),

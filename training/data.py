@@ -26,9 +26,9 @@ from PIL import Image
 from datasets.base import AnnotationError, ImageGroup
 from datasets.splits import check_split, load_groups
 from datasets.vqa import VQAGroup, load_llava_instruct, vqa_json_path
-from evaluation.loop import open_image
 from model.prompt import ANSWER_LIST, DEFAULT_ANSWER, LONG_QUESTION_LIST, SHORT_QUESTION_LIST
 from model.training import TrainingSample
+from runs.images import open_image
 
 
 class EmptyTrainingSetError(ValueError):

@@ -1,7 +1,8 @@
 """``train(cfg)``: LISA training in three modes (``lisa``, ``decoder``, ``full``).
 
-Order of checks (fail before anything expensive): mode and trainer keys, split names, schedule
-keys, model paths, the schedule against the model's config, then the training splits (layout
+Order of checks (fail before anything expensive): mode and trainer keys, split names, the method
+(``csp.config.method_from_config``: a ``method`` node or a CSP ``schedule``) and its own checks, model
+paths, the method against the model's config, then the training splits (layout
 errors, empty splits), then the model is loaded and the trainable set is built (LoRA targets).
 
 Per optimizer step: ``grad_accumulation`` micro-batches of ``batch_size`` images each (every image
@@ -11,11 +12,15 @@ norm stops the run naming the step and the samples, before anything is written. 
 ``save_every`` steps (training/checkpointing.py); validation every ``val.every`` steps through
 evaluation's own loop (gIoU, cIoU). At the end: the final checkpoint, ``mask_decoder.safetensors``
 (decoder mode) and a released-layout LISA checkpoint (LoRA merged) that ``eval_ds.py`` loads.
+
+By concern: ``training.config`` (the config's checks), ``training.params`` (what each mode trains),
+``training.optim`` (optimizer, lr schedule, DeepSpeed config), ``training.data`` (sources, data order),
+``training.cache`` (the decoder-mode cache), ``training.checkpointing``, ``training.export`` (the
+released layout); this module holds the run itself (resume, the loop, validation, the final files).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -30,211 +35,43 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from csp.schedule import StageSchedule
-from datasets.splits import check_split
-from evaluation.distributed import DistContext, barrier, context_from_env, init_distributed
-from evaluation.evaluate import (
-    SettingOptions,
-    evaluate_setting,
-    load_all_groups,
-    output_dir,
-    prepare_dataset_dir,
-)
+from csp.config import MethodConfig, method_from_config
+from evaluation.evaluate import SettingOptions, evaluate_setting
+from runs.data import load_all_groups, prepare_dataset_dir
+from runs.distributed import DistContext, barrier, init_distributed
+from runs.rundir import output_dir
 from training import checkpointing as ckpt
+from training.config import MODES, check_config  # noqa: F401  (re-exported)
 from training.data import (
     DataOrder,
     EmptyTrainingSetError,
     EncodingCache,
     PromptStyle,
     Source,
-    check_source_spec,
     conversations,
     item_rng,
     load_sources,
-    source_name,
+)
+from training.export import save_released
+from training.optim import (  # noqa: F401  (re-exported)
+    build_optimizer,
+    deepspeed_config,
+    image_scale,
+    param_groups,
+    warmup_decay,
+)
+from training.params import (  # noqa: F401  (re-exported)
+    ALWAYS_FROZEN,
+    DECODER_TRAINABLE,
+    LISA_TRAINABLE,
+    Trainable,
+    setup_trainable,
 )
 
 log = logging.getLogger(__name__)
 
-MODES = ("lisa", "decoder", "full")
-#: What each mode trains (parameter-name prefixes); lisa adds the LoRA adapters.
-LISA_TRAINABLE = ("lm_head", "model.embed_tokens", "model.visual_model.mask_decoder", "model.text_hidden_fcs")
-DECODER_TRAINABLE = ("model.visual_model.mask_decoder",)
-#: Run without gradients by the training loss (as in LISA), so they cannot be unfrozen.
-ALWAYS_FROZEN = ("vision_tower.",)
-
-
 class NonFiniteLossError(FloatingPointError):
     """The loss (or gradient norm) became NaN or inf; the message names the step and the samples."""
-
-
-# -- config checks ----------------------------------------------------------------------------------
-def check_config(cfg: DictConfig) -> None:
-    """Mode, trainer numbers and split names; raises naming the key and what was expected."""
-    mode = cfg.mode.get("name")
-    if mode not in MODES:
-        raise ValueError(f"mode.name={mode!r}; expected one of {MODES} (mode=lisa|decoder|full)")
-    t = cfg.trainer
-    positive = {"steps": t.steps, "batch_size": t.batch_size, "grad_accumulation": t.grad_accumulation,
-                "samples_per_image": t.samples_per_image}
-    for key, value in positive.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"trainer.{key}={value!r}; expected an integer >= 1")
-    if not float(t.lr) > 0:
-        raise ValueError(f"trainer.lr={t.lr!r}; expected > 0")
-    if int(t.warmup_steps) < 0:
-        raise ValueError(f"trainer.warmup_steps={t.warmup_steps!r}; expected >= 0")
-    for spec in cfg.train_data.sources:
-        check_source_spec(spec)
-        if mode == "decoder" and "vqa" in spec:
-            raise ValueError(f"train_data.sources {source_name(spec)}: mode=decoder trains the mask decoder only, "
-                             "a VQA source has no masks (remove it)")
-    for split in cfg.train_data.get("val_splits") or []:
-        check_split(str(split))
-    world = context_from_env().world_size
-    if (world > 1 or t.get("deepspeed")) and not str(cfg.model.get("device", "cpu")).startswith("cuda"):
-        raise ValueError(f"DeepSpeed training (trainer.deepspeed=true or WORLD_SIZE={world}) needs the model on CUDA "
-                         f"GPUs (model.device={cfg.model.get('device', 'cpu')}); on CPU train in one plain process "
-                         "(trainer.deepspeed=false, no launcher)")
-    if mode == "lisa" and not cfg.mode.get("lora"):
-        raise ValueError("mode=lisa needs mode.lora {r, alpha, dropout, targets}")
-    for i, group in enumerate(t.get("lr_scale") or []):
-        if not group.get("prefixes") or group.get("scale") is None or not float(group["scale"]) >= 0:
-            raise ValueError(f"trainer.lr_scale[{i}]={OmegaConf.to_container(group)!r}; expected "
-                             "{prefixes: [parameter-name prefixes], scale: >= 0}")
-    if (t.get("lr_scale") or t.get("image_ramp")) and (world > 1 or t.get("deepspeed")):
-        raise ValueError("trainer.lr_scale / trainer.image_ramp are plain-process options (the toy world); DeepSpeed's "
-                         "WarmupDecayLR sets one lr for every group: leave them null with DeepSpeed")
-    ramp = t.get("image_ramp")
-    if ramp is not None:
-        if mode == "decoder":
-            raise ValueError("trainer.image_ramp has no effect in mode=decoder (the LLM is frozen and cached); "
-                             "set it null")
-        if len(ramp) != 2 or not 0 <= int(ramp[0]) <= int(ramp[1]):
-            raise ValueError(f"trainer.image_ramp={list(ramp)!r}; expected [start, end] optimizer steps, "
-                             "0 <= start <= end")
-
-
-# -- the trainable set ------------------------------------------------------------------------------
-@dataclass
-class Trainable:
-    names: list[str]
-    lora: Any = None  # peft's LoraModel wrapper in mode lisa
-
-    def params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        named = dict(model.named_parameters())
-        return [named[n] for n in self.names]
-
-
-def setup_trainable(model: torch.nn.Module, mode_cfg: Mapping[str, Any]) -> Trainable:
-    """Freeze all but what ``mode`` trains; returns the trainable names (in parameter order)."""
-    from model.training import set_trainable
-
-    mode = mode_cfg["name"]
-    if mode == "lisa":
-        from training.lora import apply_lora
-
-        wrapper = apply_lora(model, mode_cfg["lora"])
-        set_trainable(model, list(mode_cfg.get("trainable") or LISA_TRAINABLE))
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.requires_grad_(True)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        return Trainable(names, wrapper)
-    if mode == "decoder":
-        return Trainable(set_trainable(model, list(DECODER_TRAINABLE)))
-    freeze = tuple(str(f) for f in (mode_cfg.get("freeze") or ()))
-    unfrozen = [p for p in ALWAYS_FROZEN if not any(p.startswith(f) or f.startswith(p) for f in freeze)]
-    if unfrozen:
-        raise ValueError(f"mode.freeze={list(freeze)} leaves {unfrozen} trainable, but the CLIP tower runs without "
-                         f"gradients in training (as in LISA); keep it in mode.freeze")
-    names = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(not name.startswith(freeze))
-        if param.requires_grad:
-            names.append(name)
-    missing = [f for f in freeze if not any(n.startswith(f) for n, _ in model.named_parameters())]
-    if missing:
-        raise ValueError(f"mode.freeze prefixes match no parameter: {missing}")
-    return Trainable(names)
-
-
-# -- optimizer and learning rate --------------------------------------------------------------------
-def warmup_decay(step: int, warmup: int, total: int) -> float:
-    """LR factor of optimizer step ``step`` (0-based): linear warmup to 1 over ``warmup`` steps, then
-    linear decay to 0 at ``total`` (DeepSpeed WarmupDecayLR with warmup_type linear, min lr 0)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def image_scale(step: int, ramp: Any) -> float:
-    """Factor on the projected image tokens at optimizer step ``step`` (0-based) under ``trainer.image_ramp``
-    ``[start, end]``: 0 before ``start``, linear to 1 at ``end``, 1 from then on (None: always 1).
-
-    The toy world's curriculum: a from-scratch LLM first learns to carry the expression to the [SEG] row
-    with the image rows silent (zero vectors), then the images come in; evaluation always sees them whole.
-    Any factor above ~1e-3 acts almost like 1: the first layer's RMSNorm divides it out of the image rows'
-    input (measured on a trained toy model: the CE of one answer is 0.4200 at factor 1e-3, 0.4226 at 1 and
-    3.40 at 0), so the ramp is in effect a switch at ``start``; only the image rows' residual stream is scaled.
-    """
-    if ramp is None:
-        return 1.0
-    start, end = int(ramp[0]), int(ramp[1])
-    if step >= end:
-        return 1.0
-    if step < start:
-        return 0.0
-    return (step - start) / max(1, end - start)
-
-
-def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], t: DictConfig) -> list[dict[str, Any]]:
-    """AdamW groups: ``trainer.lr_scale`` entries ``{prefixes, scale}`` (first match wins) get ``scale`` x lr,
-    every other trainable parameter the plain lr (last group). A prefix matching no trainable parameter
-    is an error listing the trainable names' prefixes."""
-    specs = [(tuple(str(p) for p in g["prefixes"]), float(g["scale"])) for g in (t.get("lr_scale") or [])]
-    names = {id(p): n for n, p in model.named_parameters()}
-    lr = float(t.lr)
-    groups: list[dict[str, Any]] = [{"params": [], "lr": lr * scale} for _, scale in specs]
-    rest: dict[str, Any] = {"params": [], "lr": lr}
-    for param in params:
-        index = next((i for i, (prefixes, _) in enumerate(specs) if names[id(param)].startswith(prefixes)), None)
-        (rest if index is None else groups[index])["params"].append(param)
-    for (prefixes, _), group in zip(specs, groups):
-        if not group["params"]:
-            tops = sorted({".".join(names[id(p)].split(".")[:2]) for p in params})
-            raise ValueError(f"trainer.lr_scale prefixes {list(prefixes)} match no trainable parameter; "
-                             f"trainable: {tops}")
-    return [g for g in [*groups, rest] if g["params"]]
-
-
-def build_optimizer(model: torch.nn.Module, params: list[torch.nn.Parameter], t: DictConfig
-                    ) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over :func:`param_groups` and the warmup-decay schedule applied to each group's own lr."""
-    optimizer = torch.optim.AdamW(param_groups(model, params, t), lr=float(t.lr),
-                                  betas=tuple(float(b) for b in t.betas), weight_decay=float(t.weight_decay))
-    warmup, total = int(t.warmup_steps), int(t.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_decay(s, warmup, total))
-    return optimizer, scheduler
-
-
-def deepspeed_config(t: DictConfig, world_size: int) -> dict[str, Any]:
-    """LISA's DeepSpeed config (ZeRO-2, bf16, clipping, AdamW + WarmupDecayLR) for these settings."""
-    return {
-        "train_micro_batch_size_per_gpu": int(t.batch_size),
-        "gradient_accumulation_steps": int(t.grad_accumulation),
-        "train_batch_size": int(t.batch_size) * int(t.grad_accumulation) * world_size,
-        "optimizer": {"type": "AdamW", "params": {"lr": float(t.lr), "weight_decay": float(t.weight_decay),
-                                                  "betas": [float(b) for b in t.betas]}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": int(t.steps), "warmup_min_lr": 0, "warmup_max_lr": float(t.lr),
-            "warmup_num_steps": int(t.warmup_steps), "warmup_type": "linear"}},
-        "bf16": {"enabled": str(t.precision) == "bf16"},
-        "fp16": {"enabled": str(t.precision) == "fp16"},
-        "gradient_clipping": float(t.grad_clip),
-        "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": True,
-                              "reduce_scatter": True, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
-    }
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -246,13 +83,16 @@ class RunState:
     val: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_fingerprint(initial: str, cfg: DictConfig, trainable: list[str]) -> str:
-    """What a checkpoint must match to be resumed: the initial weights, the mode, the schedule,
-    the trainable names and the data sources."""
+def run_fingerprint(initial: str, cfg: DictConfig, trainable: list[str], method: MethodConfig) -> str:
+    """What a checkpoint must match to be resumed: the initial weights, the mode, the method with its
+    parameters, the trainable names and the data sources."""
+    record = method.record()  # CSP and plain LISA: the same parts as before other methods could train
     parts = {"initial": initial, "mode": OmegaConf.to_container(cfg.mode, resolve=True),
-             "schedule": OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") else None,
+             "schedule": record["schedule"] or None,
              "trainable": trainable,
              "sources": OmegaConf.to_container(cfg.train_data.sources, resolve=True)}
+    if isinstance(record["method"], Mapping):
+        parts["method"] = record["method"]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -261,15 +101,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ctx = init_distributed()
     check_config(cfg)
     out_dir = output_dir(cfg)
-    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") is not None else None
-    schedule = StageSchedule.from_mapping(schedule_cfg)
-    from model.checkpoint import check_model_paths
+    method = method_from_config(cfg)
+    if method.method is not None:
+        method.method.check()
+    from runs.models import check_model_paths
 
     check_model_paths(cfg.model)
-    if schedule is not None:
-        from model.builder import layers_and_image_tokens
+    if method.method is not None:
+        from runs.models import layers_and_image_tokens
 
-        schedule.validate(*layers_and_image_tokens(cfg.model))
+        method.method.validate(*layers_and_image_tokens(cfg.model))
     dataset_dir = prepare_dataset_dir(cfg, out_dir, ctx)
     sources = load_sources(list(cfg.train_data.sources), dataset_dir)
     val_splits = [str(s) for s in (cfg.train_data.get("val_splits") or [])]
@@ -280,17 +121,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     seed = int(cfg.seed)
     torch.manual_seed(seed)
-    from model.builder import build_from_config
     from model.finetuned import weights_fingerprint
     from model.pipeline import SegmentationPipeline
+    from runs.models import build_from_config
 
     bundle = build_from_config(cfg.model)
     model = bundle.model
     initial = weights_fingerprint(model.named_parameters())
     trainable = setup_trainable(model, cfg.mode)
-    fingerprint = run_fingerprint(initial, cfg, trainable.names)
-    pipe = SegmentationPipeline(bundle, schedule=schedule)
-    runner = Runner(cfg, ctx, out_dir, bundle, pipe, trainable, sources, fingerprint, schedule_cfg)
+    fingerprint = run_fingerprint(initial, cfg, trainable.names, method)
+    pipe = SegmentationPipeline(bundle, method.method)
+    runner = Runner(cfg, ctx, out_dir, bundle, pipe, trainable, sources, fingerprint, method)
     runner.resume_if_asked()
     runner.prepare_cache()
     result = runner.loop(val_groups, val_splits)
@@ -301,11 +142,11 @@ class Runner:
     """One training run's state and steps (kept together so that resume restores all of it)."""
 
     def __init__(self, cfg: DictConfig, ctx: DistContext, out_dir: Path, bundle: Any, pipe: Any,
-                 trainable: Trainable, sources: list[Source], fingerprint: str, schedule_cfg: Any):
+                 trainable: Trainable, sources: list[Source], fingerprint: str, method: MethodConfig):
         self.cfg, self.ctx, self.out_dir, self.bundle, self.pipe = cfg, ctx, out_dir, bundle, pipe
         self.model = bundle.model
         self.trainable, self.sources, self.fingerprint = trainable, sources, fingerprint
-        self.schedule_cfg = schedule_cfg
+        self.method = method
         self.t = cfg.trainer
         self.mode = str(cfg.mode.name)
         self.style = PromptStyle(str(cfg.mode.get("prompts", "lisa")))
@@ -320,7 +161,7 @@ class Runner:
 
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=self.model, model_parameters=params, config=deepspeed_config(self.t, ctx.world_size))
-            from model.builder import keep_fp32_buffers
+            from model.bundle import keep_fp32_buffers
 
             keep_fp32_buffers(self.model)  # DeepSpeed's bf16 cast also hits RoPE / SAM buffers that must stay fp32
         else:
@@ -375,11 +216,11 @@ class Runner:
     def prepare_cache(self) -> None:
         if self.mode != "decoder" or not self.cfg.mode.get("cache", True):
             return
-        from model.finetuned import schedule_json, upstream_fingerprint
+        from model.finetuned import method_json, upstream_fingerprint
         from training.cache import DecoderCache, group_features
 
         root = self.cfg.mode.get("cache_dir") or self.out_dir / "decoder_cache"
-        key = {"fingerprint": upstream_fingerprint(self.model), "schedule": schedule_json(self.schedule_cfg),
+        key = {"fingerprint": upstream_fingerprint(self.model), "method": method_json(self.method.spec),
                "model_name": str(self.cfg.model.get("name")), "prompts": self.style.kind}
         self.cache = DecoderCache(root, key)
         todo = [(g, i) for s in self.sources for i, g in enumerate(s.groups) if not self.cache.has(g, i)]
@@ -571,37 +412,13 @@ class Runner:
         self.model.eval()
         if self.mode == "decoder":
             decoder = save_mask_decoder(self.model, self.out_dir / "mask_decoder.safetensors",
-                                        schedule=self.schedule_cfg, model_name=str(self.cfg.model.get("name")))
+                                        method=self.method.spec, model_name=str(self.cfg.model.get("name")))
             outputs["mask_decoder"] = str(decoder)
         if self.t.get("save_released", True):
             outputs.update(save_released(self.bundle, self.trainable, self.out_dir / "final",
                                          dtype=self.t.get("release_dtype")))
         (self.out_dir / "outputs.json").write_text(json.dumps(outputs, indent=1))
         return outputs
-
-
-def save_released(bundle: Any, trainable: Trainable, root: Path, dtype: str | None = None) -> dict[str, str]:
-    """The trained model as a released LISA checkpoint (``<root>/lisa``, LoRA merged into a copy)
-    with its CLIP tower in ``<root>/lisa/vision_tower`` (LISA checkpoints carry no CLIP weights).
-
-    ``dtype`` (``trainer.release_dtype``; None: the training dtype): the weights are written in it, e.g.
-    ``bf16`` as LISA's released checkpoints are (RoPE and SAM's positional matrix stay float32)."""
-    from model.builder import LisaBundle, cast_model, resolve_dtype
-    from model.checkpoint import save_lisa_checkpoint
-
-    model = bundle.model
-    if trainable.lora is not None:
-        from training.lora import merge_lora
-
-        model_copy, wrapper_copy = copy.deepcopy((model, trainable.lora))
-        model = merge_lora(model_copy, wrapper_copy)
-    if dtype is not None:
-        model = cast_model(copy.deepcopy(model), dtype=resolve_dtype(dtype), device="cpu")
-    out = save_lisa_checkpoint(LisaBundle(model, bundle.tokenizer, bundle.token_ids), root / "lisa")
-    tower = model.vision_tower
-    tower.clip.save_pretrained(out / "vision_tower")
-    tower.processor.save_pretrained(out / "vision_tower")
-    return {"checkpoint": str(out), "vision_tower": str(out / "vision_tower")}
 
 
 # -- small helpers ----------------------------------------------------------------------------------

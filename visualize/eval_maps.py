@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from csp.geometry import TokenGeometry
 from datasets.base import ImageGroup
-from model.geometry import TokenGeometry
 from visualize.token_maps import TokenMap, token_map
 
 

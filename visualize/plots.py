@@ -37,11 +37,16 @@ class RunPoint:
 
 
 def schedule_label(metrics: dict[str, Any]) -> str:
-    """``(Lc,Nc,Ls,Np)`` of the run's schedule, or ``plain`` when it had none."""
+    """``(Lc,Nc,Ls,Np)`` of the run's CSP schedule, ``<method>(<params>)`` of another method (the
+    ``method`` a run records, ``csp.config.MethodConfig.record``), or ``plain`` when it had none."""
     schedule = metrics.get("schedule")
-    if not schedule:
-        return "plain"
-    return f"({schedule['Lc']},{schedule['Nc']},{schedule['Ls']},{schedule['Np']})"
+    if schedule:
+        return f"({schedule['Lc']},{schedule['Nc']},{schedule['Ls']},{schedule['Np']})"
+    method = metrics.get("method")
+    if isinstance(method, dict) and method.get("name"):
+        params = ",".join(f"{k}={v}" for k, v in method.items() if k != "name")
+        return f"{method['name']}({params})"
+    return "plain"
 
 
 def find_metrics(paths: Iterable[str | Path]) -> list[Path]:

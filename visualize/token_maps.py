@@ -9,7 +9,7 @@ panel is the original image (scaled so that its longest side is at most ``max_si
   ``round(DROP_ALPHA * 255 + (1 - DROP_ALPHA) * pixel)``;
 - the pixels CLIP never sees (cut off by the center crop) are ``OUTSIDE`` (solid).
 
-Token ``i``'s patch on the original image comes from :class:`model.geometry.TokenGeometry`
+Token ``i``'s patch on the original image comes from :class:`csp.geometry.TokenGeometry`
 (the CLIP processor's resize + center crop), so a kept cell is exactly where the token's pixels
 came from. The mask panel tints mask pixels ``MASK_COLOR`` at ``MASK_ALPHA``.
 """
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from csp.geometry import TokenGeometry
 from csp.tokens import KeptImageTokens
-from model.geometry import TokenGeometry
 
 DROP_ALPHA = 0.75
 KEPT_EDGE = (255, 200, 0)

@@ -23,5 +23,6 @@ from csp.methods.base import (
     build_method,
     register_method,
 )
+from csp.methods.lvlm_csp import as_method
 
-__all__ = ["METHODS", "Method", "ReducedImages", "VisionFeatures", "build_method", "register_method"]
+__all__ = ["METHODS", "as_method", "Method", "ReducedImages", "VisionFeatures", "build_method", "register_method"]

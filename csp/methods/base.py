@@ -118,8 +118,14 @@ class Method(ABC):
         or not data-dependent)."""
         return None
 
+    def check(self) -> None:
+        """Raise on settings that can be checked without a model (an unknown option, a missing
+        weights file); runs before any data or weights are read. Nothing heavy is loaded here."""
+        return None
+
     def extra_cost(self) -> dict[str, float]:
-        """Cost spent outside the LLM (e.g. a detector), reported separately."""
+        """Cost this method spent outside the LLM so far (e.g. a detector before it), reported in
+        its own columns: ``segmenter_calls``, ``segmenter_ms`` (per image), ``segmenter_gflops``."""
         return {}
 
     def describe(self) -> str:

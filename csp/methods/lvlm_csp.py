@@ -12,7 +12,7 @@ from csp.methods.base import Method, register_method
 from csp.plan import Prune, Scatter, TokenPlan, TopK
 from csp.schedule import StageSchedule
 from csp.scorers import QueryAttention
-from csp.strategies import ClusteringInputs, ClusteringStrategy, build_strategy
+from csp.strategies import ClusteringInputs, ClusteringStrategy, build_strategy, check_strategy
 
 
 @register_method("csp")
@@ -27,6 +27,7 @@ class LvlmCsp(Method):
 
     schedule: StageSchedule
     _strategy: ClusteringStrategy | None = field(default=None, init=False, repr=False)
+    _clustered: bool = field(default=False, init=False, repr=False)
 
     @property
     def strategy(self) -> ClusteringStrategy:
@@ -49,6 +50,11 @@ class LvlmCsp(Method):
             raise ValueError("method csp needs a schedule (Lc, Nc, Ls, Np)")
         return cls(schedule)
 
+    def check(self) -> None:
+        """The clustering strategy's name and options (e.g. seg_first's weights file)."""
+        if self._strategy is None:
+            self._strategy = check_strategy(self.schedule)
+
     def validate(self, num_layers: int, num_image_tokens: int) -> None:
         self.schedule.validate(num_layers, num_image_tokens)
 
@@ -68,13 +74,21 @@ class LvlmCsp(Method):
     def select_input(self, inputs: ClusteringInputs) -> torch.Tensor | None:
         if not self.schedule.clusters(inputs.num_tokens):
             return None
+        self._clustered = True
         return self.strategy.select(inputs, self.schedule.Nc)
 
     def image_tokens_per_layer(self, num_layers: int, num_image_tokens: int) -> list[int] | None:
         return self.schedule.image_tokens_per_layer(num_layers, num_image_tokens)
 
     def extra_cost(self) -> dict[str, float]:
-        return self.strategy.extra_cost()
+        """The clustering strategy's cost (seg_first's detector) once it has clustered; {} before."""
+        return self.strategy.extra_cost() if self._clustered else {}
 
     def describe(self) -> str:
         return self.schedule.describe()
+
+
+def as_method(method: Method | StageSchedule | None) -> Method | None:
+    """A :class:`~csp.schedule.StageSchedule` is the ``csp`` method's parameters: wrap it; a method
+    or None (plain LISA) passes through."""
+    return LvlmCsp(method) if isinstance(method, StageSchedule) else method

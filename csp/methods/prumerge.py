@@ -1,5 +1,5 @@
 """PruMerge and PruMerge+ (42Shawn/LLaVA-PruMerge, llava/model/multimodal_encoder/clip_encoder.py):
-CLS-attention selection and merging between CLIP and the projector (see docs/methods.md for the
+CLS-attention selection and merging between CLIP and the projector (see docs/baselines.md for the
 lines each rule follows)."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def merge(features: torch.Tensor, keys: torch.Tensor, attention: torch.Tensor, k
     32 tokens j != i (kept or not) nearest to it by key cosine similarity, itself excluded as in its
     code (clip_encoder.py L141-164: ``rest`` is every token but i; all N - 1 where N <= 32); the extra
     token is ``sum over pruned j of a_j x_j`` (L168). Kept tokens in spatial (ascending) order, then
-    the extra one (its code: attention order; see docs/methods.md).
+    the extra one (its code: attention order; see docs/baselines.md).
     """
     batch, n, width = features.shape
     x = features.float()

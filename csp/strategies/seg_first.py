@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from csp.geometry import clip_crop_geometry
 from csp.strategies.base import (
     ClusteringInputs,
     ClusteringStrategy,
@@ -64,7 +65,6 @@ from csp.strategies.base import (
     sample_generator,
     uniform_indices,
 )
-from model.geometry import clip_crop_geometry
 
 #: Masks resampled per chunk, to bound the float copy of large images.
 _MASK_CHUNK = 16
