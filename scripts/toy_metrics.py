@@ -42,7 +42,7 @@ def evaluate_checkpoint(checkpoint: Path, out_dir: Path, max_samples: int | None
     projector, removed afterwards), so the LLM sees the image slot but nothing of the image.
     """
     from evaluation.evaluate import evaluate
-    from model.builder import build_from_config
+    from runs.models import build_from_config
 
     spec = val_toy_spec()
     if max_samples is not None:
