@@ -25,13 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file, as the comments of configs/exp/toy_*.yaml still write it;
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the documented form is python -m scripts.run_table
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
-
-from evaluation.records import has_results  # noqa: E402
+from evaluation.records import has_results
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""scripts/toy_staged.py: the staged toy recipe (questions first, then segmentation) runs end to end on
+"""experiments/toy_staged.py: the staged toy recipe (questions first, then segmentation) runs end to end on
 a small toy data set, its question stage lowers the held-out question loss, and bad input is refused."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from datasets import toy
-from scripts import toy_staged
+from experiments import toy_staged
 
 pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m "not slow" skips them
 

@@ -19,7 +19,7 @@ README "Toy world" gives the result of the default run. Records are appended to
 ``<out>/toy_staged.jsonl`` as they come; ``<out>/report.json`` at the end.
 
     python -m datasets.toy --out outputs/toy_data
-    python scripts/toy_staged.py --dataset-dir outputs/toy_data --out outputs/toy_staged
+    python -m experiments.toy_staged --dataset-dir outputs/toy_data --out outputs/toy_staged
 """
 
 from __future__ import annotations
@@ -27,26 +27,22 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-import datasets.toy as toy  # noqa: E402
-from evaluation.evaluate import SettingOptions, evaluate_setting, load_all_groups  # noqa: E402
-from model.builder import ToySizes, build_toy_lisa  # noqa: E402
-from model.pipeline import SegmentationPipeline  # noqa: E402
-from model.training import LossWeights, TrainingSample, training_loss  # noqa: E402
-from runs.distributed import DistContext  # noqa: E402
-from training.data import PromptStyle, conversations, item_rng, load_sources  # noqa: E402
-from training.params import setup_trainable  # noqa: E402
+import datasets.toy as toy
+from evaluation.evaluate import SettingOptions, evaluate_setting, load_all_groups
+from model.builder import ToySizes, build_toy_lisa
+from model.pipeline import SegmentationPipeline
+from model.training import LossWeights, TrainingSample, training_loss
+from runs.distributed import DistContext
+from training.data import PromptStyle, conversations, item_rng, load_sources
+from training.params import setup_trainable
 
 TRAIN, VAL = "toyref|unc|train", "toyref|unc|val"
 IMAGE_DIR = "refer_seg/images/mscoco/images/train2014"

@@ -21,7 +21,7 @@ records are appended to ``<out>/oracle.jsonl`` as they come (with s/step and ETA
 at the end.
 
     python -m datasets.toy --out outputs/toy_data
-    python scripts/toy_decoder_oracle.py --dataset-dir outputs/toy_data --out outputs/toy_oracle
+    python -m experiments.toy_decoder_oracle --dataset-dir outputs/toy_data --out outputs/toy_oracle
 """
 
 from __future__ import annotations
@@ -29,27 +29,23 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
-import datasets.toy as toy  # noqa: E402
-from datasets.base import ImageGroup, group_by_image  # noqa: E402
-from datasets.refer import load_refer, refer_mask  # noqa: E402
-from evaluation.metrics import IoUAccumulator, intersection_union  # noqa: E402
-from model.sam import (  # noqa: E402
+import datasets.toy as toy
+from datasets.base import ImageGroup, group_by_image
+from datasets.refer import load_refer, refer_mask
+from evaluation.metrics import IoUAccumulator, intersection_union
+from model.sam import (
     build_sam,
     build_toy_sam,
     decode_masks,

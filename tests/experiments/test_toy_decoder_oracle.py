@@ -1,4 +1,4 @@
-"""scripts/toy_decoder_oracle.py: the oracle-prompt decoder run on a small toy data set, its dense
+"""experiments/toy_decoder_oracle.py: the oracle-prompt decoder run on a small toy data set, its dense
 pretraining targets against the instance masks, and its refusals of bad input."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from datasets import toy
 from datasets.refer import refer_mask
-from scripts import toy_decoder_oracle as oracle
+from experiments import toy_decoder_oracle as oracle
 
 pytestmark = pytest.mark.slow  # end-to-end runs: python -m pytest -m "not slow" skips them
 
