@@ -1,7 +1,7 @@
 """Evaluation data sets in LISA's ``dataset_dir`` layout: RefCOCO/+/g, ReasonSeg and RIO.
 
 This package shadows Hugging Face ``datasets``; nothing this project imports needs that package
-(``tests/test_datasets.py`` imports transformers, peft and wandb from the repository root).
+(``tests/datasets/test_datasets.py`` imports transformers, peft and wandb from the repository root).
 """
 
 from datasets.base import (

@@ -7,7 +7,7 @@ evaluation prompt) on ``toyref|unc|val`` written from the toy spec in ``configs/
 ``gIoU`` / ``cIoU`` over the whole split, gIoU per expression type, ``zeroed_image_tokens`` (the same
 evaluation with every projected image token set to zero before the LLM: how much the model reads its
 image tokens), and ``check`` over the first ``--check-samples`` samples (24), which
-``tests/test_toy_checkpoint.py`` recomputes (a few seconds) and compares.
+``tests/model/test_toy_checkpoint.py`` recomputes (a few seconds) and compares.
 """
 
 from __future__ import annotations

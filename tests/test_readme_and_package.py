@@ -19,7 +19,7 @@ from transformers import CLIPVisionConfig, LlamaConfig
 from datasets import write_miniature
 from evaluation.evaluate import check_samples, load_all_groups, validate_config
 from evaluation.report import summarize
-from tests.test_eval import ENV, MODEL_SHAPES, REPO, compose_cfg
+from tests.evaluation.test_eval import ENV, MODEL_SHAPES, REPO, compose_cfg
 
 README = REPO / "README.md"
 DOCS = REPO / "docs"

@@ -26,7 +26,7 @@ from evaluation.evaluate import (
 from evaluation.progress import Progress
 from evaluation.report import MAX_LISTED_FAILURES, collect_runs, summarize, table
 from runs.distributed import DistContext
-from tests.test_eval import SMALL, FakePipeline, compose_cfg
+from tests.evaluation.test_eval import SMALL, FakePipeline, compose_cfg
 
 ONE = ["max_samples_per_split=1"]  # two ReasonSeg samples: the real tiny model stays fast
 
@@ -326,7 +326,7 @@ def test_row_names_carry_the_schedule_and_sweeps_get_one_table(tmp_path: Path) -
     import sys
 
     out = subprocess.run([sys.executable, "-m", "scripts.collect_runs", str(tmp_path)], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+                         cwd=Path(__file__).resolve().parents[2], check=True).stdout
     assert names[0] in out and names[1] in out and (tmp_path / "sweep_table.txt").read_text().strip() == out.strip()
 
 

@@ -10,7 +10,7 @@ runs it"), not produced by the code under test:
 - ``legacy: false``: pieces after the first that do not start with a space lose the leading '▁'
   of their first token ('What', '.').
 
-The sentencepiece vocabulary (tests/test_released_tokenizer.py, ``llama_like``) holds every word
+The sentencepiece vocabulary (tests/model/test_released_tokenizer.py, ``llama_like``) holds every word
 of these prompts as one piece with '▁' ('▁What'), punctuation as its own piece (sentencepiece
 splits by Unicode script: "human's" -> '▁human' "'" 's'), plus 'What' and '▁.'.
 """
@@ -40,7 +40,7 @@ from model.prompt import (
 )
 from model.tokenizer import build_tiny_tokenizer
 from tests.conftest import random_pil_image
-from tests.test_released_tokenizer import write_released_tokenizer
+from tests.model.test_released_tokenizer import write_released_tokenizer
 
 IMG = "<IMAGE>"
 SYSTEM = (

@@ -28,7 +28,7 @@ from csp.accounting import (
 from csp.schedule import ScheduleError, StageSchedule
 from csp.strategies import CLUSTERING_STRATEGIES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEDULE_DIR = REPO_ROOT / "configs" / "schedule"
 TFLOPS_REL_TOL = 0.03
 

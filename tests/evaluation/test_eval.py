@@ -26,7 +26,7 @@ from evaluation.evaluate import SettingOptions, evaluate, evaluate_setting
 from evaluation.loop import SampleFailedError
 from runs.distributed import DistContext, shard, strip_launcher_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 #: Evaluation experiments (training ones, e.g. exp/toy.yaml for train_ds.py, override the training `mode` group).
 EXPS = sorted(p.stem for p in (CONFIGS / "exp").glob("*.yaml") if "override /mode:" not in p.read_text())

@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from csp.methods import VisionFeatures, build_method
 from csp.runner import DecoderInputs, StageRunner
-from tests.test_csp_oracle import tiny_llm
+from tests.csp.test_csp_oracle import tiny_llm
 
 P, N, S = 4, 36, 7  # text before the image, a 6 x 6 image, the instruction (its last row: the last prompt row)
 T = P + N + S

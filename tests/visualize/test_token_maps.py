@@ -286,7 +286,7 @@ def test_eval_writes_token_maps_of_the_first_samples_and_logs_them(tmp_path: Pat
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = Path(__file__).resolve().parents[2] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[
             "+exp=demo_tiny", "data=reasonseg", "baseline=null", "max_samples_per_split=1", "vis.num_samples=1",

@@ -17,7 +17,7 @@ from model.sam import build_toy_conv_sam
 from model.toy_towers import ToyConvImageEncoder
 from training import toy_towers as tt
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOWERS = REPO / "assets" / "toy_towers"
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from csp.strategies import ClusteringInputs, build_strategy
 from csp.strategies.seg_first import InstanceSegmenter, SegFirstStrategy, YoloSegmenter
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CROP, GRID, N = 224, (16, 16), 256
 TOKEN_PX = 28  # original pixels per token side for a 448 x 448 image
 

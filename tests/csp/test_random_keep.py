@@ -8,7 +8,7 @@ from csp.methods import build_method
 from csp.methods.random_keep import SeededRandomScores
 from csp.plan import TopK
 from csp.runner import DecoderInputs, StageRunner
-from tests.test_csp_oracle import tiny_llm
+from tests.csp.test_csp_oracle import tiny_llm
 
 
 def batch(embeds: list[torch.Tensor], num_image: int) -> DecoderInputs:

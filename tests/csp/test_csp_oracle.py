@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaModel
 from csp.plan import TokenPlan
 from csp.runner import DecoderInputs, StageRunner
 from csp.schedule import StageSchedule
-from tests.reference_csp import reference_forward
+from tests.csp.reference_csp import reference_forward
 
 
 def tiny_llm(num_layers: int, heads: int, kv_heads: int, seed: int) -> LlamaModel:

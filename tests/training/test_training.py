@@ -43,7 +43,7 @@ from training.train import (
     warmup_decay,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: The tiny model with 3 decoder layers (fast), and a schedule for it: cluster 1 layer, scatter 1, prune 1.
 LAYERS = 3
 SCHEDULE = ["schedule=llava7b_224_p70", "schedule.Lc=1", "schedule.Nc=64", "schedule.Ls=1", "schedule.Np=16"]

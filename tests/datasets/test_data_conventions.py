@@ -15,7 +15,7 @@ import numpy as np
 
 from datasets import load_split
 from datasets.refer import refer_mask
-from tests.test_datasets import draw, rect_poly, write_reason_seg_fixture, write_refer_fixture
+from tests.datasets.test_datasets import draw, rect_poly, write_reason_seg_fixture, write_refer_fixture
 
 
 def test_refer_expressions_are_stripped_and_lower_cased(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from csp.schedule import ScheduleError, StageSchedule
 from csp.search import MODEL_SHAPES
 from csp.sweeps import COMMAND, SweepFileError, grid_points, load_sweep, overrides
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 FULL_COMPOSE = 16
 PARSER = OverridesParser.create()

@@ -22,8 +22,8 @@ from model.bundle import LisaBundle
 from model.inference import generate, teacher_forced
 from model.pipeline import ImageEncoding, Query, SegmentationPipeline
 from model.prompt import build_prompt, tokenize_with_image
-from tests.reference_csp import reference_forward, rms_norm, rope
-from tests.test_csp_oracle import random_batch, tiny_llm
+from tests.csp.reference_csp import reference_forward, rms_norm, rope
+from tests.csp.test_csp_oracle import random_batch, tiny_llm
 
 N_ORACLE = 36  # a 6 x 6 grid (FEATHER's uniform grid needs a square)
 

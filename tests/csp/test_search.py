@@ -1,6 +1,6 @@
 """Schedule search: every returned setting meets the target by the evaluation's calculator
 (csp.accounting.static_row), the enumeration and the ranking follow the documented rules. The
-calibration run (tiny model + miniature data) is in tests/test_plots.py, whose plots use its runs."""
+calibration run (tiny model + miniature data) is in tests/visualize/test_plots.py, whose plots use its runs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from csp.schedule import StageSchedule
 from csp.search import MODEL_SHAPES, Target, heuristic_key, pareto_front, search
 from scripts import search_schedule
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("model", sorted(MODEL_SHAPES))

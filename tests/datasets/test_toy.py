@@ -393,7 +393,7 @@ def test_training_experiments_compose() -> None:
     """train_ds.py +exp=toy (full mode on the toy world) and +exp=toy_decoder (the mIoU* fine-tune)."""
     from hydra import compose, initialize_config_dir
 
-    from tests.test_eval import CONFIGS
+    from tests.evaluation.test_eval import CONFIGS
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         full = compose(config_name="train", overrides=["+exp=toy"])

@@ -29,7 +29,7 @@ from datasets import (
     write_miniature,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def draw(height: int, width: int, rects: list[tuple[tuple[int, int, int, int], int]]) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from csp.runner import CompileOptions, DecoderInputs, StageRunner
 from csp.schedule import StageSchedule
 from csp.tokens import TokenState
-from tests.test_csp_oracle import MODELS, random_batch, random_schedule
+from tests.csp.test_csp_oracle import MODELS, random_batch, random_schedule
 
 SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy")
 
