@@ -267,16 +267,21 @@ def table_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return notes
 
 
-def collect_runs(root: Path) -> list[dict[str, Any]]:
+def collect_runs(root: Path, skipped: list[tuple[Path, str]] | None = None) -> list[dict[str, Any]]:
     """Every metrics.json under ``root`` (e.g. a Hydra multirun directory), in path order; a plain
-    baseline evaluated by several jobs (``<job>/baseline/``) is kept once."""
+    baseline evaluated by several jobs (``<job>/baseline/``) is kept once. Files that are not a
+    readable metrics mapping (a job still writing it, a damaged file) are left out and, when
+    ``skipped`` is given, appended to it as ``(path, why)``."""
     rows, seen_baselines = [], set()
+    skipped = [] if skipped is None else skipped
     for path in sorted(Path(root).rglob("metrics.json")):
         try:
             data = json.loads(path.read_bytes())
-        except (ValueError, OSError):
-            continue  # a job still writing it
+        except (ValueError, OSError) as err:
+            skipped.append((path, f"not readable JSON ({type(err).__name__}: {err})"))
+            continue
         if not isinstance(data, dict) or "splits" not in data or "summary" not in data:
+            skipped.append((path, "not a metrics mapping (no 'splits' and 'summary')"))
             continue
         if path.parent.name == "baseline":
             if data.get("name") in seen_baselines:

@@ -159,7 +159,10 @@ def run_query(pipe: SegmentationPipeline, image_path: Path, query: str, out_dir:
         raise FileNotFoundError(f"image not found: {image_path}")
     from runs.images import open_image
 
-    image = open_image(image_path)
+    try:
+        image = open_image(image_path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageReadError(f"{image_path} is not an image this can read ({type(err).__name__}: {err})") from err
     result = pipe.chat(image, query, max_new_tokens=max_new_tokens)
     out_dir.mkdir(parents=True, exist_ok=True)
     geometry = TokenGeometry.for_tower(pipe.model.vision_tower, image.height, image.width)
@@ -180,6 +183,10 @@ def run_query(pipe: SegmentationPipeline, image_path: Path, query: str, out_dir:
     tmap.save(str(output.token_map))
     output.token_map_obj = tmap
     return output
+
+
+class ImageReadError(ValueError):
+    """A path that exists but does not hold a readable image."""
 
 
 def _caption(query: str, limit: int = 120) -> str:
@@ -221,10 +228,10 @@ def main(argv: Sequence[str] | None = None, ask: Callable[[str], str] = input) -
         try:
             output = run_query(pipe, path, query, Path(args.out_dir), strategies=strategies,
                                max_new_tokens=args.max_new_tokens, max_side=args.max_side)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ImageReadError) as err:
             if args.query is not None:
                 raise SystemExit(str(err)) from err
-            print(err, flush=True)
+            print(err, flush=True)  # the session goes on: ask again
             continue
         print(f"text_output: {output.text}", flush=True)
         for overlay in output.overlays:

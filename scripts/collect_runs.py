@@ -10,6 +10,7 @@ script rebuilds it (or gathers runs from anywhere).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from evaluation.report import collect_runs, table
@@ -24,9 +25,13 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         parser.error(f"{args.root} is not a directory")
-    rows = collect_runs(args.root)
+    skipped: list = []
+    rows = collect_runs(args.root, skipped)
+    for path, why in skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr, flush=True)
     if not rows:
-        parser.error(f"no metrics.json under {args.root}")
+        found = f" ({len(skipped)} skipped, named above)" if skipped else ""
+        parser.error(f"no readable metrics.json under {args.root}{found}")
     text = table(rows)
     (args.out or args.root / SWEEP_TABLE).write_text(text + "\n")
     print(text)

@@ -68,7 +68,7 @@ class DecoderCache:
                 diff = {k: (found.get(k), self.key.get(k)) for k in set(found) | set(self.key)
                         if found.get(k) != self.key.get(k)}
                 raise ValueError(f"decoder cache {self.root} was built for another model or method: "
-                                 f"(cached, this run) differ in {diff}; use another trainer.cache_dir or delete it")
+                                 f"(cached, this run) differ in {diff}; use another mode.cache_dir or delete it")
         else:
             self.root.mkdir(parents=True, exist_ok=True)
             meta.write_text(json.dumps(self.key, indent=1))

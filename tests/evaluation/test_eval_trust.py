@@ -361,3 +361,31 @@ def test_progress_bar_on_a_terminal() -> None:
         progress.update(failed=True)
     progress.close()
     assert "3/3" in stream.getvalue() and "failed=3" in stream.getvalue()
+
+
+def test_collect_runs_names_every_file_it_skips(tmp_path: Path) -> None:
+    """A damaged or foreign metrics.json is named with the reason; with nothing readable the message says
+    how many were skipped instead of claiming there is no metrics.json."""
+    import subprocess
+    import sys
+
+    good = summarize([_record("ReasonSeg|val", "a")], ["ReasonSeg|val"], name="LISA (tiny)")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps(good))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.json").write_text('{"splits": {')  # torn
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.json").write_text('{"other": 1}')
+    skipped: list = []
+    rows = collect_runs(tmp_path, skipped)
+    assert [r["name"] for r in rows] == ["LISA (tiny)"]
+    assert [(p.parent.name, why.split(" (")[0]) for p, why in skipped] == [
+        ("b", "not readable JSON"), ("c", "not a metrics mapping")]
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "scripts.collect_runs", str(tmp_path)], capture_output=True, text=True,
+                         cwd=repo, check=True)
+    assert f"skipped {tmp_path / 'b' / 'metrics.json'}: not readable JSON" in out.stderr
+    (tmp_path / "a" / "metrics.json").unlink()
+    failed = subprocess.run([sys.executable, "-m", "scripts.collect_runs", str(tmp_path)], capture_output=True,
+                            text=True, cwd=repo)
+    assert failed.returncode == 2 and "no readable metrics.json" in failed.stderr and "2 skipped" in failed.stderr

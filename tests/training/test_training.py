@@ -330,6 +330,35 @@ def test_empty_split_and_bad_config(mini: Path, tmp_path: Path) -> None:
         train(fast(mini, tmp_path / "g", "mode=decoder", "trainer.image_ramp=[0,5]"))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("trainer.lr=abc", "trainer.lr='abc'; expected a number > 0"),
+    ("trainer.lr=0", "trainer.lr=0; expected a number > 0"),
+    ("trainer.warmup_steps=2.5", "trainer.warmup_steps=2.5; expected an integer >= 0"),
+    ("trainer.grad_clip=x", "trainer.grad_clip='x'; expected a number >= 0 or null"),
+    ("trainer.betas=[0.9,1.5]", r"trainer.betas\[1\]=1.5; expected a number in \[0, 1\)"),
+    ("trainer.save_every=often", "trainer.save_every='often'; expected an integer >= 0"),
+    ("val.every=-1", "val.every=-1; expected an integer >= 0"),
+    ("+mode.loss_weights.point=heavy", "mode.loss_weights.point='heavy'; expected a number >= 0"),
+])
+def test_every_numeric_key_is_checked_by_name(mini: Path, tmp_path: Path, override: str, message: str) -> None:
+    """A value that is not a number in range ends in one error naming the key and the value, before anything
+    is loaded (not Python's bare 'could not convert string to float')."""
+    from training.config import check_config
+
+    with pytest.raises(ValueError, match=message):
+        check_config(fast(mini, tmp_path, override))
+
+
+def test_decoder_cache_refusal_names_a_key_that_exists(tmp_path: Path) -> None:
+    """The remedy the refusal suggests (another mode.cache_dir) is a key of the decoder mode's config."""
+    key = {"fingerprint": "abc", "method": json.dumps(CSP_SPEC), "model_name": "tiny", "prompts": "eval"}
+    DecoderCache(tmp_path / "cache", key)
+    with pytest.raises(ValueError, match="use another mode.cache_dir") as err:
+        DecoderCache(tmp_path / "cache", {**key, "fingerprint": "abd"})
+    cfg = compose_train(["mode=decoder", "schedule=llava7b_224_p70"])
+    assert "cache_dir" in cfg.mode and "use another mode.cache_dir" in str(err.value)
+
+
 def test_missing_lora_target_lists_module_names() -> None:
     model = build_tiny_lisa(seed=0).model
     with pytest.raises(ValueError) as err:

@@ -317,3 +317,28 @@ def test_eval_writes_token_maps_of_the_first_samples_and_logs_them(tmp_path: Pat
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     logged = [p for p in runs[0].rglob("*.png") if "token_maps" in p.name]
     assert len(runs) == 1 and len(logged) == 2
+
+
+@pytest.mark.slow
+def test_chat_session_reports_a_file_that_is_not_an_image_and_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved_tiny_checkpoint) -> None:
+    """Interactive chat: a path that exists but holds no image is reported and the session asks again
+    (the next, real image is answered); with --query the same is a one-line exit naming the path."""
+    import shutil
+
+    toy = tmp_path / "assets" / "toy_lisa"
+    shutil.copytree(saved_tiny_checkpoint.checkpoint, toy)
+    shutil.copytree(saved_tiny_checkpoint.clip_dir, toy / "vision_tower")
+    monkeypatch.setattr(chat, "TOY_CHECKPOINT", toy)
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("not an image")
+    image = tmp_path / "photo.png"
+    rgb_image(64, 80).save(image)
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    answers = iter(["q1", str(bogus), "q2", str(image), ""])
+    results = chat.main(["--out-dir", str(tmp_path / "out"), "--max-new-tokens", "1"], ask=lambda prompt: next(answers))
+    assert len(results) == 1
+    assert any(f"{bogus} is not an image this can read" in line for line in printed)
+    with pytest.raises(SystemExit, match="notes.png is not an image this can read"):
+        chat.main(["--image", str(bogus), "--query", "q", "--out-dir", str(tmp_path / "out"), "--max-new-tokens", "1"])
