@@ -70,6 +70,29 @@ from training.params import (  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
+def trim_log(path: Path, step: int) -> int:
+    """Keep the JSON-lines records of ``path`` up to ``step`` (and no torn last line); returns how many went.
+
+    Steps are numbered from 1 everywhere (the log, checkpoints ``step_N``, validation, error messages): step N
+    is the N-th optimizer step."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if int(record.get("step", 0)) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        path.write_text("".join(f"{line}\n" for line in kept))
+    return dropped
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss (or gradient norm) became NaN or inf; the message names the step and the samples."""
 
@@ -207,6 +230,12 @@ class Runner:
         ckpt.restore_rng(loaded["rng"])
         self.state = RunState(step=int(state["step"]), history=list(state.get("history", [])),
                               val=list(state.get("val", [])))
+        if self.ctx.is_main:  # the dead attempt's steps after the checkpoint are not part of this run
+            for name in ("train_log.jsonl", "val_log.jsonl"):
+                dropped = trim_log(self.out_dir / name, self.state.step)
+                if dropped:
+                    log.info("%s: dropped %d records after step %d (the interrupted attempt)", name, dropped,
+                             self.state.step)
         log.info("resumed from %s at step %d", path, self.state.step)
 
     def _rank_suffix(self) -> str:
@@ -304,7 +333,7 @@ class Runner:
                 value = float(parts.loss.detach())
                 if not math.isfinite(value):
                     raise NonFiniteLossError(
-                        f"loss is {value} at step {step} (micro-batch {micro}, samples {ids}); nothing of this step "
+                        f"loss is {value} at step {step + 1} (micro-batch {micro}, samples {ids}); nothing of this step "
                         f"was saved; last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
                 if self.engine is not None:  # DeepSpeed scales by 1/accumulation and steps at the boundary
                     self.engine.backward(parts.loss)
@@ -319,7 +348,7 @@ class Runner:
             else:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float(self.t.grad_clip)))
                 if not math.isfinite(grad_norm):
-                    raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step} (batch samples {ids}); "
+                    raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step + 1} (batch samples {ids}); "
                                              f"last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
                 self.optimizer.step()
                 self.scheduler.step()

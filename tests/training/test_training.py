@@ -542,12 +542,40 @@ def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(mini: Path, tmp_pa
         train(fast(mini, run, *DECODER_ARGS, "trainer.steps=4", "trainer.save_every=1",
                    f"mode.cache_dir={decoder_runs[0] / 'cached' / 'decoder_cache'}"))
     message = str(err.value)
-    assert "step 2" in message and "refcoco|unc|train:ref" in message and "step_0000002" in message
+    # one numbering: the poisoned step is the 3rd optimizer step, as the log and checkpoints count it
+    assert "at step 3" in message and "refcoco|unc|train:ref" in message and "step_0000002" in message
     last = ckpt.latest_checkpoint(run / "checkpoints")
     assert last.name == "step_0000002"
     state = json.loads((last / "state.json").read_text())
     assert state["step"] == 2 and all(math.isfinite(h["loss"]) for h in state["history"])
     assert load_file(str(last / "trainable.safetensors"))
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_after_a_crash_trims_the_dead_attempts_log(mini: Path, tmp_path: Path, decoder_runs: tuple,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that died after logging step 3 (last checkpoint: step 2) resumes at step 2: its log then counts
+    1, 2, 3, 4 once each (the dead attempt's step 3 is dropped), not [1, 2, 3, 3, 4]."""
+    real = Runner.micro_loss
+    poison = [True]
+
+    def poisoned(self: Runner, items: list) -> tuple:
+        parts, ids = real(self, items)
+        if poison[0] and self.state.step == 3:
+            parts.loss = parts.loss * float("nan")
+        return parts, ids
+
+    monkeypatch.setattr(Runner, "micro_loss", poisoned)
+    run = tmp_path / "run"
+    args = [*DECODER_ARGS, "trainer.steps=4", "trainer.save_every=2",
+            f"mode.cache_dir={decoder_runs[0] / 'cached' / 'decoder_cache'}"]
+    with pytest.raises(NonFiniteLossError, match="at step 4"):
+        train(fast(mini, run, *args))
+    steps = lambda: [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert steps() == [1, 2, 3]
+    poison[0] = False
+    train(fast(mini, run, *args, "trainer.resume=true"))
+    assert steps() == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
