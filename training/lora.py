@@ -7,6 +7,7 @@ injected into the LLaMA module (``model.model``) in place, so the stage runner r
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,11 +35,21 @@ def lora_target_names(model: LISAForCausalLM, targets: Sequence[str]) -> list[st
 
 
 def apply_lora(model: LISAForCausalLM, cfg: Mapping[str, Any]) -> LoraModel:
-    """Inject LoRA adapters (``cfg``: r, alpha, dropout, targets); returns peft's wrapper (for merging)."""
+    """Inject LoRA adapters (``cfg``: r, alpha, dropout, targets); returns peft's wrapper (for merging).
+
+    peft matches a *list* of target names by suffix, so ``layers.0.self_attn.q_proj`` would also hit SAM's
+    ``visual_model.mask_decoder.transformer.layers.0.self_attn.q_proj``; a string is matched as a full regex,
+    so the exact names LISA selects are passed as one anchored alternation (nothing else is adapted)."""
     names = lora_target_names(model, list(cfg.get("targets", ("q_proj", "v_proj"))))
+    pattern = "|".join(re.escape(n) for n in names)
     config = LoraConfig(r=int(cfg.get("r", 8)), lora_alpha=int(cfg.get("alpha", 16)),
-                        lora_dropout=float(cfg.get("dropout", 0.05)), target_modules=names, bias="none")
+                        lora_dropout=float(cfg.get("dropout", 0.05)), target_modules=f"(?:{pattern})", bias="none")
     return LoraModel(model.model, config, "default")
+
+
+def adapted_modules(model: torch.nn.Module) -> list[str]:
+    """Names (relative to ``model``) of the modules that carry LoRA adapters."""
+    return sorted(n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith(".lora_A"))
 
 
 def merge_lora(model: LISAForCausalLM, wrapper: LoraModel) -> LISAForCausalLM:

@@ -359,6 +359,19 @@ def test_decoder_cache_refusal_names_a_key_that_exists(tmp_path: Path) -> None:
     assert "cache_dir" in cfg.mode and "use another mode.cache_dir" in str(err.value)
 
 
+def test_lora_adapts_exactly_the_llms_q_and_v_projections() -> None:
+    """LISA's recipe adapts the LLM's q_proj / v_proj only; SAM's mask decoder has modules of the same
+    suffix (``transformer.layers.N.self_attn.q_proj``) and gets no adapter."""
+    from training.lora import adapted_modules
+
+    model = build_tiny_lisa(seed=0).model
+    apply_lora(model, {"targets": ["q_proj", "v_proj"]})
+    adapted = adapted_modules(model.model)
+    layers = model.config.num_hidden_layers
+    assert adapted == sorted(f"layers.{i}.self_attn.{p}_proj" for i in range(layers) for p in "qv")
+    assert not any("visual_model" in n for n, _ in model.named_parameters() if "lora_" in n)
+
+
 def test_missing_lora_target_lists_module_names() -> None:
     model = build_tiny_lisa(seed=0).model
     with pytest.raises(ValueError) as err:
