@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest.json"
@@ -168,19 +168,42 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message names the file, the step and what to do."""
+
+
+def _read(path: Path, name: str, reader: Any) -> Any:
+    """``reader(path / name)``, or a CheckpointError naming the file, the checkpoint's step and the
+    other complete checkpoints a run could resume from instead."""
+    try:
+        return reader(path / name)
+    except (OSError, ValueError, SafetensorError) as err:  # missing, truncated, not JSON, a torn header
+        others = sorted(p for p in path.parent.glob("step_*") if p != path and (p / "state.json").is_file())
+        hint = (f"resume from an earlier complete checkpoint with trainer.resume={others[-1]}" if others else
+                "no other complete checkpoint is left (trainer.keep_checkpoints); start the run again")
+        raise CheckpointError(f"checkpoint {path.name} (step {_step_of(path)}): {path / name} cannot be read "
+                              f"({type(err).__name__}: {err}); {hint}") from err
+
+
+def _step_of(path: Path) -> str:
+    return path.name.split("_")[-1].lstrip("0") or "0"
+
+
 def load_checkpoint(path: Path, fingerprint: str, rank_suffix: str = "") -> dict[str, Any]:
     """``{"trainable", "state", "optimizer", "rng"}`` of a checkpoint directory; a checkpoint of
-    another model / mode / method (fingerprint) is an error, never a silent mix."""
-    state = json.loads((path / "state.json").read_text())
+    another model / mode / method (fingerprint) is an error, never a silent mix; a damaged file is an
+    error naming it and the step (:class:`CheckpointError`)."""
+    state = _read(path, "state.json", lambda p: json.loads(p.read_text()))
     if state.get("fingerprint") != fingerprint:
         raise ValueError(
             f"checkpoint {path} was written for another model, mode or method (fingerprint "
             f"{state.get('fingerprint')!r}, this run {fingerprint!r}); compare {path / 'config.yaml'} with this config"
         )
-    optimizer = unflatten_state(json.loads((path / f"optimizer{rank_suffix}.json").read_text()),
-                                load_file(str(path / f"optimizer{rank_suffix}.safetensors")))
-    return {"trainable": load_file(str(path / "trainable.safetensors")), "state": state, "optimizer": optimizer,
-            "rng": load_file(str(path / f"rng{rank_suffix}.safetensors"))}
+    structure = _read(path, f"optimizer{rank_suffix}.json", lambda p: json.loads(p.read_text()))
+    tensors = _read(path, f"optimizer{rank_suffix}.safetensors", lambda p: load_file(str(p)))
+    return {"trainable": _read(path, "trainable.safetensors", lambda p: load_file(str(p))), "state": state,
+            "optimizer": unflatten_state(structure, tensors),
+            "rng": _read(path, f"rng{rank_suffix}.safetensors", lambda p: load_file(str(p)))}
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

@@ -70,6 +70,28 @@ from training.params import (  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
+#: Trainer keys a checkpoint restores (optimizer, schedule, data order): a resume must run with the same values.
+RESUMED_KEYS = ("steps", "batch_size", "grad_accumulation", "samples_per_image", "lr", "betas", "weight_decay",
+                "warmup_steps", "grad_clip", "lr_scale", "image_ramp")
+
+
+def check_resumed_settings(path: Path, cfg: DictConfig) -> None:
+    """Refuse a resume whose trainer keys differ from the checkpoint's (its ``config.yaml``): the checkpoint's
+    optimizer, schedule and data order would train with its own values while this run recorded others."""
+    saved_file = path / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = OmegaConf.load(saved_file).get("trainer") or {}
+    for key in RESUMED_KEYS:
+        old, new = saved.get(key), cfg.trainer.get(key)
+        old = OmegaConf.to_container(old) if OmegaConf.is_config(old) else old
+        new = OmegaConf.to_container(new) if OmegaConf.is_config(new) else new
+        if old != new:
+            raise ValueError(f"trainer.resume: trainer.{key}={new!r} but checkpoint {path.name} was trained with "
+                             f"trainer.{key}={old!r}; resume with the checkpoint's value (trainer.{key}={old!r}) or "
+                             "start a new run")
+
+
 def trim_log(path: Path, step: int) -> int:
     """Keep the JSON-lines records of ``path`` up to ``step`` (and no torn last line); returns how many went.
 
@@ -212,6 +234,7 @@ class Runner:
         if path is None:
             raise FileNotFoundError(f"trainer.resume={source}: no checkpoint in {self.ckpt_root} (pass the old run's "
                                     "hydra.run.dir, or trainer.resume=<checkpoint dir>)")
+        check_resumed_settings(path, self.cfg)
         loaded = ckpt.load_checkpoint(path, self.fingerprint, self._rank_suffix())
         named = dict(self.model.named_parameters())
         if sorted(loaded["trainable"]) != sorted(self.trainable.names):

@@ -565,6 +565,38 @@ def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(mini: Path, tmp_pa
     assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_damaged_checkpoint_and_changed_settings_are_refused_by_name(mini: Path, tmp_path: Path,
+                                                                      decoder_runs: tuple) -> None:
+    """A truncated weights file, a torn optimizer header or a truncated state JSON names the file and the
+    step, and the remedy it gives (an earlier complete checkpoint) resumes; a resume with a changed trainer
+    key the checkpoint restores is refused naming the key and both values."""
+    import re
+
+    from training.checkpointing import CheckpointError
+
+    run = tmp_path / "run"
+    args = [*DECODER_ARGS, "trainer.steps=3", "trainer.save_every=1", "trainer.keep_checkpoints=null",
+            f"mode.cache_dir={decoder_runs[0] / 'cached' / 'decoder_cache'}"]
+    train(fast(mini, run, *args, "trainer.stop_after=2"))
+    step2 = run / "checkpoints" / "step_0000002"
+    pristine = {p.name: p.read_bytes() for p in step2.iterdir() if p.is_file()}
+    damage = {"trainable.safetensors": lambda b: b[: len(b) // 2], "optimizer.safetensors": lambda b: b"\xff" * 8 + b[8:],
+              "state.json": lambda b: b[: len(b) // 2]}
+    for name, cut in damage.items():
+        (step2 / name).write_bytes(cut(pristine[name]))
+        with pytest.raises(CheckpointError) as err:
+            train(fast(mini, run, *args, "trainer.resume=true"))
+        message = str(err.value)
+        assert f"{step2 / name} cannot be read" in message and "(step 2)" in message, message
+        remedy = re.search(r"trainer.resume=(\S+)", message).group(1)
+        assert remedy.endswith("step_0000001")
+        (step2 / name).write_bytes(pristine[name])
+    resumed = train(fast(mini, run, *args, f"trainer.resume={remedy}"))  # the advice works as written
+    assert resumed["step"] == 3
+    with pytest.raises(ValueError, match=r"trainer.lr=0.1 but checkpoint step_0000003 was trained with trainer.lr="):
+        train(fast(mini, run, *args, "trainer.resume=true", "trainer.lr=0.1"))
+
+
 def test_resume_after_a_crash_trims_the_dead_attempts_log(mini: Path, tmp_path: Path, decoder_runs: tuple,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A run that died after logging step 3 (last checkpoint: step 2) resumes at step 2: its log then counts
