@@ -14,12 +14,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from runs.cli import user_errors_in_one_line
 from runs.distributed import launch, run_stamp
 
 OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@user_errors_in_one_line
 def main(cfg: DictConfig) -> None:
     from training.train import train
 

@@ -244,4 +244,6 @@ def main(argv: Sequence[str] | None = None, ask: Callable[[str], str] = input) -
 
 
 if __name__ == "__main__":
-    main()
+    from runs.cli import user_errors_in_one_line
+
+    user_errors_in_one_line(main)()

@@ -39,4 +39,6 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from runs.cli import user_errors_in_one_line
+
+    user_errors_in_one_line(main)()

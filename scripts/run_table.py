@@ -198,4 +198,6 @@ def format_toy(results: dict[str, dict[str, list[dict[str, Any]]]], models: list
 
 
 if __name__ == "__main__":
-    run(sys.argv[1:])
+    from runs.cli import user_errors_in_one_line
+
+    user_errors_in_one_line(run)(sys.argv[1:])

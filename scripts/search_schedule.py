@@ -127,4 +127,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from runs.cli import user_errors_in_one_line
+
+    user_errors_in_one_line(main)()
