@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F

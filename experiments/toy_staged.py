@@ -30,7 +30,6 @@ import random
 import time
 from pathlib import Path
 
-
 import numpy as np
 import torch
 from PIL import Image

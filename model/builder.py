@@ -7,10 +7,9 @@ the entry layer (``runs.models.build_from_config``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from segment_anything.modeling import Sam
@@ -113,12 +112,6 @@ class ToySizes:
     #: pretrained ``toy_conv`` SAM (encoder, prompt encoder and mask decoder), as LISA starts from OpenAI's
     #: CLIP and SA-1B's SAM.
     towers: str | None = None
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> ToySizes:
-        """The preset's sizes from a ``model`` config node (other keys are ignored)."""
-        known = {f: cfg[f] for f in cls.__dataclass_fields__ if cfg.get(f) is not None}
-        return cls(**known)
 
     @property
     def num_image_tokens(self) -> int:

@@ -14,8 +14,8 @@ pretrained on SA-1B. The toy LISA copies that: both towers are pretrained once o
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 from segment_anything.modeling.common import LayerNorm2d
+from torch import Tensor, nn
 
 #: SAM's input side and embedding grid (the toy encoder keeps both).
 SAM_INPUT = 1024

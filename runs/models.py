@@ -22,6 +22,10 @@ from model.cpu_linear import check_prepack_supported, prepack_cpu_linears
 from model.vision import tiny_clip_config
 
 
+def toy_sizes(cfg: Mapping[str, Any]) -> ToySizes:
+    """The ``toy`` preset's sizes from a ``model`` config node (keys that are not ToySizes fields are ignored)."""
+    return ToySizes(**{f: cfg[f] for f in ToySizes.__dataclass_fields__ if cfg.get(f) is not None})
+
 def check_model_paths(cfg: Mapping[str, Any]) -> None:
     """Fail early, naming every configured path that does not exist."""
     kind = cfg.get("kind", "lisa")
@@ -43,7 +47,7 @@ def layers_and_image_tokens(cfg: Mapping[str, Any]) -> tuple[int, int]:
         clip = tiny_clip_config()
         return int(cfg.get("num_layers", 6)), (clip.image_size // clip.patch_size) ** 2
     if kind == "toy":
-        sizes = ToySizes.from_config(cfg)
+        sizes = toy_sizes(cfg)
         return sizes.num_layers, sizes.num_image_tokens
     check_model_paths(cfg)
     llm_dir = cfg["checkpoint"] if kind == "lisa" else cfg["llava"]
@@ -84,7 +88,7 @@ def _build(cfg: Mapping[str, Any], kind: str, dtype: torch.dtype | None, device:
         cast_model(bundle.model, dtype=dtype or torch.float32, device=device)
         return bundle
     if kind == "toy":
-        bundle = build_toy_lisa(int(cfg.get("seed", 0)), ToySizes.from_config(cfg))
+        bundle = build_toy_lisa(int(cfg.get("seed", 0)), toy_sizes(cfg))
         cast_model(bundle.model, dtype=dtype or torch.float32, device=device)
         return bundle
     check_model_paths(cfg)

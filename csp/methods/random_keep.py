@@ -13,7 +13,7 @@ import torch
 
 from csp.methods.base import Method, check_int, register_method
 from csp.plan import Prune, TokenPlan, TopK
-from csp.scorers import Scorer, ScoreContext
+from csp.scorers import ScoreContext, Scorer
 
 
 def _signed(value: int) -> int:

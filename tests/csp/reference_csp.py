@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaModel
 
-from csp.plan import Prune, Scatter, TokenPlan, TopFraction, TopK, TopKUnionGrid
 from csp.methods.random_keep import SeededRandomScores
+from csp.plan import Prune, Scatter, TokenPlan, TopFraction, TopK, TopKUnionGrid
 from csp.scorers import QueryAttention, SparseVlmV2Attention, TextSimilarity
 
 
