@@ -323,8 +323,11 @@ def test_eval_writes_token_maps_of_the_first_samples_and_logs_them(tmp_path: Pat
 def test_chat_session_reports_a_file_that_is_not_an_image_and_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved_tiny_checkpoint) -> None:
     """Interactive chat: a path that exists but holds no image is reported and the session asks again
-    (the next, real image is answered); with --query the same is a one-line exit naming the path."""
+    (the next, real image is answered); with --query the same is a one-line exit naming the path. With
+    ultralytics imported (it patches PIL's Image.open), as in any process that ran seg_first."""
     import shutil
+
+    import ultralytics  # noqa: F401
 
     toy = tmp_path / "assets" / "toy_lisa"
     shutil.copytree(saved_tiny_checkpoint.checkpoint, toy)
