@@ -49,6 +49,8 @@ TRAIN_STREAM, HELD_OUT_STREAM = 100, 101
 GRID = 8  # CLIP: 112 / 14
 CELL_COVER = 0.15
 FG_WEIGHT = 3.0
+#: The size head predicts log(full area) minus this (about the mean log area of a shape), so it starts near 0.
+LOG_AREA_OFFSET = 6.5
 COLOR_NAMES = tuple(COLORS)
 
 
@@ -146,7 +148,7 @@ def clip_losses(clip: CLIPVisionModel, heads: ClipHeads, pixel_values: torch.Ten
             * weight).sum() / weight.sum()
     color = (F.cross_entropy(heads.color(tokens).flatten(0, 1), targets["color"].flatten(), reduction="none")
              * weight).sum() / weight.sum()
-    size_err = (heads.size(tokens).squeeze(-1) - (targets["size"] - 6.5)) ** 2
+    size_err = (heads.size(tokens).squeeze(-1) - (targets["size"] - LOG_AREA_OFFSET)) ** 2
     size = (size_err * fg).sum() / fg.sum().clamp(min=1)
     cells = torch.arange(n)
     row = F.cross_entropy(heads.row(tokens).flatten(0, 1), (cells // grid).repeat(b))
@@ -171,7 +173,7 @@ def clip_metrics(clip: CLIPVisionModel, heads: ClipHeads, pixel_values: torch.Te
     fg = targets["kind"] > 0
     kind = heads.kind(tokens).argmax(-1)
     color = heads.color(tokens).argmax(-1)
-    size = heads.size(tokens).squeeze(-1) + 6.5
+    size = heads.size(tokens).squeeze(-1) + LOG_AREA_OFFSET
     cells = torch.arange(n)
     truth = targets["size"][fg]
     r2 = 1 - ((size[fg] - truth) ** 2).sum() / ((truth - truth.mean()) ** 2).sum()
