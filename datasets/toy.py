@@ -394,7 +394,12 @@ class ToyImage:
 
 def generate_image(spec: ToySpec, split: str, index: int) -> ToyImage:
     """Image ``index`` of ``split``: a function of ``(spec.seed, split, index)`` and the spec's sizes."""
-    rng = np.random.default_rng([spec.seed, SPLITS.index(split), index])
+    return generate_scene(spec, np.random.default_rng([spec.seed, SPLITS.index(split), index]))
+
+
+def generate_scene(spec: ToySpec, rng: np.random.Generator) -> ToyImage:
+    """A scene with up to ``spec.refs_per_image`` referring expressions drawn from ``rng`` (the toyref splits
+    use the stream ``(seed, split index, image index)``; pretraining stages use streams of their own)."""
     shapes = random_scene(spec, rng)
     pixels, visible, areas = paint(shapes, background_texture(spec.image_size, rng))
     options = {i: expressions_for(i, shapes, areas) for i in range(len(shapes))}

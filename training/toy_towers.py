@@ -343,6 +343,17 @@ def sam_metrics(sam: torch.nn.Module, scenes: Scenes) -> dict[str, float]:
     return {"point_miou": float(np.mean(ious))}
 
 
+#: Kept in float32 in the saved SAM: the click code's Gaussian matrix (bf16 would move every click's token).
+FLOAT32_KEYS = ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",)
+
+
+def save_sam(sam: torch.nn.Module, path: Path, **metadata: str) -> None:
+    """SAM's state dict in bf16 (segment-anything key names), :data:`FLOAT32_KEYS` in float32."""
+    state = {k: (v.float() if k in FLOAT32_KEYS else v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
+             for k, v in sam.state_dict().items()}
+    save_file(state, str(path), metadata={"sam_arch": "toy_conv", "dtype": "bfloat16", **metadata})
+
+
 def pretrain_sam(spec: SamSpec, out_dir: Path, log_every: int = 200) -> dict:
     """Train the SAM stand-in on point prompts; save all of SAM (segment-anything key names)."""
     t0 = time.time()
@@ -375,16 +386,95 @@ def pretrain_sam(spec: SamSpec, out_dir: Path, log_every: int = 200) -> dict:
             print(f"[sam] step {step + 1}/{spec.steps} loss {loss.item():.3f} point mIoU {metrics['point_miou']:.3f}"
                   f" | {rate:.2f} steps/s, ETA {eta / 60:.1f} min", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in sam.state_dict().items()}
-    save_file(state, str(out_dir / "sam.safetensors"), metadata={"sam_arch": "toy_conv", "dtype": "bfloat16"})
+    save_sam(sam, out_dir / "sam.safetensors")
     report = {"spec": asdict(spec), "elapsed_s": round(time.time() - t0, 1), "history": history}
     (out_dir / "sam_pretraining.json").write_text(json.dumps(report, indent=1))
     return report
 
 
+@dataclass(frozen=True)
+class PromptScaleSpec:
+    """Stage 1c: the SAM stand-in's click code made smooth at the CLIP cell's scale.
+
+    SAM's prompt encoder writes a click as random Fourier features of its position (a 2 x C/2 Gaussian
+    matrix, scale 1 in segment-anything). On the toy's 128-pixel images that code changes completely within
+    one 16-pixel CLIP cell (clicks 16 px apart are as far apart as random pairs), so an LLM that knows at the
+    cell level where its referent is cannot say it in SAM's terms. This stage multiplies the matrix by
+    ``pe_scale`` (the same code for all positions, ``1 / pe_scale`` times smoother) and retrains SAM's prompt
+    encoder and mask decoder on clicks over the frozen image encoder's embeddings (computed once)."""
+
+    pe_scale: float = 0.25
+    steps: int = 250
+    batch: int = 8  # images per step
+    prompts_per_image: int = 4
+    lr: float = 1e-3
+    warmup: int = 20
+    train_scenes: int = 600
+    held_out_scenes: int = 40
+    seed: int = 0
+
+
+def rescale_sam_prompts(spec: PromptScaleSpec, out_dir: Path, log_every: int = 100) -> dict:
+    """Stage 1c on ``<out_dir>/sam.safetensors`` (written by the ``sam`` stage); rewrites it."""
+    from safetensors.torch import load_file
+
+    t0 = time.time()
+    path = out_dir / "sam.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run the sam stage first (python -m training.toy_towers sam --out {out_dir})")
+    sam = build_toy_conv_sam()
+    sam.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    with torch.no_grad():
+        sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(spec.pe_scale)
+    torch.manual_seed(spec.seed)
+    train = draw_scenes(spec.train_scenes, seed=spec.seed, stream=TRAIN_STREAM)
+    held = draw_scenes(spec.held_out_scenes, seed=spec.seed, stream=HELD_OUT_STREAM)
+    sam.image_encoder.requires_grad_(False)
+    with torch.no_grad():
+        embeddings = torch.cat([sam.image_encoder(sam_inputs(train.pixels[i:i + 8]))
+                                for i in range(0, len(train.pixels), 8)])
+    before = sam_metrics(sam, held)
+    print(f"[sam-pe] {spec.train_scenes} scenes encoded in {time.time() - t0:.0f} s; held-out point mIoU "
+          f"{before['point_miou']:.3f} with the rescaled code before retraining", flush=True)
+    params = [p for p in sam.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
+    rng = np.random.default_rng(spec.seed)
+    size = train.pixels.shape[1]
+    history = [{"step": 0, **{k: round(v, 4) for k, v in before.items()}}]
+    t1 = time.time()
+    sam.train()
+    for step in range(spec.steps):
+        for group in optim.param_groups:
+            group["lr"] = spec.lr * lr_factor(step, spec.warmup, spec.steps)
+        logits, targets = [], []
+        for i in rng.integers(len(train.pixels), size=spec.batch).tolist():
+            shapes, points = point_prompts(train.masks[i], spec.prompts_per_image, rng)
+            low = sam_point_masks(sam, embeddings[i:i + 1], points, 1024 / size)
+            logits.append(sam_postprocess_separable(low, (1024, 1024), (size, size)))
+            targets.append(torch.as_tensor(train.masks[i][shapes], dtype=torch.float32))
+        loss = mask_loss(torch.cat(logits), torch.cat(targets))
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        if (step + 1) % log_every == 0 or step + 1 == spec.steps:
+            metrics = sam_metrics(sam, held)
+            rate = (step + 1) / (time.time() - t1)
+            history.append({"step": step + 1, "loss": round(loss.item(), 4), "elapsed_s": round(time.time() - t0, 1),
+                            **{k: round(v, 4) for k, v in metrics.items()}})
+            eta = (spec.steps - step - 1) / rate / 60
+            print(f"[sam-pe] step {step + 1}/{spec.steps} loss {loss.item():.3f} point mIoU "
+                  f"{metrics['point_miou']:.3f} | {rate:.2f} steps/s, ETA {eta:.1f} min", flush=True)
+    save_sam(sam, path, pe_scale=str(spec.pe_scale))
+    report = {"spec": asdict(spec), "elapsed_s": round(time.time() - t0, 1), "history": history}
+    (out_dir / "sam_prompt_scale.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.toy_towers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("clip", "sam"))
+    parser.add_argument("stage", choices=("clip", "sam", "sam-pe"),
+                        help="clip (1a), sam (1b), sam-pe (1c: after sam, rewrites sam.safetensors)")
     parser.add_argument("--out", type=Path, required=True, help="folder for clip/ and sam.safetensors")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     parser.add_argument("--scenes", type=int, default=None, help="override the number of training scenes")
@@ -395,7 +485,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         overrides["steps"] = args.steps
     if args.scenes is not None:
         overrides["train_scenes"] = args.scenes
-    if args.stage == "clip":
+    if args.stage == "sam-pe":
+        overrides.pop("train_scenes", None) if args.scenes is None else None
+        report = rescale_sam_prompts(PromptScaleSpec(**overrides), args.out)
+    elif args.stage == "clip":
         report = pretrain_clip(ClipSpec(**overrides), args.out)
     else:
         report = pretrain_sam(SamSpec(**overrides), args.out)

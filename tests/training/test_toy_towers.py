@@ -73,7 +73,15 @@ def test_both_stages_run_and_the_toy_lisa_loads_them(tmp_path: Path) -> None:
     sam_spec = tt.SamSpec(steps=1, batch=1, prompts_per_image=1, train_scenes=2, held_out_scenes=1)
     report = tt.pretrain_sam(sam_spec, tmp_path, log_every=1)
     assert 0.0 <= report["history"][-1]["point_miou"] <= 1.0
+    scaled = tt.PromptScaleSpec(pe_scale=0.5, steps=1, batch=1, prompts_per_image=1, train_scenes=2, held_out_scenes=1)
+    before = load_toy_towers(tmp_path)[1]
+    report = tt.rescale_sam_prompts(scaled, tmp_path, log_every=1)
+    assert [h["step"] for h in report["history"]] == [0, 1]
     tower, sam = load_toy_towers(tmp_path)
+    gaussian = "pe_layer.positional_encoding_gaussian_matrix"
+    assert torch.equal(sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
+                       0.5 * before.prompt_encoder.state_dict()[gaussian])  # stored in float32, exactly halved
+    assert torch.equal(sam.image_encoder.neck[0].weight, before.image_encoder.neck[0].weight)  # encoder frozen
     assert tower.num_patches == 64 and tower.config.hidden_size == 32
     assert all(p.dtype == torch.float32 for p in sam.parameters())
     bundle = build_toy_lisa(0, ToySizes(num_layers=2, hidden_size=32, heads=2, intermediate_size=48,
@@ -149,3 +157,23 @@ def test_pointing_targets_click_the_visible_pixel_nearest_the_centroid() -> None
     torch.testing.assert_close(got, expected[:, 0])
     with pytest.raises(ValueError, match="empty target mask"):
         pointing_targets(sam, torch.zeros(1, 8, 8), (1024, 1024), (8, 8))
+
+
+def test_committed_sam_click_code_is_smooth_at_the_clip_cell_scale() -> None:
+    """Stage 1c: clicks one CLIP cell (16 px of 128) apart get close prompt tokens, clicks far apart do not;
+    measured through segment-anything's own prompt encoder (sparse tokens of single positive clicks)."""
+    _, sam = load_toy_towers(TOWERS)
+    gen = torch.Generator().manual_seed(0)
+    points = torch.rand(400, 2, generator=gen) * 96 + 16  # original pixels, away from the border
+
+    def tokens(xy: torch.Tensor) -> torch.Tensor:
+        coords = (xy * 1024 / 128).unsqueeze(1)
+        with torch.no_grad():
+            sparse, _ = sam.prompt_encoder(points=(coords, torch.ones(len(xy), 1, dtype=torch.int)), boxes=None,
+                                           masks=None)
+        return sparse[:, 0]
+
+    base = tokens(points)
+    one_cell = ((tokens(points + torch.tensor([16.0, 0.0])) - base) ** 2).mean()
+    far = ((tokens(points.flip(0)) - base) ** 2).mean()
+    assert one_cell < 0.3 * far, (float(one_cell), float(far))
