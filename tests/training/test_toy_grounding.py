@@ -1,0 +1,95 @@
+"""The toy world's grounding stage (training/toy_grounding.py): its targets by hand, its read-out row is the
+row LISA's [SEG] embedding comes from, and a short run writes a checkpoint that the LISA stage loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.toy import ToySpec, generate_image, generate_scene
+from model.builder import ToySizes, build_toy_lisa
+from model.checkpoint import load_lisa_checkpoint
+from model.pipeline import Query, SegmentationPipeline
+from training import toy_grounding as tg
+
+REPO = Path(__file__).resolve().parents[2]
+TOWERS = REPO / "assets" / "toy_towers"
+
+
+def test_cell_cover_by_hand() -> None:
+    """A 128 x 128 mask on an 8 x 8 grid (16 px cells): a full cell, a half cell and a quarter cell."""
+    mask = np.zeros((128, 128), dtype=bool)
+    mask[0:16, 0:16] = True  # cell (0, 0): all of it
+    mask[16:24, 16:32] = True  # cell (1, 1): half
+    mask[112:120, 120:128] = True  # cell (7, 7): a quarter
+    cover = tg.cell_cover(mask, 8).view(8, 8)
+    expected = torch.zeros(8, 8)
+    expected[0, 0], expected[1, 1], expected[7, 7] = 1.0, 0.5, 0.25
+    assert torch.allclose(cover, expected / 1.75)
+    with pytest.raises(ValueError, match="empty"):
+        tg.cell_cover(np.zeros((128, 128), dtype=bool), 8)
+
+
+def test_generate_scene_is_the_split_generator_on_another_stream() -> None:
+    spec = ToySpec()
+    a = generate_image(spec, "val", 3)
+    b = generate_scene(spec, np.random.default_rng([spec.seed, 1, 3]))  # "val" is stream 1
+    assert np.array_equal(a.pixels, b.pixels)
+    assert [(i, e.text()) for i, e in a.refs] == [(i, e.text()) for i, e in b.refs]
+    assert tg.TRAIN_STREAM not in (0, 1, 2, 100, 101) and tg.HELD_OUT_STREAM not in (0, 1, 2, 100, 101, tg.TRAIN_STREAM)
+
+
+def test_spec_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="steps"):
+        tg.GroundingSpec(steps=0).check()
+    with pytest.raises(ValueError, match="lr"):
+        tg.GroundingSpec(lr=-1.0).check()
+    with pytest.raises(FileNotFoundError, match="towers="):
+        tg.GroundingSpec(towers=str(tmp_path)).check()
+
+
+def test_grounding_row_is_the_seg_row() -> None:
+    """The state the head reads is the state LISA's teacher-forced pass turns into the [SEG] embedding."""
+    bundle = build_toy_lisa(0, ToySizes(towers=str(TOWERS)))
+    pipe = SegmentationPipeline(bundle)
+    stage = tg.GroundingStage(pipe)
+    data = tg.draw_grounding_data(pipe, 2, seed=0, stream=tg.HELD_OUT_STREAM)
+    states = stage.seg_states(data.features[data.scene[:2]], data.texts[:2])
+    toy = generate_scene(ToySpec(), np.random.default_rng([0, tg.HELD_OUT_STREAM, 0]))
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(toy.pixels).save(buffer, format="JPEG", quality=95)
+    enc = pipe.encode_image(Image.open(buffer).convert("RGB"))
+    with torch.no_grad():
+        out = pipe.teacher_forced(enc, [Query(data.texts[0], False, "g0")], None)
+    assert torch.allclose(out.seg_hidden[0][0], states[0], atol=1e-5)
+    assert torch.allclose(pipe.model.seg_head(states[:1]), out.seg_embeddings[0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_short_stage_writes_a_checkpoint_the_lisa_stage_loads(tmp_path: Path) -> None:
+    spec = tg.GroundingSpec(towers=str(TOWERS), steps=6, batch=4, train_images=6, held_out_images=3, eval_every=3)
+    report = tg.train_grounding(spec, tmp_path, log=False)
+    assert [r["step"] for r in report["history"]] == [3, 6]
+    lines = (tmp_path / "grounding_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [3, 6]
+    final = report["final"]
+    assert 0.0 <= final["hit"] <= 1.0 and set(final["hit_by_type"]) <= {"attribute", "position", "relation",
+                                                                          "superlative"}
+    bundle = load_lisa_checkpoint(tmp_path / "lisa", tmp_path / "lisa" / "vision_tower")
+    fresh = build_toy_lisa(0, ToySizes(towers=str(TOWERS)))
+    trained = dict(bundle.model.named_parameters())
+    before = dict(fresh.model.named_parameters())
+    # the LLM and the [SEG] read-out (pointing term) moved; SAM is as the stage found it
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained[q_proj], before[q_proj])
+    assert not torch.equal(trained["model.text_hidden_fcs.0.2.weight"], before["model.text_hidden_fcs.0.2.weight"])
+    sam_key = next(k for k in trained if "mask_decoder" in k)
+    assert torch.equal(trained[sam_key], before[sam_key])

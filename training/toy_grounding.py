@@ -1,0 +1,317 @@
+"""Stage 2a of the toy world: a grounding stage for the toy LLM, as LLaVA is trained before LISA.
+
+    python -m training.toy_grounding --towers assets/toy_towers --out outputs/toy_grounded/s0 --seed 0
+
+LISA starts from LLaVA, whose LLM has learnt from grounding data (LLaVA-1.5's RefCOCO turns ask for a
+referent's box as text) to find a described object among its image tokens. A toy LLM trained only through
+LISA's loss never learns that: the [SEG] row's only signal is SAM's mask loss, or a pointing term, through a
+single vector, and the row collapses to a constant that ignores the image (docs/toy_world.md). This stage
+gives the toy LLM what LLaVA's grounding data gives the real one, with a target per image token:
+
+- inputs: LISA's own segmentation prompt (the evaluation wording, answer ``[SEG].``) for a toy referring
+  expression, with the frozen CLIP stand-in's tokens of the scene in the image slot;
+- target: where the referent is, as a distribution over the ``N`` image-token cells (the fraction of each
+  14 x 14 CLIP cell its visible mask covers, normalised to sum 1);
+- loss: cross-entropy between that distribution and a linear *grounding head* over the state of the row
+  LISA reads the [SEG] embedding from. The head is a training device only: it is not part of the
+  checkpoint, and LISA's stage then learns its own read-out (``text_hidden_fcs``) of the same row;
+- trained: the LLM (decoder layers, embeddings, final norm) and the projector; CLIP and SAM stay as
+  pretrained. Scenes come from the generator's own streams (never the toyref splits' images), through JPEG
+  q95 as the data set's files.
+
+The output is a released-layout LISA checkpoint (``<out>/lisa``, float32; ``text_hidden_fcs`` still random)
+that ``python train_ds.py +exp=toy_grounded`` trains on, and ``<out>/grounding.json`` with the held-out
+measurements: how often the head's most likely cell lies on the referent, overall, per expression type and
+with every image token zeroed (the LLM must read its image tokens to beat the zeroed figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from datasets.toy import EXPRESSION_TYPES, ToySpec, generate_scene
+from model.builder import ToySizes, build_toy_lisa
+from model.inference import decoder_inputs, expand_image_slots
+from model.pipeline import SegmentationPipeline
+from model.prompt import DEFAULT_ANSWER, seg_query_rows
+from model.sam import sam_resized_size
+from model.training import pointing_targets
+from training.toy_towers import lr_factor
+
+#: Scene streams of this stage (the toyref splits use 0, 1, 2; the tower pretraining 100, 101).
+TRAIN_STREAM, HELD_OUT_STREAM = 102, 103
+#: What the stage trains: the LLM and the projector (LISA's full mode trains the same, plus its heads).
+TRAINED_PREFIXES = ("model.layers", "model.embed_tokens", "model.norm", "model.mm_projector")
+#: With the pointing term on, the [SEG] read-out too (LISA's ``text_hidden_fcs``).
+POINT_PREFIXES = ("model.text_hidden_fcs",)
+
+
+@dataclass(frozen=True)
+class GroundingSpec:
+    """The stage's recipe (``python -m training.toy_grounding --help`` overrides the main ones)."""
+
+    towers: str = "assets/toy_towers"
+    seed: int = 0
+    steps: int = 1200
+    batch: int = 32
+    lr: float = 1.5e-3
+    warmup: int = 50
+    grad_clip: float = 1.0
+    #: Weight of the pointing term (the [SEG] prompt regressed onto the click token of the referent, as
+    #: ``mode.loss_weights.point`` in the LISA stage); 0: the LLM and projector only.
+    point: float = 1.0
+    train_images: int = 3000
+    held_out_images: int = 100
+    eval_every: int = 200
+
+    def check(self) -> None:
+        for key in ("steps", "batch", "train_images", "held_out_images", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected a positive integer, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive number, got {self.lr}")
+        towers = Path(self.towers)
+        if not (towers / "clip" / "config.json").is_file() or not (towers / "sam.safetensors").is_file():
+            raise FileNotFoundError(f"towers={towers}: expected clip/config.json and sam.safetensors there "
+                                    "(python -m training.toy_towers clip|sam --out <folder>)")
+
+
+@dataclass
+class GroundingData:
+    """``M`` referring expressions over ``I`` scenes: the frozen CLIP features of each scene, and per
+    expression its scene, text, type and target distribution over the ``N`` cells."""
+
+    features: torch.Tensor  # I x N x C
+    scene: torch.Tensor  # M (index into features)
+    texts: list[str]
+    types: list[str]
+    targets: torch.Tensor  # M x N, rows sum to 1
+    clicks: torch.Tensor  # M x C: SAM's prompt token for a click on the referent (model.training.pointing_targets)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def cell_cover(mask: np.ndarray, grid: int) -> torch.Tensor:
+    """``H x W`` bool mask -> ``grid^2`` (raster order): the fraction of each cell the mask covers, normalised
+    to sum 1. The image is cut into ``grid`` equal bands each way (CLIP's patches cover the resized image
+    the same way: the toy images are square)."""
+    h, w = mask.shape
+    rows = np.minimum((np.arange(h) * grid) // h, grid - 1)
+    cols = np.minimum((np.arange(w) * grid) // w, grid - 1)
+    cover = np.zeros((grid, grid), dtype=np.float64)
+    np.add.at(cover, (rows[:, None].repeat(w, 1), cols[None, :].repeat(h, 0)), mask.astype(np.float64))
+    counts = np.zeros((grid, grid), dtype=np.float64)
+    np.add.at(counts, (rows[:, None].repeat(w, 1), cols[None, :].repeat(h, 0)), 1.0)
+    cover = cover / counts
+    total = cover.sum()
+    if total <= 0:
+        raise ValueError("cell_cover: the mask is empty")
+    return torch.from_numpy((cover / total).reshape(-1)).float()
+
+
+def draw_grounding_data(pipe: SegmentationPipeline, count: int, *, seed: int, stream: int,
+                        spec: ToySpec = ToySpec()) -> GroundingData:
+    """``count`` scenes of the stream ``(seed, stream, index)`` with their referring expressions (the toyref
+    generator's grammar and choice rule), encoded by the pipeline's frozen CLIP tower."""
+    grid = int(round(pipe.num_image_tokens ** 0.5))
+    features, scene, texts, types, targets, clicks = [], [], [], [], [], []
+    for index in range(count):
+        toy = generate_scene(spec, np.random.default_rng([seed, stream, index]))
+        buffer = io.BytesIO()
+        Image.fromarray(toy.pixels).save(buffer, format="JPEG", quality=95)
+        image = Image.open(buffer).convert("RGB")
+        features.append(pipe.encode_image(image, sam=False).clip_features[0])
+        for shape_index, expr in toy.refs:
+            scene.append(index)
+            texts.append(expr.text())
+            types.append(expr.kind)
+            targets.append(cell_cover(toy.visible[shape_index], grid))
+            mask = torch.from_numpy(toy.visible[shape_index][None].astype(np.float32))
+            clicks.append(pointing_targets(pipe.model.sam, mask, sam_resized_size(mask.shape[1:]), mask.shape[1:])[0])
+    return GroundingData(torch.stack(features), torch.tensor(scene), texts, types, torch.stack(targets),
+                         torch.stack(clicks))
+
+
+class GroundingStage:
+    """The [SEG] row's state for a batch of expressions, and the grounding head over it."""
+
+    def __init__(self, pipe: SegmentationPipeline):
+        self.pipe = pipe
+        model = pipe.model
+        self.head = torch.nn.Linear(model.config.hidden_size, pipe.num_image_tokens)
+        self._ids: dict[str, list[int]] = {}
+
+    def prompt_ids(self, text: str) -> list[int]:
+        if text not in self._ids:
+            self._ids[text] = self.pipe.prompt_ids(text, False, answer=DEFAULT_ANSWER)
+        return self._ids[text]
+
+    def seg_states(self, features: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """``B x N x C`` CLIP features and ``B`` expressions -> ``B x d``: the final state of the row whose state
+        LISA turns into the [SEG] embedding (model.prompt.seg_query_rows), with the full image (no method)."""
+        pipe, tok = self.pipe, self.pipe.bundle.token_ids
+        embeds = pipe.model.project_images(features)
+        batch = expand_image_slots([self.prompt_ids(t) for t in texts], embeds.shape[1], tok.pad)
+        rows = [seg_query_rows(ids[: int(n)], tok.seg) for ids, n in zip(batch.ids, batch.lengths)]
+        if any(len(r) != 1 for r in rows):
+            raise ValueError("a grounding prompt must hold exactly one [SEG]")
+        inputs = decoder_inputs(pipe.model, batch, embeds, rows, None)
+        return pipe.runner.forward(inputs).rows(inputs.query_rows)[:, 0]
+
+    def loss(self, features: torch.Tensor, texts: Sequence[str], targets: torch.Tensor,
+             clicks: torch.Tensor, point_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy of the head's cell distribution, mean squared distance of the [SEG] prompt
+        (``text_hidden_fcs`` of the row) to the click token: the LISA stage's pointing term)."""
+        states = self.seg_states(features, texts)
+        logits = self.head(states).float()
+        cells = -(targets * logits.log_softmax(-1)).sum(-1).mean()
+        if not point_weight:
+            return cells, cells.new_zeros(())
+        point = ((self.pipe.model.seg_head(states).float() - clicks) ** 2).mean()
+        return cells, point
+
+    @torch.no_grad()
+    def hits(self, data: GroundingData, zero_images: bool = False, batch: int = 64) -> torch.Tensor:
+        """``M`` bool: whether the head's most likely cell lies on the referent (covers any of it)."""
+        out = []
+        for start in range(0, len(data), batch):
+            sl = slice(start, start + batch)
+            features = data.features[data.scene[sl]]
+            if zero_images:
+                features = torch.zeros_like(features)
+            best = self.head(self.seg_states(features, data.texts[sl])).argmax(-1, keepdim=True)
+            out.append(data.targets[sl].gather(1, best)[:, 0] > 0)
+        return torch.cat(out)
+
+
+def grounding_metrics(stage: GroundingStage, data: GroundingData) -> dict:
+    """Held-out hit rates (fractions of expressions), overall, per expression type, and with the image
+    tokens zeroed (features of zeros through the projector: what the LLM can guess from the words alone)."""
+    was_training = stage.pipe.model.training
+    stage.pipe.model.eval()
+    try:
+        hits, zeroed = stage.hits(data).float(), stage.hits(data, zero_images=True).float()
+        with torch.no_grad():
+            prompts = torch.cat([stage.pipe.model.seg_head(stage.seg_states(data.features[data.scene[i:i + 64]],
+                                                                            data.texts[i:i + 64]))
+                                 for i in range(0, len(data), 64)]).float()
+    finally:
+        stage.pipe.model.train(was_training)
+    point = float(((prompts - data.clicks) ** 2).mean())
+    constant = float(((data.clicks - data.clicks.mean(0)) ** 2).mean())  # the best prompt that ignores everything
+    by_type = {}
+    for kind in EXPRESSION_TYPES:
+        idx = [i for i, t in enumerate(data.types) if t == kind]
+        if idx:
+            by_type[kind] = round(float(hits[idx].mean()), 4)
+    return {"hit": round(float(hits.mean()), 4), "hit_zeroed": round(float(zeroed.mean()), 4),
+            "hit_by_type": by_type, "point_mse": round(point, 4), "point_mse_constant": round(constant, 4),
+            "expressions": len(data)}
+
+
+def train_grounding(spec: GroundingSpec, out_dir: Path, log: bool = True) -> dict:
+    """Run the stage; write ``<out_dir>/lisa`` (released layout, float32), ``grounding.json`` and
+    ``grounding_log.jsonl`` (one line per evaluation, written as it goes)."""
+    from model.checkpoint import save_lisa_checkpoint
+
+    spec.check()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    bundle = build_toy_lisa(spec.seed, ToySizes(towers=spec.towers))
+    pipe = SegmentationPipeline(bundle)
+    model = bundle.model
+    train = draw_grounding_data(pipe, spec.train_images, seed=spec.seed, stream=TRAIN_STREAM)
+    held = draw_grounding_data(pipe, spec.held_out_images, seed=spec.seed, stream=HELD_OUT_STREAM)
+    torch.manual_seed(spec.seed)
+    stage = GroundingStage(pipe)
+    params = []
+    for name, param in model.named_parameters():
+        prefixes = TRAINED_PREFIXES + (POINT_PREFIXES if spec.point else ())
+        param.requires_grad_(name.startswith(prefixes))
+        if param.requires_grad:
+            params.append(param)
+    optimizer = torch.optim.AdamW(params + list(stage.head.parameters()), lr=spec.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(spec.seed)
+    history, running = [], None
+    log_path = out_dir / "grounding_log.jsonl"
+    log_path.write_text("")
+    model.train()
+    t_train = time.time()
+    if log:
+        print(f"grounding stage: {len(train)} expressions on {spec.train_images} scenes "
+              f"({t_train - t0:.0f} s to draw and encode), {spec.steps} steps of {spec.batch}", flush=True)
+    for step in range(1, spec.steps + 1):
+        pick = torch.randint(len(train), (spec.batch,), generator=generator)
+        cells, point = stage.loss(train.features[train.scene[pick]], [train.texts[i] for i in pick],
+                                  train.targets[pick], train.clicks[pick], spec.point)
+        loss = cells + spec.point * point
+        for group in optimizer.param_groups:
+            group["lr"] = spec.lr * lr_factor(step - 1, spec.warmup, spec.steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params + list(stage.head.parameters()), spec.grad_clip)
+        optimizer.step()
+        now = torch.stack([cells.detach(), point.detach()])
+        running = now if running is None else 0.98 * running + 0.02 * now
+        if step % spec.eval_every == 0 or step == spec.steps:
+            record = {"step": step, "cell_loss": round(float(running[0]), 4), "point_loss": round(float(running[1]), 4),
+                      **grounding_metrics(stage, held),
+                      "elapsed_s": round(time.time() - t0, 1)}
+            history.append(record)
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if log:
+                rate = step / (time.time() - t_train)
+                print(f"step {step}/{spec.steps}  cell loss {running[0]:.3f}  point loss {running[1]:.3f}  "
+                      f"held-out hit {record['hit']:.3f} (zeroed images {record['hit_zeroed']:.3f}), held-out point "
+                      f"mse {record['point_mse']:.3f} (constant {record['point_mse_constant']:.3f})  "
+                      f"{rate:.2f} steps/s  ETA {(spec.steps - step) / rate:.0f} s", flush=True)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    checkpoint = save_lisa_checkpoint(bundle, out_dir / "lisa")
+    model.vision_tower.clip.save_pretrained(checkpoint / "vision_tower")
+    model.vision_tower.processor.save_pretrained(checkpoint / "vision_tower")
+    report = {"spec": asdict(spec), "train_expressions": len(train), "elapsed_s": round(time.time() - t0, 1),
+              "final": history[-1], "history": history, "checkpoint": str(checkpoint)}
+    (out_dir / "grounding.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.toy_grounding", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for lisa/ and grounding.json")
+    parser.add_argument("--towers", default=GroundingSpec.towers, help="the pretrained toy towers")
+    parser.add_argument("--seed", type=int, default=0, help="the LLM's init, the scenes and the batch order")
+    parser.add_argument("--steps", type=int, default=GroundingSpec.steps)
+    parser.add_argument("--batch", type=int, default=GroundingSpec.batch)
+    parser.add_argument("--lr", type=float, default=GroundingSpec.lr)
+    parser.add_argument("--train-images", type=int, default=GroundingSpec.train_images)
+    parser.add_argument("--held-out-images", type=int, default=GroundingSpec.held_out_images)
+    parser.add_argument("--eval-every", type=int, default=GroundingSpec.eval_every)
+    parser.add_argument("--point", type=float, default=GroundingSpec.point, help="weight of the pointing term")
+    args = parser.parse_args(argv)
+    spec = GroundingSpec(towers=args.towers, seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
+                         train_images=args.train_images, held_out_images=args.held_out_images,
+                         eval_every=args.eval_every, point=args.point)
+    try:
+        spec.check()
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
+    report = train_grounding(spec, args.out)
+    print(json.dumps({"elapsed_s": report["elapsed_s"], "final": report["final"]}))
+
+
+if __name__ == "__main__":
+    main()
