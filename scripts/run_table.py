@@ -158,11 +158,10 @@ def run_toy(root: Path, overrides: list[str]) -> str:
 
     models, rest = split_models(overrides)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {level: {} for level in TOY_LEVELS}
-    for i, model in enumerate(models):
+    for model in models:
         model_args = [f"model.checkpoint={model}", f"model.vision_tower={Path(model) / 'vision_tower'}", *rest]
         for level in TOY_LEVELS:
-            _, rows = run_grid(level, root / f"model{i}" / level, model_args)
-            for row in rows:
+            for row in toy_grid(level, root / model_slug(model) / level, model_args):
                 results[level].setdefault(row["name"], []).append(row)
     text = format_toy(results, models)
     summary = {level: {name: [{"gIoU": r["splits"]["toyref|unc|val"]["gIoU"], "Navg": r["summary"]["Navg"]}
@@ -171,6 +170,30 @@ def run_toy(root: Path, overrides: list[str]) -> str:
     (root / "table.json").write_text(json.dumps({"models": models, "rows": summary}, indent=1))
     print(f"\nToy table ({root}):\n{text}", flush=True)
     return text
+
+
+def model_slug(model: str) -> str:
+    """The folder of one checkpoint's grids under the toy table's root (its path, made a file name)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).as_posix().strip("/"))
+
+
+def toy_grid(level: str, root: Path, model_args: list[str]) -> list[dict[str, Any]]:
+    """One budget's grid for one checkpoint: its rows, read back from ``rows.json`` where an earlier run with
+    the same arguments finished it (so per-checkpoint runs can go in parallel and the combined table reuses
+    them); any other content of the folder is an error rather than a silent mix of two settings."""
+    import json
+
+    saved = root / "rows.json"
+    if saved.is_file():
+        record = json.loads(saved.read_text())
+        if record.get("args") != model_args:
+            raise SystemExit(f"{saved}: written for {record.get('args')}, not {model_args}; use another out= or "
+                             "remove the folder")
+        print(f"{level}: reusing the finished grid in {root}", flush=True)
+        return record["rows"]
+    _, rows = run_grid(level, root, model_args)
+    saved.write_text(json.dumps({"args": model_args, "rows": rows}, default=str))
+    return rows
 
 
 def format_toy(results: dict[str, dict[str, list[dict[str, Any]]]], models: list[str]) -> str:

@@ -83,3 +83,19 @@ def test_toy_table_combines_models_into_means_and_ranges() -> None:
     text = format_toy(results, ["a", "b"])
     assert text.splitlines()[1].split() == ["LISA", "65.0", "[60.0,", "70.0]", "64.0", "55.0", "[50.0,", "60.0]", "64.0"]
     assert "2 model(s): a, b" in text
+
+
+def test_toy_grid_reuses_a_finished_grid_and_refuses_another_settings(tmp_path: Path) -> None:
+    """A grid with rows.json is read back (no evaluation runs: the model path does not even exist), and only
+    for the same arguments; the folder of a checkpoint is its path made a file name."""
+    import json
+
+    from scripts.run_table import model_slug, toy_grid
+
+    args = ["model.checkpoint=/nowhere/lisa", "model.vision_tower=/nowhere/lisa/vision_tower"]
+    rows = [{"name": "LISA", "splits": {"toyref|unc|val": {"gIoU": 0.5}}, "summary": {"Navg": 64.0}}]
+    (tmp_path / "rows.json").write_text(json.dumps({"args": args, "rows": rows}))
+    assert toy_grid("toy19", tmp_path, args) == rows
+    with pytest.raises(SystemExit, match="written for"):
+        toy_grid("toy19", tmp_path, [*args, "eval.max_samples=3"])
+    assert model_slug("outputs/train/s0/final/lisa") == "outputs_train_s0_final_lisa"
