@@ -23,7 +23,7 @@ from transformers.initialization import no_init_weights
 
 from model.builder import SAM_BUILDERS, load_vision_tower
 from model.bundle import LisaBundle, cast_model, keep_fp32_buffers
-from model.lisa import LISAForCausalLM, LisaExtras
+from model.lisa import LisaExtras, LISAForCausalLM
 from model.prompt import (
     IM_END_TOKEN,
     IM_PATCH_TOKEN,
@@ -293,7 +293,9 @@ def lisa_config_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 def save_lisa_checkpoint(bundle: LisaBundle, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3,
                          safe: bool = True) -> Path:
-    """Write ``bundle`` in LISA's Hugging Face layout (config, sharded weights + index, tokenizer)."""
+    """Write ``bundle`` in LISA's Hugging Face layout: every file of a released LISA checkpoint (LISA-7B-v1):
+    config.json with LISA's fields, generation_config.json, sharded weights + index, tokenizer files
+    (``save_tokenizer``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = bundle.model
@@ -316,6 +318,10 @@ def save_lisa_checkpoint(bundle: LisaBundle, out_dir: str | Path, *, max_shard_b
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / index_name).write_text(json.dumps(index, indent=2))
     save_tokenizer(bundle.tokenizer, out_dir)
+    tokenizer = bundle.tokenizer
+    generation = {"_from_model_config": True, "bos_token_id": tokenizer.bos_token_id,
+                  "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return out_dir
 
 
