@@ -89,9 +89,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
         # transformers 5 writes only tokenizer.json; LISA's tokenization encodes with sentencepiece
         shutil.copyfile(model_file, out_dir / "tokenizer.model")
     (out_dir / "added_tokens.json").write_text(json.dumps(released_added_tokens(tokenizer), indent=2))
-    special = {name: str(getattr(tokenizer, name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")
-               if getattr(tokenizer, name, None) is not None}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(released_special_tokens(tokenizer), indent=2))
     config_file = out_dir / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config["legacy"] = legacy_spacing(tokenizer)
@@ -99,6 +97,22 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     # tokenizer built from a tokenizers object, which 4.31 does not know (PreTrainedTokenizerFast it does).
     config["tokenizer_class"] = "LlamaTokenizer" if model_file is not None else "PreTrainedTokenizerFast"
     config_file.write_text(json.dumps(config, indent=2))
+
+
+def released_special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """special_tokens_map.json as LISA-7B-v1 has it (4.31's save_pretrained): ``<s>``, ``</s>``, ``<unk>`` as
+    AddedToken fields with ``lstrip``/``rstrip`` false, the pad token (LISA sets ``pad_token = unk_token``) as a
+    plain string. 4.31's loader sets each entry on the tokenizer, and a plain-string ``</s>`` would strip the
+    whitespace on both sides of it (as an added token without flags does), which LISA's does not."""
+    special: dict[str, Any] = {}
+    for name in ("bos_token", "eos_token", "unk_token"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            special[name] = {"content": str(token), "lstrip": False, "normalized": True, "rstrip": False,
+                             "single_word": False}
+    if getattr(tokenizer, "pad_token", None) is not None:
+        special["pad_token"] = str(tokenizer.pad_token)
+    return special
 
 
 def base_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -12,7 +12,8 @@ adds added_tokens.json's tokens in id order; a slow tokenizer refuses an id that
 ``use_mm_start_end``, ``add_tokens([<im_start>, <im_end>], special_tokens=True)`` (a token already known keeps
 its id; a new one gets the next row) and ``resize_token_embeddings(len(tokenizer))``; its chat.py takes
 ``tokenizer("[SEG]", add_special_tokens=False).input_ids[0]``. Real transformers 4.31 gave the same ids on
-these exports (docs/fidelity.md, "The released layout").
+these exports, and the same token ids as the project's tokenizer path for every prompt of ``PROMPTS``
+(docs/fidelity.md, "The released layout").
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from transformers import AutoTokenizer
 
 from model.builder import ToySizes, build_tiny_lisa, build_toy_lisa
 from model.bundle import LisaBundle
+from model.checkpoint import load_tokenizer, read_lisa_config
+from model.prompt import build_prompt, chat_prompt, tokenize_with_image
 from tests.model.test_released_tokenizer import write_released_tokenizer
 from training.export import save_released
 from training.params import Trainable
@@ -45,6 +48,11 @@ LISA_FIELDS = {"train_mask_decoder": True, "mm_vision_select_feature": "patch", 
                "model_type": "llava"}
 LISA_FIELDS_PRESENT = ("out_dim", "vision_tower", "mm_vision_tower", "mm_vision_select_layer", "mm_hidden_size",
                        "mm_use_im_start_end", "torch_dtype", "vocab_size")
+
+
+PROMPTS = [build_prompt("the dog on the left", is_sentence=False),
+           build_prompt("what is it", is_sentence=True, answer="Sure, it is [SEG]. ok</s> next"),
+           chat_prompt("What is the dog?")]
 
 
 def lisa_431_token_ids(directory: Path, use_mm_start_end: bool = True) -> dict[str, int]:
@@ -107,6 +115,10 @@ def check_round_trip(bundle: LisaBundle, out: Path, *, sentencepiece: bool) -> N
     assert config["vision_tower"] == config["mm_vision_tower"]
     assert config["out_dim"] == bundle.model.sam.prompt_encoder.embed_dim
 
+    reloaded = load_tokenizer(out, read_lisa_config(out))  # the project's own reading of the export
+    for prompt in PROMPTS:
+        assert tokenize_with_image(prompt, reloaded) == tokenize_with_image(prompt, bundle.tokenizer), prompt
+
     weights: dict[str, torch.Tensor] = {}
     for shard in sorted(out.glob("*.safetensors")):
         weights.update(load_file(str(shard)))
@@ -131,8 +143,11 @@ def test_tiny_sentencepiece_export_gives_lisa_its_token_rows(tmp_path: Path, leg
     assert config["legacy"] is (legacy is None) and config["tokenizer_class"] == "LlamaTokenizer"
     assert json.loads((out / "added_tokens.json").read_text()) == {
         "<im_patch>": 96, "<im_start>": 97, "<im_end>": 98, "[SEG]": 99}
+    # As LISA-7B-v1's: 4.31 sets these on the tokenizer, and a plain-string "</s>" would strip the spaces around it
+    flags = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
     assert json.loads((out / "special_tokens_map.json").read_text()) == {
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}
+        "bos_token": {"content": "<s>", **flags}, "eos_token": {"content": "</s>", **flags},
+        "unk_token": {"content": "<unk>", **flags}, "pad_token": "<unk>"}
 
 
 def test_toy_word_level_export_gives_lisa_its_token_rows(tmp_path: Path) -> None:
