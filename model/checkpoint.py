@@ -14,6 +14,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,7 +23,7 @@ from transformers.initialization import no_init_weights
 
 from model.builder import SAM_BUILDERS, load_vision_tower
 from model.bundle import LisaBundle, cast_model, keep_fp32_buffers
-from model.lisa import LISAForCausalLM
+from model.lisa import LisaExtras, LISAForCausalLM
 from model.prompt import (
     IM_END_TOKEN,
     IM_PATCH_TOKEN,
@@ -72,18 +73,75 @@ def load_tokenizer(ckpt_dir: Path, config: LlamaConfig) -> PreTrainedTokenizerBa
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    """``save_pretrained`` plus what LISA's tokenization needs and transformers 5 leaves out: the
-    sentencepiece tokenizer.model and the ``legacy`` flag the tokenizer was loaded with (it writes
-    its own class default instead)."""
+    """``save_pretrained`` plus the files of a released LISA checkpoint that transformers 5 leaves out.
+
+    LISA runs transformers 4.31's slow LlamaTokenizer (``use_fast=False``), which ignores tokenizer.json:
+    it reads the sentencepiece ``tokenizer.model``, then ``added_tokens.json`` (LISA's ``<im_patch>``,
+    ``<im_start>``, ``<im_end>``, ``[SEG]`` with their ids) and ``special_tokens_map.json``. Without
+    added_tokens.json its train_ds.py gives ``[SEG]`` a new id one row off the checkpoint's and its chat.py
+    splits ``[SEG]`` into word pieces. ``tokenizer_config.json`` keeps the ``legacy`` flag the tokenizer was
+    loaded with (transformers 5 writes its own class default) and names a class 4.31 resolves. A word-level
+    tokenizer (the tiny and toy models' default) has no sentencepiece model: it gets every file but
+    tokenizer.model (docs/fidelity.md, "The released layout")."""
     tokenizer.save_pretrained(out_dir)
     model_file = sentencepiece_model_file(tokenizer)
     if model_file is not None and not (out_dir / "tokenizer.model").exists():
         # transformers 5 writes only tokenizer.json; LISA's tokenization encodes with sentencepiece
         shutil.copyfile(model_file, out_dir / "tokenizer.model")
+    (out_dir / "added_tokens.json").write_text(json.dumps(released_added_tokens(tokenizer), indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(released_special_tokens(tokenizer), indent=2))
     config_file = out_dir / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config["legacy"] = legacy_spacing(tokenizer)
+    # 4.31's AutoTokenizer resolves the class by this name; transformers 5 writes "TokenizersBackend" for a
+    # tokenizer built from a tokenizers object, which 4.31 does not know (PreTrainedTokenizerFast it does).
+    config["tokenizer_class"] = "LlamaTokenizer" if model_file is not None else "PreTrainedTokenizerFast"
     config_file.write_text(json.dumps(config, indent=2))
+
+
+def released_special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """special_tokens_map.json as LISA-7B-v1 has it (4.31's save_pretrained): ``<s>``, ``</s>``, ``<unk>`` as
+    AddedToken fields with ``lstrip``/``rstrip`` false, the pad token (LISA sets ``pad_token = unk_token``) as a
+    plain string. 4.31's loader sets each entry on the tokenizer, and a plain-string ``</s>`` would strip the
+    whitespace on both sides of it (as an added token without flags does), which LISA's does not."""
+    special: dict[str, Any] = {}
+    for name in ("bos_token", "eos_token", "unk_token"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            special[name] = {"content": str(token), "lstrip": False, "normalized": True, "rstrip": False,
+                             "single_word": False}
+    if getattr(tokenizer, "pad_token", None) is not None:
+        special["pad_token"] = str(tokenizer.pad_token)
+    return special
+
+
+def base_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The vocabulary before added tokens: the sentencepiece model's pieces (what 4.31's slow
+    LlamaTokenizer starts from), else the tokenizer model's own vocabulary."""
+    model_file = sentencepiece_model_file(tokenizer)
+    if model_file is not None:
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=str(model_file)).get_piece_size()
+    return tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+
+
+def released_added_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """added_tokens.json as 4.31 writes and reads it: every token past the base vocabulary with its id.
+
+    4.31's slow tokenizer adds them in id order and refuses an id that is not the next free row ("Non-consecutive
+    added token"), so the ids must run on from the base vocabulary without a gap; a tokenizer whose added tokens
+    do not cannot be written in this layout, and is refused here rather than when LISA loads it."""
+    base = base_vocab_size(tokenizer)
+    added = dict(sorted(((t, i) for t, i in tokenizer.get_added_vocab().items() if i >= base), key=lambda x: x[1]))
+    expected = list(range(base, base + len(added)))
+    if list(added.values()) != expected or len(tokenizer) != base + len(added):
+        raise ValueError(
+            f"the tokenizer's added tokens {added} do not follow its base vocabulary of {base} without a gap "
+            f"(ids {expected} expected, {len(tokenizer)} tokens in all): LISA's slow tokenizer (transformers 4.31) "
+            "would refuse its added_tokens.json"
+        )
+    return added
 
 
 def weight_files(ckpt_dir: Path) -> list[Path]:
@@ -216,13 +274,46 @@ def save_clip_dir(bundle: LisaBundle, clip_dir: str | Path) -> Path:
     return clip_dir
 
 
+#: config.json fields of a released LISA checkpoint (LISA-7B-v1) that LISA's code reads or sets when it builds
+#: the model, with the values its training script leaves there. ``train_mask_decoder`` present is how
+#: model/LISA.py (``LisaMetaModel``, ``LISAForCausalLM``) tells a LISA checkpoint from a LLaVA base: without it
+#: chat.py fails on ``kwargs["train_mask_decoder"]``; with it, SAM and text_hidden_fcs are built from ``out_dim``
+#: and the CLIP tower from ``vision_tower`` (copied to ``mm_vision_tower``; chat.py's ``--vision-tower``
+#: overrides it). LLaVA's ``llava_arch.py`` / ``clip_encoder.py`` read ``mm_vision_tower``,
+#: ``mm_vision_select_layer``, ``mm_vision_select_feature``, ``mm_hidden_size``, ``mm_use_im_start_end``;
+#: the rest are what ``LisaModel.__init__`` and ``initialize_vision_modules`` write.
+LISA_CONFIG_DEFAULTS: dict[str, Any] = {
+    "train_mask_decoder": True, "mm_vision_select_feature": "patch", "mm_use_im_patch_token": False,
+    "use_mm_proj": True, "image_aspect_ratio": "square", "image_grid_pinpoints": None, "tune_mm_mlp_adapter": False,
+    "freeze_mm_mlp_adapter": True, "pretrain_mm_mlp_adapter": None,
+}
+
+
+def lisa_config_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (the model's, as a dict) with every field a released LISA config.json has: the ones the model
+    was built with (``LisaExtras``: ``out_dim``, ``mm_hidden_size``, ``mm_vision_select_layer``,
+    ``mm_use_im_start_end``, the tower under both its names ``vision_tower`` and ``mm_vision_tower``; a LLaVA base
+    config has only the second) and ``LISA_CONFIG_DEFAULTS`` where the config has no value."""
+    extras = LisaExtras.from_config(LlamaConfig.from_dict({k: v for k, v in config.items() if k != "model_type"}))
+    config = dict(config)
+    config.update(out_dim=extras.out_dim, mm_hidden_size=extras.mm_hidden_size,
+                  mm_vision_select_layer=extras.mm_vision_select_layer, mm_use_im_start_end=extras.mm_use_im_start_end,
+                  vision_tower=config.get("vision_tower") or extras.vision_tower,
+                  mm_vision_tower=config.get("mm_vision_tower") or extras.vision_tower)
+    for key, value in LISA_CONFIG_DEFAULTS.items():
+        config.setdefault(key, value)
+    return config
+
+
 def save_lisa_checkpoint(bundle: LisaBundle, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3,
                          safe: bool = True) -> Path:
-    """Write ``bundle`` in LISA's Hugging Face layout (config, sharded weights + index, tokenizer)."""
+    """Write ``bundle`` in LISA's Hugging Face layout: every file of a released LISA checkpoint (LISA-7B-v1):
+    config.json with LISA's fields, generation_config.json, sharded weights + index, tokenizer files
+    (``save_tokenizer``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = bundle.model
-    config = model.config.to_dict()
+    config = lisa_config_fields(model.config.to_dict())
     config.update(architectures=["LISAForCausalLM"], model_type="llava", torch_dtype=str(bundle.dtype).split(".")[-1])
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
     state = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_state_dict().items()}
@@ -241,6 +332,10 @@ def save_lisa_checkpoint(bundle: LisaBundle, out_dir: str | Path, *, max_shard_b
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / index_name).write_text(json.dumps(index, indent=2))
     save_tokenizer(bundle.tokenizer, out_dir)
+    tokenizer = bundle.tokenizer
+    generation = {"_from_model_config": True, "bos_token_id": tokenizer.bos_token_id,
+                  "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return out_dir
 
 

@@ -24,14 +24,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, default=None, help=f"table file (default: <root>/{SWEEP_TABLE})")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
-        parser.error(f"{args.root} is not a directory")
+        raise SystemExit(f"{args.root} is not a directory (give the sweep or runs directory to search)")
     skipped: list = []
     rows = collect_runs(args.root, skipped)
     for path, why in skipped:
         print(f"skipped {path}: {why}", file=sys.stderr, flush=True)
     if not rows:
         found = f" ({len(skipped)} skipped, named above)" if skipped else ""
-        parser.error(f"no readable metrics.json under {args.root}{found}")
+        raise SystemExit(f"no readable metrics.json under {args.root}{found}")
     text = table(rows)
     (args.out or args.root / SWEEP_TABLE).write_text(text + "\n")
     print(text)

@@ -41,6 +41,7 @@ def one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
     (["-m", "scripts.search_schedule", "--model", "tiny", "--reduction", "2.5"], "reduction"),
     (["-m", "scripts.chat", "--preset", "llava7b_224_p70", "--image", "assets/toy_towers/clip/config.json",
       "--query", "q"], "8 decoder layers"),
+    (["-m", "scripts.collect_runs", "/no/such/sweep"], "/no/such/sweep is not a directory"),
 ])
 def test_user_errors_are_one_line_with_exit_status_2(args: list[str], needle: str) -> None:
     one_line_error(run(args), needle)

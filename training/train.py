@@ -172,6 +172,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     bundle = build_from_config(cfg.model)
     model = bundle.model
+    if cfg.trainer.get("save_released", True):  # refused now, not after training, if the export cannot be written
+        from model.checkpoint import released_added_tokens
+
+        released_added_tokens(bundle.tokenizer)
     initial = weights_fingerprint(model.named_parameters())
     trainable = setup_trainable(model, cfg.mode)
     fingerprint = run_fingerprint(initial, cfg, trainable.names, method)

@@ -63,8 +63,11 @@ def write_released_tokenizer(directory: Path, vocab_size: int = 96, *, legacy: b
     if legacy is not None:
         config["legacy"] = legacy
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    # as LISA-7B-v1's: with plain strings 4.31 would strip the whitespace around </s>
+    flags = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
     (directory / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
+        {"bos_token": {"content": "<s>", **flags}, "eos_token": {"content": "</s>", **flags},
+         "unk_token": {"content": "<unk>", **flags}, "pad_token": "<unk>"}))
     (directory / "added_tokens.json").write_text(json.dumps({t: pieces + i for i, t in enumerate(ADDED)}))
 
 

@@ -18,6 +18,7 @@ import pytest
 from model.checkpoint import read_lisa_config
 from runs.models import build_from_config
 from scripts.toy_metrics import REPO, SPLIT, evaluate_checkpoint
+from tests.training.test_export_lisa import lisa_431_token_ids
 
 ASSET = REPO / "assets" / "toy_lisa"
 
@@ -32,6 +33,11 @@ def test_committed_checkpoint_is_small_and_complete() -> None:
     bundle = build_from_config({"kind": "lisa", "checkpoint": str(ASSET), "vision_tower": str(ASSET / "vision_tower"),
                                 "dtype": "float32", "device": "cpu"})
     assert bundle.model.vision_tower.num_patches == 64
+    # the released layout's files: LISA's own tokenizer path (4.31) finds its tokens at the checkpoint's rows
+    ids = lisa_431_token_ids(ASSET)
+    token_ids = bundle.token_ids
+    assert (ids["seg"], ids["chat_seg"], ids["im_start"], ids["im_end"], ids["rows"]) == (
+        token_ids.seg, token_ids.seg, token_ids.im_start, token_ids.im_end, config.vocab_size)
 
 
 @pytest.mark.slow

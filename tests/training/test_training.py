@@ -28,6 +28,7 @@ from model.inference import teacher_forced
 from model.pipeline import Query, SegmentationPipeline
 from model.prompt import ANSWER_LIST, SHORT_QUESTION_LIST, build_prompt, tokenize_with_image
 from runs.images import open_image
+from tests.training.test_export_lisa import check_round_trip
 from training import checkpointing as ckpt
 from training.cache import DecoderCache
 from training.data import DataOrder, EmptyTrainingSetError, PromptStyle, conversations, item_rng, load_sources
@@ -405,6 +406,7 @@ def test_full_mode_trains_all_but_frozen_and_writes_released_checkpoint(mini: Pa
     assert list((tmp_path / "wandb").rglob("*.wandb"))  # the offline run was written
     out = result["outputs"]
     bundle = load_lisa_checkpoint(out["checkpoint"], out["vision_tower"])
+    check_round_trip(bundle, Path(out["checkpoint"]), sentencepiece=False)  # LISA's files, fields and token ids
     after = {k: v.detach() for k, v in bundle.model.checkpoint_state_dict().items()}
     changed = changed_keys(before, after)
     frozen = ("model.visual_model.image_encoder.", "model.mm_projector")
