@@ -1,4 +1,5 @@
-"""Opt-in fp32 CPU inference speed-up: the LLM's linear layers run oneDNN GEMMs on prepacked weights.
+"""fp32 CPU inference speed-up (the default there, `model.cpu_prepack: auto`): the LLM's linear layers run oneDNN
+GEMMs on prepacked weights.
 
 Why: on a CPU, a GEMM with few rows pays for packing its weight matrix on every call, a cost that
 does not shrink with the rows. A pruned LLaMA layer (~64-94 rows) therefore runs its seven GEMMs at

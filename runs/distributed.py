@@ -77,6 +77,19 @@ def init_distributed(ctx: DistContext | None = None) -> DistContext:
     return ctx
 
 
+def single_process_env() -> None:
+    """The launcher's variables for one process (rank 0 of 1, a free local port), where none are set: what
+    ``deepspeed.initialize`` needs outside a launcher (it otherwise looks for MPI)."""
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+
+
 def share_run_stamp(ctx: DistContext) -> str:
     """Rank 0's timestamp on every rank (exported as ``LVLM_CSP_RUN_STAMP`` for the run directory)."""
     stamp = os.environ.get(RUN_STAMP_ENV) or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")

@@ -55,24 +55,46 @@ def layers_and_image_tokens(cfg: Mapping[str, Any]) -> tuple[int, int]:
     return read_lisa_config(Path(llm_dir)).num_hidden_layers, (clip.image_size // clip.patch_size) ** 2
 
 
-def build_from_config(cfg: Mapping[str, Any]) -> LisaBundle:
+def build_from_config(cfg: Mapping[str, Any], *, training: bool = False) -> LisaBundle:
     """Hydra ``model`` node -> bundle. ``kind``: ``tiny`` | ``toy`` | ``lisa`` (released) | ``fresh``.
 
-    Paths are checked before anything is loaded. ``cpu_prepack: true`` (fp32 on a CPU only) runs the LLM's
-    linear layers on oneDNN-prepacked weights (``model.cpu_linear``; same outputs up to fp32 rounding).
+    Paths are checked before anything is loaded. ``cpu_prepack`` runs the LLM's linear layers on
+    oneDNN-prepacked weights (``model.cpu_linear``; same outputs up to fp32 rounding): ``auto`` (the default,
+    also when the key is absent or null) turns it on for inference of a float32 model on a CPU with oneDNN
+    and off otherwise (GPU, bf16 / fp16, ``training=True``); ``true`` insists (an error where it cannot run);
+    ``false`` turns it off.
     """
     kind = cfg.get("kind", "lisa")
     dtype = resolve_dtype(cfg["dtype"]) if cfg.get("dtype") else None  # None: the checkpoint's own
     device = torch.device(cfg.get("device", "cpu"))
-    prepack = bool(cfg.get("cpu_prepack", False))
-    if prepack and dtype is not None:  # before anything is loaded when the dtype is known
+    prepack = prepack_setting(cfg.get("cpu_prepack"))
+    if prepack is True and dtype is not None:  # before anything is loaded when the dtype is known
         _check_prepack(device, dtype)
     bundle = _build(cfg, kind, dtype, device)
-    if prepack:  # fp32 CPU inference: the LLM's linears on oneDNN-prepacked weights (model.cpu_linear)
+    if prepack is True:  # fp32 CPU inference: the LLM's linears on oneDNN-prepacked weights (model.cpu_linear)
         if dtype is None:  # the checkpoint's own dtype: known only now
             _check_prepack(bundle.device, bundle.dtype)
         prepack_cpu_linears(bundle.model.model.layers)
+    elif prepack == "auto" and not training and prepack_supported(bundle.device, bundle.dtype):
+        prepack_cpu_linears(bundle.model.model.layers)
     return bundle
+
+
+def prepack_setting(value: Any) -> bool | str:
+    """``model.cpu_prepack`` as True, False or ``"auto"`` (absent / null / "auto"); anything else is an error."""
+    if value is None or value == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"model.cpu_prepack={value!r}; expected auto, true or false")
+
+
+def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        check_prepack_supported(device, dtype)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_prepack(device: torch.device, dtype: torch.dtype) -> None:

@@ -689,9 +689,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compiled", action="store_true",
                         help="one-preset mode: time the compiled path (csp.runner.CompileOptions) instead of eager; "
                              "suite: add a '+compiled' row for every setting")
-    parser.add_argument("--cpu-prepack", action="store_true",
-                        help="fp32 CPU: the LLM's linear layers use oneDNN-prepacked weights (model.cpu_linear), "
-                             "for plain and every method alike")
+    parser.add_argument("--cpu-prepack", action=argparse.BooleanOptionalAction, default=None,
+                        help="the LLM's linear layers on oneDNN-prepacked weights (model.cpu_linear), for plain and "
+                             "every method alike; default: on for fp32 on a CPU (as eval_ds.py's "
+                             "model.cpu_prepack=auto), off elsewhere; --no-cpu-prepack: eager F.linear")
     parser.add_argument("--bucket", type=int, default=16, help="compiled path: stage widths rounded up to this")
     parser.add_argument("--compile-backend", default="inductor", help="compiled path: torch.compile backend")
     parser.add_argument("--threads", type=int, default=None,
@@ -708,6 +709,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rounds = 3 if args.suite else 2
     if args.warmup is None:
         args.warmup = 1 if args.suite else 2
+    if args.cpu_prepack is None:  # auto: on where it can run (fp32 CPU with oneDNN)
+        from runs.models import prepack_supported
+
+        args.cpu_prepack = prepack_supported(torch.device(args.device), resolve_dtype(args.dtype))
     return args
 
 

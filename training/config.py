@@ -81,10 +81,6 @@ def check_config(cfg: DictConfig) -> None:
     for split in cfg.train_data.get("val_splits") or []:
         check_split(str(split))
     world = context_from_env().world_size
-    if (world > 1 or t.get("deepspeed")) and not str(cfg.model.get("device", "cpu")).startswith("cuda"):
-        raise ValueError(f"DeepSpeed training (trainer.deepspeed=true or WORLD_SIZE={world}) needs the model on CUDA "
-                         f"GPUs (model.device={cfg.model.get('device', 'cpu')}); on CPU train in one plain process "
-                         "(trainer.deepspeed=false, no launcher)")
     if mode == "lisa" and not cfg.mode.get("lora"):
         raise ValueError("mode=lisa needs mode.lora {r, alpha, dropout, targets}")
     for i, group in enumerate(t.get("lr_scale") or []):
@@ -94,6 +90,9 @@ def check_config(cfg: DictConfig) -> None:
     if (t.get("lr_scale") or t.get("image_ramp")) and (world > 1 or t.get("deepspeed")):
         raise ValueError("trainer.lr_scale / trainer.image_ramp are plain-process options (the toy world); DeepSpeed's "
                          "WarmupDecayLR sets one lr for every group: leave them null with DeepSpeed")
+    if (world > 1 or t.get("deepspeed")) and int(t.warmup_steps) < 1:
+        raise ValueError(f"trainer.warmup_steps={t.warmup_steps}; DeepSpeed's WarmupDecayLR needs >= 1 (it warms up "
+                         "over at least 2 steps)")
     ramp = t.get("image_ramp")
     if ramp is not None:
         if mode == "decoder":

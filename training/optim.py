@@ -17,6 +17,20 @@ def warmup_decay(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def deepspeed_warmup_decay(step: int, warmup: int, total: int) -> float:
+    """LR factor DeepSpeed's WarmupDecayLR (linear) gives optimizer step ``step`` (0-based) as the engine runs
+    it: the scheduler starts at its min lr (0) and is stepped after each optimizer step, and it warms up over
+    at least 2 steps, so steps 0 and 1 run at lr 0 and step s >= 1 at the factor of s - 1. The plain loop's
+    :func:`warmup_decay` runs the same curve two steps earlier; the DeepSpeed tests train the plain loop
+    under this one to compare weights."""
+    if step == 0:
+        return 0.0
+    s, w = step - 1, max(2, warmup)
+    if s < w:
+        return s / w
+    return max(0.0, (total - s) / max(1.0, total - w))
+
+
 def image_scale(step: int, ramp: Any) -> float:
     """Factor on the projected image tokens at optimizer step ``step`` (0-based) under ``trainer.image_ramp``
     ``[start, end]``: 0 before ``start``, linear to 1 at ``end``, 1 from then on (None: always 1).
@@ -67,20 +81,29 @@ def build_optimizer(model: torch.nn.Module, params: list[torch.nn.Parameter], t:
     return optimizer, scheduler
 
 
-def deepspeed_config(t: DictConfig, world_size: int) -> dict[str, Any]:
-    """LISA's DeepSpeed config (ZeRO-2, bf16, clipping, AdamW + WarmupDecayLR) for these settings."""
+def deepspeed_config(t: DictConfig, world_size: int, device: str = "cuda") -> dict[str, Any]:
+    """LISA's DeepSpeed config (ZeRO-2, bf16, clipping, AdamW + WarmupDecayLR) for these settings.
+
+    ``device="cpu"`` (DeepSpeed's CPU accelerator, ``DS_ACCELERATOR=cpu``, gloo) changes only what the CPU
+    needs, each named in docs/training.md: fp32 (bf16 / fp16 off, as the plain loop on CPU), torch's AdamW
+    (``torch_adam``: DeepSpeed's FusedAdam is a CUDA kernel) and no communication overlap (``overlap_comm``
+    uses CUDA streams)."""
+    cpu = device.startswith("cpu")
+    optimizer_params: dict[str, Any] = {"lr": float(t.lr), "weight_decay": float(t.weight_decay),
+                                        "betas": [float(b) for b in t.betas]}
+    if cpu:
+        optimizer_params["torch_adam"] = True
     return {
         "train_micro_batch_size_per_gpu": int(t.batch_size),
         "gradient_accumulation_steps": int(t.grad_accumulation),
         "train_batch_size": int(t.batch_size) * int(t.grad_accumulation) * world_size,
-        "optimizer": {"type": "AdamW", "params": {"lr": float(t.lr), "weight_decay": float(t.weight_decay),
-                                                  "betas": [float(b) for b in t.betas]}},
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
         "scheduler": {"type": "WarmupDecayLR", "params": {
             "total_num_steps": int(t.steps), "warmup_min_lr": 0, "warmup_max_lr": float(t.lr),
             "warmup_num_steps": int(t.warmup_steps), "warmup_type": "linear"}},
-        "bf16": {"enabled": str(t.precision) == "bf16"},
-        "fp16": {"enabled": str(t.precision) == "fp16"},
+        "bf16": {"enabled": str(t.precision) == "bf16" and not cpu},
+        "fp16": {"enabled": str(t.precision) == "fp16" and not cpu},
         "gradient_clipping": float(t.grad_clip),
-        "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": True,
+        "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": not cpu,
                               "reduce_scatter": True, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
     }

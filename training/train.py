@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -38,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from csp.config import MethodConfig, method_from_config
 from evaluation.evaluate import SettingOptions, evaluate_setting
 from runs.data import load_all_groups, prepare_dataset_dir
-from runs.distributed import DistContext, barrier, init_distributed
+from runs.distributed import DistContext, barrier, init_distributed, single_process_env
 from runs.rundir import output_dir
 from training import checkpointing as ckpt
 from training.config import MODES, check_config  # noqa: F401  (re-exported)
@@ -170,7 +171,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from model.pipeline import SegmentationPipeline
     from runs.models import build_from_config
 
-    bundle = build_from_config(cfg.model)
+    bundle = build_from_config(cfg.model, training=True)  # no prepacked linears (model.cpu_linear) in training
     model = bundle.model
     if cfg.trainer.get("save_released", True):  # refused now, not after training, if the export cannot be written
         from model.checkpoint import released_added_tokens
@@ -206,10 +207,15 @@ class Runner:
         params = trainable.params(self.model)
         self.engine = None
         if ctx.distributed or bool(self.t.get("deepspeed", False)):
+            device = self.bundle.device.type
+            if device == "cpu":  # DeepSpeed's CPU accelerator (gloo); read when deepspeed is first imported
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            if not ctx.distributed:
+                single_process_env()
             import deepspeed
 
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=self.model, model_parameters=params, config=deepspeed_config(self.t, ctx.world_size))
+                model=self.model, model_parameters=params, config=deepspeed_config(self.t, ctx.world_size, device))
             from model.bundle import keep_fp32_buffers
 
             keep_fp32_buffers(self.model)  # DeepSpeed's bf16 cast also hits RoPE / SAM buffers that must stay fp32
@@ -354,6 +360,7 @@ class Runner:
             step = self.state.step
             self.train_mode()
             parts_sum: dict[str, float] = {}
+            lr = float(self.optimizer.param_groups[-1]["lr"])  # this step's plain lr (scaled groups come first)
             for micro in range(accum):
                 items = self.next_items()
                 parts, ids = self.micro_loss(items)
@@ -369,7 +376,6 @@ class Runner:
                     (parts.loss / accum).backward()
                 for key, val in parts.scalars().items():
                     parts_sum[key] = parts_sum.get(key, 0.0) + val / accum
-            lr = float(self.optimizer.param_groups[-1]["lr"])  # the plain lr (scaled groups come first)
             if self.engine is not None:  # it clipped, stepped and scheduled at the last micro-batch
                 grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
             else:

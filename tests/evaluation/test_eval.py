@@ -287,9 +287,10 @@ def test_demo_through_the_function(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "baseline" / "metrics.json").read_text()) == base
 
 
-def run_eval(args: list[str], run_dir: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_eval(args: list[str], run_dir: Path, launcher: list[str] | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [*(launcher or [sys.executable]), str(REPO / "eval_ds.py"), *args, f"hydra.run.dir={run_dir}"]
-    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(cmd, cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stderr[-6000:]}\n{out.stdout[-2000:]}"
     return out
 
@@ -334,6 +335,21 @@ def test_two_processes_equal_one(reference_run: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "run").glob("results.rank*.jsonl")) == \
         ["results.rank0.jsonl", "results.rank1.jsonl"]
     assert all(p.read_text() for p in (tmp_path / "run").glob("results.rank*.jsonl"))
+    assert comparable(tmp_path / "run") == comparable(reference_run)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_cpu_ranks_equal_one(reference_run: Path, tmp_path: Path) -> None:
+    """The same under ``deepspeed --num_gpus 2`` on CPU (DS_ACCELERATOR=cpu): it appends --local_rank=N."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
+    run_eval(SMALL, tmp_path / "run", launcher=launcher, env={"DS_ACCELERATOR": "cpu"})
+    assert sorted(p.name for p in (tmp_path / "run").glob("results.rank*.jsonl")) == \
+        ["results.rank0.jsonl", "results.rank1.jsonl"]
     assert comparable(tmp_path / "run") == comparable(reference_run)
 
 

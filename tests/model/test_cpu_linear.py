@@ -75,3 +75,21 @@ def test_pipeline_outputs_match_with_prepacked_llm(schedule: StageSchedule | Non
         torch.testing.assert_close(packed.seg_embeddings, eager.seg_embeddings, rtol=1e-4, atol=1e-4)
         assert packed.image_tokens == eager.image_tokens
     assert keys[0] == keys[1]  # checkpoints of a prepacked model are unchanged
+
+
+def test_prepacked_is_the_default_for_fp32_cpu_inference_only() -> None:
+    def packed(cfg: dict, **kw: bool) -> bool:
+        bundle = build_from_config({"kind": "tiny", "num_layers": 2, **cfg}, **kw)
+        return is_prepacked(bundle.model.model.layers[0].self_attn.q_proj)
+
+    assert packed({"dtype": "float32"}) and packed({"dtype": "float32", "cpu_prepack": "auto"})
+    assert packed({"dtype": "float32", "cpu_prepack": None})
+    assert not packed({"dtype": "float32", "cpu_prepack": False})  # the option that turns it off
+    assert not packed({"dtype": "float32"}, training=True)  # training builds eager linears
+    assert not packed({"dtype": "bfloat16"})  # auto: off where it cannot run, no error
+    with pytest.raises(ValueError, match="model.cpu_prepack='yes'; expected auto, true or false"):
+        build_from_config({"kind": "tiny", "num_layers": 2, "cpu_prepack": "yes"})
+    from scripts.benchmark import parse_args
+
+    assert parse_args([]).cpu_prepack is True and parse_args(["--no-cpu-prepack"]).cpu_prepack is False
+    assert parse_args(["--dtype", "bf16"]).cpu_prepack is False
