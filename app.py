@@ -237,7 +237,7 @@ class Demo:
         result = output.result
         tokens = TokenRecord(list(result.image_tokens), list(result.total_tokens)).summarize(pipe.dims)
         stats = {
-            "method": method.describe() if method.name in (None, "csp") else f"{method.name} {method.describe()}",
+            "method": describe(method),
             "preset": preset if method.method is not None else None,
             "Navg": round(tokens["Navg"], 3),
             "TFLOPs": float(f"{tokens['TFLOPs']:.6g}"),
@@ -247,6 +247,12 @@ class Demo:
             "mask pixels": [int(m.sum()) for m in output.masks],
         }
         return Outcome(method, preset or PLAIN_PRESET, output, stats)
+
+
+def describe(method: MethodConfig) -> str:
+    """``plain LISA``, ``csp (Lc=2, ...)``, ``fastv(layer=1, keep=2)``."""
+    text = method.describe()
+    return text if method.name is None or text.startswith(method.name) else f"{method.name} {text}"
 
 
 def example_images(out_dir: Path, indices: Sequence[int] = EXAMPLE_INDICES) -> list[tuple[str, str]]:
@@ -317,7 +323,8 @@ def build_ui(demo: Demo, examples: Sequence[tuple[str, str]] = ()) -> Any:
                                    placeholder="What is the red circle in this image? Please output segmentation mask.")
                 method = gr.Dropdown(methods, value=first_method, label="method", elem_id="method")
                 preset = gr.Dropdown(demo.presets_of(first_method), value=demo.presets_of(first_method)[0],
-                                     label="preset (configs/exp, configs/schedule)", elem_id="preset")
+                                     label="preset (configs/exp, configs/schedule)", elem_id="preset",
+                                     allow_custom_value=True)  # the choices follow the method; checked on submit
                 compare = gr.Checkbox(label="side by side with plain LISA", value=False, elem_id="compare")
                 submit = gr.Button("Submit", variant="primary", elem_id="submit")
         message = gr.Markdown("", elem_id="message")
