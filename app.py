@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import tempfile
 import threading
 import traceback
@@ -380,7 +381,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="default: bf16 on GPU (LISA's default), fp32 on CPU")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="0: any free port (printed)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-side", type=int, default=448, help="longest side of each token-map panel")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="largest image accepted (pixels)")
@@ -388,6 +389,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
                         help="stop serving after this many seconds (default: serve until interrupted)")
     return parser.parse_args(argv)
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -403,11 +410,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     examples = example_images(example_dir) if args.version is None else []
     ui = build_ui(demo, examples)
     ui.queue(max_size=16, default_concurrency_limit=1)
-    ui.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True,
-              prevent_thread_lock=True, theme=page_theme(), allowed_paths=[str(example_dir)],
-              max_file_size="50mb", quiet=True)
-    print(f"serving on http://{args.host}:{args.port} ({model_name}; {len(demo.presets)} presets fit it)",
-          flush=True)
+    for attempt in range(5):  # --port 0: a free port, chosen again if another process took it meanwhile
+        port = args.port or free_port(args.host)
+        try:
+            ui.launch(server_name=args.host, server_port=port, share=False, inbrowser=False, show_error=True,
+                      prevent_thread_lock=True, theme=page_theme(), allowed_paths=[str(example_dir)],
+                      max_file_size="50mb", quiet=True)
+            break
+        except OSError:
+            if args.port or attempt == 4:
+                raise
+    print(f"serving on http://{args.host}:{port}/ ({model_name}; {len(demo.presets)} presets fit it)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

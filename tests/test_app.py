@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -82,12 +82,6 @@ def test_the_quick_listing_agrees_with_hydra_for_every_listed_preset() -> None:
 
 # ------------------------------------------------------------------ the served app
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
                SE_OFFLINE="true", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
@@ -97,19 +91,22 @@ def server_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     log = tmp_path_factory.mktemp("app") / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port),
+        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", "0",
                                  "--stop-after", str(SERVER_LIFETIME)], cwd=REPO, env=server_env(),
                                 stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_TIMEOUT
+    url = None
     try:
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            found = re.search(r"serving on (http://127\.0\.0\.1:\d+/)", log.read_text())
+            url = url or (found and found.group(1))
             try:
+                if url is None:
+                    raise OSError("not yet serving")
                 with urllib.request.urlopen(url, timeout=5) as response:
                     if response.status == 200:
                         break
