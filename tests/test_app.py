@@ -274,24 +274,32 @@ def test_the_page_in_a_real_browser(server: str, browser, toy_image: tuple[Path,
 
     driver = browser
     path, query = toy_image
+    t0 = time.monotonic()
+
+    def mark(what: str) -> None:
+        print(f"[browser test] {time.monotonic() - t0:6.1f} s: {what}", flush=True)
+
     wait = WebDriverWait(driver, REQUEST_TIMEOUT)
     driver.get(server)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
+    mark("page loaded")
     preset = driver.find_element(By.CSS_SELECTOR, "#preset input").get_attribute("value")
     assert preset in app.Demo.presets_of(_demo_stub(), "csp"), preset
 
     # an empty query: a message in the page
     driver.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(path))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))
-    driver.find_element(By.CSS_SELECTOR, "#submit").click()
+    driver.execute_script("arguments[0].click();", driver.find_element(By.CSS_SELECTOR, "#submit"))
     wait.until(lambda d: "Type a query" in d.find_element(By.CSS_SELECTOR, "#message").text)
+    mark("empty query answered")
 
     # the query, side by side with plain LISA
     driver.find_element(By.CSS_SELECTOR, "#query textarea").send_keys(query)
-    driver.find_element(By.CSS_SELECTOR, "#compare input").click()
-    driver.find_element(By.CSS_SELECTOR, "#submit").click()
+    driver.execute_script("arguments[0].click();", driver.find_element(By.CSS_SELECTOR, "#compare input"))
+    driver.execute_script("arguments[0].click();", driver.find_element(By.CSS_SELECTOR, "#submit"))
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#message").text.startswith("Done"))
     wait.until(lambda d: all(_image_src(d, e) for e in ("a_overlay", "a_token_map", "b_overlay", "b_token_map")))
+    mark("results shown")
     text = driver.find_element(By.CSS_SELECTOR, "#a_answer textarea").get_attribute("value")
     out, direct = reference(reference_bundle, preset, path, query)
     assert text == direct.text
@@ -303,6 +311,7 @@ def test_the_page_in_a_real_browser(server: str, browser, toy_image: tuple[Path,
                                   np.asarray(plain_out.token_map_obj.figure()))
     assert "Navg" in driver.find_element(By.CSS_SELECTOR, "#a_stats").text
 
+    mark("checked against the pipeline")
     shot = tmp_path / "page.png"
     driver.save_screenshot(str(shot))
     assert rgb(shot).shape[1] >= 1000
