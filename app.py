@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -426,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait(timeout=args.stop_after)
     ui.close()
+    shutil.rmtree(example_dir, ignore_errors=True)
     print("stopped", flush=True)
 
 
