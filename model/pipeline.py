@@ -58,6 +58,7 @@ class ChatResult:
     image_tokens: list[int]
     total_tokens: list[int]
     kept_image_tokens: list[KeptImageTokens] = field(repr=False, default_factory=list)
+    llm_ms: float = 0.0  # the generation's LLM time (prefill + every decoding step), as Timer measures it
 
 
 @dataclass
@@ -289,10 +290,11 @@ class SegmentationPipeline:
         enc = self.encode_image(image)
         ids = [self.chat_ids(text)]
         tok = self.bundle.token_ids
-        out = generate(self.model, self.runner, ids, seg_id=tok.seg, eos_id=tok.eos, pad_id=tok.pad,
-                       max_new_tokens=max_new_tokens, cluster_keep=self.cluster(enc, [sample_id]),
-                       **self.image_inputs(enc, 1))
+        keep = self.cluster(enc, [sample_id])  # outside the timer, as in segment()
+        with Timer(self.bundle.device) as timer:
+            out = generate(self.model, self.runner, ids, seg_id=tok.seg, eos_id=tok.eos, pad_id=tok.pad,
+                           max_new_tokens=max_new_tokens, cluster_keep=keep, **self.image_inputs(enc, 1))
         text_out = self.bundle.tokenizer.decode(out.generated[0], skip_special_tokens=False)
         record = out.records[0]
         return ChatResult(text_out, self.masks_for(enc, out.seg_embeddings[0]), out.seg_embeddings[0],
-                          record.image_tokens, record.total_tokens, out.kept_image_tokens)
+                          record.image_tokens, record.total_tokens, out.kept_image_tokens, llm_ms=timer.ms)

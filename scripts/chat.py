@@ -136,6 +136,8 @@ class ChatOutput:
     token_map: Path | None = None
     masks: np.ndarray | None = None
     token_map_obj: object | None = None
+    overlay_images: list[np.ndarray] = field(default_factory=list)  # H x W x 3 uint8, one per [SEG]
+    result: object | None = None  # the pipeline's ChatResult (token counts, LLM time)
 
 
 def overlay_name(image_path: Path, index: int) -> str:
@@ -152,6 +154,27 @@ def compared_strategies(spec: str, pipe: SegmentationPipeline) -> list[str]:
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
+def answer(pipe: SegmentationPipeline, image: Image.Image, query: str, *, strategies: Sequence[str] = (),
+           max_new_tokens: int = 32, max_side: int | None = 448) -> ChatOutput:
+    """Answer ``query`` about ``image`` in memory: the text, the masks, one overlay per [SEG]
+    (``overlay_images``: the image at its size with the mask tinted) and the token map (what
+    :func:`run_query` saves, and what ``app.py`` shows)."""
+    result = pipe.chat(image, query, max_new_tokens=max_new_tokens)
+    geometry = TokenGeometry.for_tower(pipe.model.vision_tower, image.height, image.width)
+    output = ChatOutput(text=result.text, masks=result.masks, result=result)
+    plain = new_token_map(image, geometry, max_side=None)
+    output.overlay_images = [draw_mask(plain, mask) for mask in result.masks]
+    compared = {}
+    if strategies:  # as many tokens as the method's own selection keeps before layer 0
+        kept = pipe.method.image_tokens_per_layer(pipe.num_layers, pipe.num_image_tokens)
+        if kept is not None:
+            compared = strategy_selections(pipe, image, strategies, kept[0])
+    output.token_map_obj = token_map(image, geometry, result.kept_image_tokens, num_layers=pipe.num_layers,
+                                     masks=result.masks, strategies=compared, caption=_caption(query),
+                                     max_side=max_side)
+    return output
+
+
 def run_query(pipe: SegmentationPipeline, image_path: Path, query: str, out_dir: Path, *,
               strategies: Sequence[str] = (), max_new_tokens: int = 32, max_side: int | None = 448) -> ChatOutput:
     """Answer ``query`` about ``image_path``; write the overlays and the token map into ``out_dir``."""
@@ -163,25 +186,14 @@ def run_query(pipe: SegmentationPipeline, image_path: Path, query: str, out_dir:
         image = open_image(image_path)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageReadError(f"{image_path} is not an image this can read ({type(err).__name__}: {err})") from err
-    result = pipe.chat(image, query, max_new_tokens=max_new_tokens)
+    output = answer(pipe, image, query, strategies=strategies, max_new_tokens=max_new_tokens, max_side=max_side)
     out_dir.mkdir(parents=True, exist_ok=True)
-    geometry = TokenGeometry.for_tower(pipe.model.vision_tower, image.height, image.width)
-    output = ChatOutput(text=result.text, masks=result.masks)
-    plain = new_token_map(image, geometry, max_side=None)
-    for k, mask in enumerate(result.masks):
+    for k, overlay in enumerate(output.overlay_images):
         path = out_dir / overlay_name(image_path, k)
-        Image.fromarray(draw_mask(plain, mask)).save(path)
+        Image.fromarray(overlay).save(path)
         output.overlays.append(path)
-    compared = {}
-    if strategies:  # as many tokens as the method's own selection keeps before layer 0
-        kept = pipe.method.image_tokens_per_layer(pipe.num_layers, pipe.num_image_tokens)
-        if kept is not None:
-            compared = strategy_selections(pipe, image, strategies, kept[0])
-    tmap = token_map(image, geometry, result.kept_image_tokens, num_layers=pipe.num_layers, masks=result.masks,
-                     strategies=compared, caption=_caption(query), max_side=max_side)
     output.token_map = out_dir / f"{image_path.stem}_token_map.png"
-    tmap.save(str(output.token_map))
-    output.token_map_obj = tmap
+    output.token_map_obj.save(str(output.token_map))
     return output
 
 
