@@ -151,7 +151,9 @@ def check_image(path: str | None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         with Image.open(path) as probe:  # the header only: refuse a huge image before decoding it
             width, height = probe.size
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    # ModuleNotFoundError: once ultralytics is imported (the seg_first strategy), its patched Image.open retries an
+    # unreadable file as HEIF and fails on the missing pi_heif (runs.images.open_image says the same)
+    except (OSError, ValueError, Image.DecompressionBombError, ModuleNotFoundError) as err:
         raise InputError(f"The uploaded file is not an image this demo can read ({type(err).__name__}).") from err
     if width * height > max_pixels:
         raise InputError(f"The image is {width} x {height} = {width * height / 1e6:.1f} megapixels; "

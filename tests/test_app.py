@@ -42,6 +42,9 @@ SCREENSHOT = REPO / "docs" / "app_demo.png"
 # ------------------------------------------------------------------ fast checks (no server)
 
 def test_bad_inputs_are_user_messages(tmp_path: Path) -> None:
+    from csp.strategies.seg_first import _import_ultralytics_offline
+
+    _import_ultralytics_offline()  # patches PIL's Image.open (a HEIF retry): a non-image must still be a message
     not_image = tmp_path / "notes.png"
     not_image.write_text("not an image")
     with pytest.raises(app.InputError, match="not an image"):
