@@ -6,7 +6,7 @@ Both numbers come from evaluation itself (``evaluation.evaluate.evaluate``, plai
 evaluation prompt) on ``toyref|unc|val`` written from the toy spec in ``configs/exp/toy_p70.yaml``:
 ``gIoU`` / ``cIoU`` over the whole split, gIoU per expression type, ``zeroed_image_tokens`` (the same
 evaluation with every projected image token set to zero before the LLM: how much the model reads its
-image tokens), and ``check`` over the first ``--check-samples`` samples (24), which
+image tokens), and ``check`` over the first ``--check-samples`` samples (24; plain and zeroed), which
 ``tests/model/test_toy_checkpoint.py`` recomputes (a few seconds) and compares.
 """
 
@@ -93,6 +93,7 @@ def record(checkpoint: Path, check_samples: int) -> dict[str, Any]:
         by_type = giou_by_type(Path(tmp) / "full" / "run" / "results.jsonl")
         by_description = giou_by_type(Path(tmp) / "full" / "run" / "results.jsonl", by_description=True)
         check = evaluate_checkpoint(checkpoint, Path(tmp) / "check", check_samples)
+        check_zeroed = evaluate_checkpoint(checkpoint, Path(tmp) / "check_zeroed", check_samples, zero_image_tokens=True)
         zeroed = evaluate_checkpoint(checkpoint, Path(tmp) / "zeroed", None, zero_image_tokens=True)
         zeroed_by_type = giou_by_type(Path(tmp) / "zeroed" / "run" / "results.jsonl")
     split, part = full["splits"][SPLIT], check["splits"][SPLIT]
@@ -100,7 +101,8 @@ def record(checkpoint: Path, check_samples: int) -> dict[str, Any]:
             "cIoU": split["cIoU"], "by_expression_type": by_type, "by_type_and_target_description": by_description,
             "zeroed_image_tokens": {"gIoU": zeroed["splits"][SPLIT]["gIoU"], "by_expression_type": zeroed_by_type},
             "check": {"max_samples_per_split": check_samples, "samples": part["evaluated"],
-                      "gIoU": part["gIoU"], "cIoU": part["cIoU"]}}
+                      "gIoU": part["gIoU"], "cIoU": part["cIoU"],
+                      "zeroed_image_tokens_gIoU": check_zeroed["splits"][SPLIT]["gIoU"]}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

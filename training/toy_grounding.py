@@ -54,6 +54,18 @@ TRAIN_STREAM, HELD_OUT_STREAM = 102, 103
 TRAINED_PREFIXES = ("model.layers", "model.embed_tokens", "model.norm", "model.mm_projector")
 #: With the pointing term on, the [SEG] read-out too (LISA's ``text_hidden_fcs``).
 POINT_PREFIXES = ("model.text_hidden_fcs",)
+RESIDUAL_INITS = ("uniform", "depth")
+
+
+def scale_residual_writes(llm: torch.nn.Module) -> None:
+    """GPT-2's residual initialisation: every decoder layer's ``o_proj`` and ``down_proj`` weights times
+    ``(2 L) ** -0.5`` (``L`` decoder layers, two residual writes each)."""
+    layers = llm.layers
+    factor = (2 * len(layers)) ** -0.5
+    with torch.no_grad():
+        for layer in layers:
+            layer.self_attn.o_proj.weight.mul_(factor)
+            layer.mlp.down_proj.weight.mul_(factor)
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,11 @@ class GroundingSpec:
     train_images: int = 3000
     held_out_images: int = 100
     eval_every: int = 200
+    #: ``uniform``: every LLM weight drawn with the same std (``ToySizes.init_std``); ``depth``: the two
+    #: projections that write into the residual stream (attention's ``o_proj``, the MLP's ``down_proj``) further
+    #: scaled by ``(2 L) ** -0.5`` as GPT-2 initialises them, so that the stream's variance at init does not
+    #: grow with depth (docs/toy_world.md, run K: the held-out hit after 600 steps 0.56 against 0.46).
+    residual_init: str = "uniform"
 
     def check(self) -> None:
         for key in ("steps", "batch", "train_images", "held_out_images", "eval_every"):
@@ -80,6 +97,8 @@ class GroundingSpec:
                 raise ValueError(f"{key}: expected a positive integer, got {getattr(self, key)}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive number, got {self.lr}")
+        if self.residual_init not in RESIDUAL_INITS:
+            raise ValueError(f"residual_init: expected one of {RESIDUAL_INITS}, got {self.residual_init!r}")
         towers = Path(self.towers)
         if not (towers / "clip" / "config.json").is_file() or not (towers / "sam.safetensors").is_file():
             raise FileNotFoundError(f"towers={towers}: expected clip/config.json and sam.safetensors there "
@@ -233,6 +252,8 @@ def train_grounding(spec: GroundingSpec, out_dir: Path, log: bool = True) -> dic
     bundle = build_toy_lisa(spec.seed, ToySizes(towers=spec.towers))
     pipe = SegmentationPipeline(bundle)
     model = bundle.model
+    if spec.residual_init == "depth":
+        scale_residual_writes(model.model)
     train = draw_grounding_data(pipe, spec.train_images, seed=spec.seed, stream=TRAIN_STREAM)
     held = draw_grounding_data(pipe, spec.held_out_images, seed=spec.seed, stream=HELD_OUT_STREAM)
     torch.manual_seed(spec.seed)
@@ -303,10 +324,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--held-out-images", type=int, default=GroundingSpec.held_out_images)
     parser.add_argument("--eval-every", type=int, default=GroundingSpec.eval_every)
     parser.add_argument("--point", type=float, default=GroundingSpec.point, help="weight of the pointing term")
+    parser.add_argument("--residual-init", default=GroundingSpec.residual_init, choices=RESIDUAL_INITS,
+                        help="depth: GPT-2's scaled init of the LLM's residual writes")
     args = parser.parse_args(argv)
     spec = GroundingSpec(towers=args.towers, seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
                          train_images=args.train_images, held_out_images=args.held_out_images,
-                         eval_every=args.eval_every, point=args.point)
+                         eval_every=args.eval_every, point=args.point, residual_init=args.residual_init)
     try:
         spec.check()
     except (ValueError, FileNotFoundError) as err:

@@ -50,6 +50,23 @@ def test_spec_errors_name_the_key(tmp_path: Path) -> None:
         tg.GroundingSpec(lr=-1.0).check()
     with pytest.raises(FileNotFoundError, match="towers="):
         tg.GroundingSpec(towers=str(tmp_path)).check()
+    with pytest.raises(ValueError, match="residual_init.*'gpt'"):
+        tg.GroundingSpec(residual_init="gpt").check()
+
+
+def test_depth_residual_init_scales_only_the_residual_writes() -> None:
+    """GPT-2's rule by hand: with L = 3 layers, o_proj and down_proj times 6 ** -0.5, every other weight kept."""
+    llm = build_toy_lisa(0, ToySizes(num_layers=3, hidden_size=32, heads=2, intermediate_size=48)).model.model
+    before = {name: p.detach().clone() for name, p in llm.named_parameters()}
+    tg.scale_residual_writes(llm)
+    scaled = 0
+    for name, param in llm.named_parameters():
+        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            torch.testing.assert_close(param, before[name] / 6 ** 0.5)
+            scaled += 1
+        else:
+            assert torch.equal(param, before[name]), name
+    assert scaled == 6
 
 
 def test_grounding_row_is_the_seg_row() -> None:
