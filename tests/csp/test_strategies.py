@@ -124,3 +124,49 @@ def test_seg_first_segments_each_image_once() -> None:
     picked = strategy.select(inputs, 32)
     assert len(calls) == 1 and strategy.extra_cost()["segmenter_calls"] == 1.0
     assert not torch.equal(picked[0], picked[1])  # still sampled per query
+
+
+def test_stratified_cells_partition_the_grid() -> None:
+    from csp.strategies.spatial import stratified_cells
+
+    for grid in [(16, 16), (8, 8), (24, 24), (3, 7)]:
+        n = grid[0] * grid[1]
+        for nc in sorted(v for v in {1, 2, 5, 17, 24, n // 3, n - 1, n} if v <= n):
+            cells = stratified_cells(grid, nc)
+            cover = torch.zeros(grid, dtype=torch.long)
+            for r0, r1, c0, c1 in cells:
+                assert r1 > r0 and c1 > c0
+                cover[r0:r1, c0:c1] += 1
+            assert len(cells) == nc and bool((cover == 1).all())  # Nc disjoint cells covering the grid
+    picked = build_strategy("stratified").select(inputs_for(2, n=64), 16)  # 4 x 4 cells of 2 x 2 on 8 x 8
+    assert picked[0].tolist() == [r * 8 + c for r in (0, 2, 4, 6) for c in (0, 2, 4, 6)]
+    rand = build_strategy("stratified", pick="random", seed=3).select(inputs_for(2, n=64), 16)
+    for row in rand:  # one token in each 2 x 2 cell
+        assert sorted(((int(i) // 8) // 2) * 4 + (int(i) % 8) // 2 for i in row) == list(range(16))
+
+
+def test_kcenter_is_greedy_farthest_point() -> None:
+    """A plain float64 loop over the documented distance (csp/strategies/spatial.py)."""
+    inputs = inputs_for(2, n=64)
+    for weight in (0.0, 1.0, 4.0):
+        got = build_strategy("kcenter", weight=weight).select(inputs, 12)
+        for b in range(2):
+            f = inputs.features[b].double()
+            fn = f / f.norm(dim=1, keepdim=True)
+            pos = [(i // 8, i % 8) for i in range(64)]
+
+            def d(i: int, j: int) -> float:
+                grid = ((pos[i][0] - pos[j][0]) ** 2 + (pos[i][1] - pos[j][1]) ** 2) ** 0.5 / (7 * 2 ** 0.5)
+                return float(1 - fn[i] @ fn[j]) + weight * grid
+
+            mean = fn.mean(0)
+            mean = mean / mean.norm()
+            far = [float(1 - fn[i] @ mean) for i in range(64)]
+            chosen = [max(range(64), key=lambda i: (far[i], -i))]
+            while len(chosen) < 12:
+                gap = [min(d(i, c) for c in chosen) if i not in chosen else -1.0 for i in range(64)]
+                chosen.append(max(range(64), key=lambda i: (gap[i], -i)))
+            assert got[b].tolist() == sorted(chosen)
+    # a dominant grid term spreads the centres: every 4 x 4 quadrant of the 8 x 8 grid gets some
+    spread = build_strategy("kcenter", weight=100.0).select(inputs, 4)[0].tolist()
+    assert sorted((i // 8 // 4) * 2 + (i % 8) // 4 for i in spread) == [0, 1, 2, 3]
