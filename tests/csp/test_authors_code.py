@@ -477,7 +477,7 @@ def test_visionzip_reduces_as_its_authors_code(seed: int) -> None:
 
 
 #: Before-LLM methods whose authors'-code tests are above.
-BEFORE_LLM = {"prumerge", "prumerge_plus", "visionzip"}
+BEFORE_LLM = {"prumerge", "prumerge_plus", "visionzip", "litelvlm"}  # litelvlm: tests/csp/test_litelvlm.py
 
 
 def test_every_baseline_has_an_authors_code_test() -> None:

@@ -40,6 +40,7 @@ ORACLE_CONFIGS = {
     "visionzip": {"dominant": 10, "contextual": 4},
     "random_keep": {"layer": 3, "keep": 7},
     "ivc_prune": {"layer": 3},  # seeds 1, foreground round(7.2) = 7, coordinates round(1.8) = 2 each
+    "litelvlm": {"keep": 12, "order": "raster", "text_side": "tiny"},  # the input set, original ids
 }
 
 #: The same for the tiny LISA (6 layers, N = 256).
@@ -55,7 +56,18 @@ PIPELINE_CONFIGS = {
     "visionzip": {"dominant": 54, "contextual": 10},
     "random_keep": {"layer": 2, "keep": 40},
     "ivc_prune": {"layer": 3},
+    "litelvlm": {"keep": 40, "text_side": "tiny"},  # its own order, contiguous ids (tests/csp/test_litelvlm.py)
 }
+
+
+def method_config(name: str, table: dict) -> dict:
+    """``{name, **table[name]}`` with ``text_side: tiny`` replaced by a random text side for the tiny LISA."""
+    cfg = {"name": name, **table[name]}
+    if cfg.get("text_side") == "tiny":
+        from tests.csp.test_litelvlm import tiny_text_side
+
+        cfg["text_side"] = tiny_text_side(32)
+    return cfg
 
 
 def test_every_registered_method_has_test_configs() -> None:
@@ -67,10 +79,11 @@ def test_every_registered_method_has_test_configs() -> None:
 def test_method_matches_masking_oracle(name: str) -> None:
     llm = tiny_llm(6, 4, 2, seed=5)
     rng = random.Random(zlib.crc32(name.encode()))
-    method = build_method({"name": name, **ORACLE_CONFIGS[name]})
+    method = build_method(method_config(name, ORACLE_CONFIGS))
     runner = StageRunner(llm, method, N_ORACLE)
     if not runner.plan.events and not runner.plan.input_keep:
-        assert type(method).reduce_images is not Method.reduce_images  # a before-LLM reducer: nothing in the LLM
+        # a before-LLM reducer: nothing in the LLM
+        assert type(method).reduce_images is not Method.reduce_images or method.per_query_reduction
         return
     embeds, valid, is_image, qrows, qvalid, lengths, img_rows, queries = random_batch(rng, 3, N_ORACLE, 48)
     keep = torch.stack([torch.tensor(sorted(rng.sample(range(N_ORACLE), 12))) for _ in range(3)])
@@ -162,16 +175,18 @@ def test_every_method_runs_in_evaluation_and_chat(name: str, tiny_bundle: LisaBu
                                                   plain_encoding: ImageEncoding) -> None:
     """Teacher forcing (evaluation) and KV-cache generation (chat), three prompts of different lengths
     in one batch (pipeline.segment is run for every method by the table test)."""
-    method = build_method({"name": name, **PIPELINE_CONFIGS[name]})
+    method = build_method(method_config(name, PIPELINE_CONFIGS))
     pipe = SegmentationPipeline(tiny_bundle, method=method)
-    own_encoding = type(method).reduce_images is not Method.reduce_images or method.cls_attention_layer is not None
+    own_encoding = (type(method).reduce_images is not Method.reduce_images or method.cls_attention_layer is not None
+                    or method.per_query_reduction)
     enc = pipe.encode_image(make_image(40, 52, seed=3)) if own_encoding else plain_encoding
     tok, tokenizer = tiny_bundle.token_ids, tiny_bundle.tokenizer
     full = [tokenize_with_image(build_prompt(q.text, q.is_sentence), tokenizer) for q in QUERIES]
     prompts = [tokenize_with_image(build_prompt(q.text, q.is_sentence, answer=None), tokenizer) for q in QUERIES]
     assert len({len(p) for p in prompts}) == 3
-    keep = pipe.cluster(enc, [q.sample_id for q in QUERIES])
-    images = pipe.image_inputs(enc, len(QUERIES))
+    texts = [q.text for q in QUERIES]
+    keep = pipe.cluster(enc, [q.sample_id for q in QUERIES], texts)
+    images = pipe.image_inputs(enc, len(QUERIES), texts)
     evaluation = teacher_forced(pipe.model, pipe.runner, full, seg_id=tok.seg, pad_id=tok.pad, cluster_keep=keep,
                                 prompt_lengths=[len(p) for p in prompts], **images)
     chat = generate(pipe.model, pipe.runner, prompts, seg_id=tok.seg, eos_id=tok.eos, pad_id=tok.pad,

@@ -32,7 +32,30 @@ def tiny_image() -> Image.Image:
 
 def strategy_kwargs(name: str) -> dict:
     """Arguments a strategy needs to run offline; a new strategy without required ones needs none."""
+    if name == "litelvlm":
+        from tests.csp.test_litelvlm import tiny_text_side
+
+        return {"text_side": tiny_text_side(WIDTH)}
     return {"seg_first": {"segmenter": BoxSegmenter()}}.get(name, {})
+
+
+WIDTH = 32  # the tiny LISA's CLIP width, and the features of inputs_for
+
+
+def tiny_vision(n: int, seed: int = 0):
+    """Random CLIP hidden states (``1 x (1 + n) x WIDTH``) and one random CLIP layer, for litelvlm."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    from csp.methods import VisionFeatures
+
+    torch.manual_seed(seed)
+    layers = torch.nn.ModuleList([CLIPEncoderLayer(CLIPVisionConfig(hidden_size=WIDTH, intermediate_size=WIDTH,
+                                                                    num_attention_heads=2))]).eval()
+    gen = torch.Generator().manual_seed(seed)
+    hidden = tuple(torch.randn(1, 1 + n, WIDTH, generator=gen) for _ in range(2))
+    side = int(n**0.5)
+    return VisionFeatures(hidden_states=hidden, layers=layers, select_layer=-2, grid=(side, side))
 
 
 def inputs_for(batch: int, n: int = 256, with_cls: bool = True) -> ClusteringInputs:
@@ -40,9 +63,10 @@ def inputs_for(batch: int, n: int = 256, with_cls: bool = True) -> ClusteringInp
     gen = torch.Generator().manual_seed(0)
     image = Image.fromarray((np.random.default_rng(0).random((150, 200, 3)) * 255).astype(np.uint8))
     return ClusteringInputs(
-        features=torch.randn(batch, n, 8, generator=gen), grid=(side, side), crop_size=side * 14,
+        features=torch.randn(batch, n, WIDTH, generator=gen), grid=(side, side), crop_size=side * 14,
         images=[image] * batch, sample_ids=[f"s{i}" for i in range(batch)],
         cls_attention=torch.rand(batch, n, generator=gen).softmax(-1) if with_cls else None,
+        texts=[f"query {i}" for i in range(batch)], vision=tiny_vision(n),
     )
 
 

@@ -54,13 +54,14 @@ def test_toy_table_presets_compose_validate_and_reach_their_budget(tmp_path: Pat
     from csp.config import method_from_config
     from csp.methods import METHODS
     from runs.models import layers_and_image_tokens
-    from scripts.run_table import parse, settings
+    from scripts.run_table import TOY_PEERS, parse, settings
 
     assert parse(["table=toy"])[0] == "toy"
     prefix = {"toy19": "toy_table1_", "toy10": "toy_n10_"}[level]
     configured = settings(level, tmp_path, [])
     presets = [cfg.name for _, cfg in configured[1:]]
-    assert sorted(presets) == sorted(f"{prefix}{m}" for m in METHODS)
+    peers = [f"{prefix}{suffix}" for _, suffix in TOY_PEERS] if level == "toy19" else []  # CSP's new options
+    assert sorted(presets) == sorted([f"{prefix}{m}" for m in METHODS] + peers)
     layers, n = layers_and_image_tokens(configured[0][1].model)
     assert (layers, n) == (8, 64)
     assert method_from_config(configured[0][1]).method is None  # the baseline is the plain model
@@ -83,3 +84,23 @@ def test_toy_table_combines_models_into_means_and_ranges() -> None:
     text = format_toy(results, ["a", "b"])
     assert text.splitlines()[1].split() == ["LISA", "65.0", "[60.0,", "70.0]", "64.0", "55.0", "[50.0,", "60.0]", "64.0"]
     assert "2 model(s): a, b" in text
+
+
+def test_peers_table_composes_at_table1s_budget(tmp_path: Path) -> None:
+    """table=peers: LISA, Table 1's CSP and every peer row compose and validate for LLaVA-7B-224 (L = 32,
+    N = 256); each prescribes Table 1's budget (both bounds of a data-dependent count within 51..80)."""
+    from csp.accounting import navg
+    from csp.config import method_from_config
+    from runs.models import layers_and_image_tokens
+    from scripts.run_table import PEERS, settings
+
+    configured = settings("peers", tmp_path, [])
+    assert [cfg.name for _, cfg in configured] == ["llava7b_224_baseline", *(f"table1_{s}" for _, s in PEERS)]
+    layers, n = layers_and_image_tokens(configured[0][1].model)
+    assert (layers, n) == (32, 256)
+    for _, cfg in configured[1:]:
+        method = method_from_config(cfg).method
+        counts = method.image_tokens_per_layer(layers, n)
+        bounds = [counts] if counts is not None else list(method.count_range(layers, n))
+        for per_layer in bounds:
+            assert 51 <= navg(per_layer) <= 80, (cfg.name, per_layer)
