@@ -87,14 +87,14 @@ def test_toy_table_combines_models_into_means_and_ranges() -> None:
 
 
 def test_peers_table_composes_at_table1s_budget(tmp_path: Path) -> None:
-    """table=peers: LISA, Table 1's CSP and every peer row compose and validate for LLaVA-7B-224 (L = 32,
-    N = 256); each prescribes Table 1's budget (both bounds of a data-dependent count within 51..80)."""
+    """table=peers: LISA, Table 1's CSP and every peer row compose and validate at LLaVA-7B-224's L = 32,
+    N = 256 (the tiny model with 32 layers, as the Table 1 test); each prescribes Table 1's budget (both bounds of a data-dependent count within 51..80)."""
     from csp.accounting import navg
     from csp.config import method_from_config
     from runs.models import layers_and_image_tokens
     from scripts.run_table import PEERS, settings
 
-    configured = settings("peers", tmp_path, [])
+    configured = settings("peers", tmp_path, ["model=tiny", "model.num_layers=32"])  # LLaVA-7B-224's L and N
     assert [cfg.name for _, cfg in configured] == ["llava7b_224_baseline", *(f"table1_{s}" for _, s in PEERS)]
     layers, n = layers_and_image_tokens(configured[0][1].model)
     assert (layers, n) == (32, 256)
