@@ -16,7 +16,7 @@ Add a method: a dataclass subclass of :class:`Method` in ``csp/methods/<name>.py
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -96,6 +96,16 @@ class Method(ABC):
 
     def reduce_images(self, vision: VisionFeatures) -> ReducedImages | None:
         """New image-slot features (merged tokens included), or None (the N grid tokens)."""
+        return None
+
+    #: Whether the image slot depends on the query (``reduce_queries``), not only on the image.
+    per_query_reduction: bool = False
+
+    def reduce_queries(self, vision: VisionFeatures, texts: Sequence[str],
+                       image_texts: Sequence[str] | None = None) -> ReducedImages | None:
+        """Per query text (B of them, all about the image of ``vision``), new image-slot features (in any
+        order; ``source`` lists each one's grid index), or None. ``image_texts``: every query of the image.
+        Used where ``per_query_reduction`` (LiteLVLM's own order)."""
         return None
 
     def input_tokens(self, num_image_tokens: int) -> int | None:
