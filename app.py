@@ -146,14 +146,11 @@ def check_image(path: str | None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The uploaded file as an RGB image, or an :class:`InputError` saying why not."""
     if path is None or not str(path).strip():
         raise InputError("Upload an image (or pick an example) first.")
-    from runs.images import open_image
+    from runs.images import image_size, open_image
 
     try:
-        with Image.open(path) as probe:  # the header only: refuse a huge image before decoding it
-            width, height = probe.size
-    # ModuleNotFoundError: once ultralytics is imported (the seg_first strategy), its patched Image.open retries an
-    # unreadable file as HEIF and fails on the missing pi_heif (runs.images.open_image says the same)
-    except (OSError, ValueError, Image.DecompressionBombError, ModuleNotFoundError) as err:
+        width, height = image_size(path)  # the header only: refuse a huge image before decoding it
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(f"The uploaded file is not an image this demo can read ({type(err).__name__}).") from err
     if width * height > max_pixels:
         raise InputError(f"The image is {width} x {height} = {width * height / 1e6:.1f} megapixels; "

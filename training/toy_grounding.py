@@ -182,17 +182,21 @@ class GroundingStage:
         return cells, point
 
     @torch.no_grad()
-    def hits(self, data: GroundingData, zero_images: bool = False, batch: int = 64) -> torch.Tensor:
-        """``M`` bool: whether the head's most likely cell lies on the referent (covers any of it)."""
-        out = []
+    def read(self, data: GroundingData, zero_images: bool = False,
+             batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``M`` bool: whether the head's most likely cell lies on the referent (covers any of it),
+        ``M x C`` [SEG] prompts), from one pass of the LLM over every expression."""
+        hits, prompts = [], []
         for start in range(0, len(data), batch):
             sl = slice(start, start + batch)
             features = data.features[data.scene[sl]]
             if zero_images:
                 features = torch.zeros_like(features)
-            best = self.head(self.seg_states(features, data.texts[sl])).argmax(-1, keepdim=True)
-            out.append(data.targets[sl].gather(1, best)[:, 0] > 0)
-        return torch.cat(out)
+            states = self.seg_states(features, data.texts[sl])
+            best = self.head(states).argmax(-1, keepdim=True)
+            hits.append(data.targets[sl].gather(1, best)[:, 0] > 0)
+            prompts.append(self.pipe.model.seg_head(states).float())
+        return torch.cat(hits), torch.cat(prompts)
 
 
 def grounding_metrics(stage: GroundingStage, data: GroundingData) -> dict:
@@ -201,11 +205,9 @@ def grounding_metrics(stage: GroundingStage, data: GroundingData) -> dict:
     was_training = stage.pipe.model.training
     stage.pipe.model.eval()
     try:
-        hits, zeroed = stage.hits(data).float(), stage.hits(data, zero_images=True).float()
-        with torch.no_grad():
-            prompts = torch.cat([stage.pipe.model.seg_head(stage.seg_states(data.features[data.scene[i:i + 64]],
-                                                                            data.texts[i:i + 64]))
-                                 for i in range(0, len(data), 64)]).float()
+        hits, prompts = stage.read(data)
+        zeroed = stage.read(data, zero_images=True)[0].float()
+        hits = hits.float()
     finally:
         stage.pipe.model.train(was_training)
     point = float(((prompts - data.clicks) ** 2).mean())

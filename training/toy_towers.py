@@ -315,10 +315,14 @@ def sam_inputs(pixels: np.ndarray) -> torch.Tensor:
 
 
 def sam_step_masks(sam: torch.nn.Module, scenes: Scenes, indices: Sequence[int], prompts: int,
-                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    images = sam_inputs(scenes.pixels[list(indices)])
+                   rng: np.random.Generator, cached: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask logits and targets for ``prompts`` random clicks on each scene of ``indices``; ``cached``: the image
+    encoder's embeddings of every scene (``M x C x 64 x 64``), else the encoder runs on these scenes here."""
     size = scenes.pixels.shape[1]
-    embeddings = sam.image_encoder(images)
+    if cached is None:
+        embeddings = sam.image_encoder(sam_inputs(scenes.pixels[list(indices)]))
+    else:
+        embeddings = cached[list(indices)]
     logits, targets = [], []
     for b, i in enumerate(indices):
         shapes, points = point_prompts(scenes.masks[i], prompts, rng)
@@ -354,6 +358,17 @@ def save_sam(sam: torch.nn.Module, path: Path, **metadata: str) -> None:
     save_file(state, str(path), metadata={"sam_arch": "toy_conv", "dtype": "bfloat16", **metadata})
 
 
+def log_sam_step(tag: str, sam: torch.nn.Module, held: Scenes, step: int, steps: int, loss: torch.Tensor,
+                 t0: float, t1: float) -> dict:
+    """Held-out point mIoU after ``step`` of ``steps`` (1-based), printed with the rate and ETA; the history row."""
+    metrics = sam_metrics(sam, held)
+    rate = step / (time.time() - t1)
+    print(f"[{tag}] step {step}/{steps} loss {loss.item():.3f} point mIoU {metrics['point_miou']:.3f}"
+          f" | {rate:.2f} steps/s, ETA {(steps - step) / rate / 60:.1f} min", flush=True)
+    return {"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(time.time() - t0, 1),
+            **{k: round(v, 4) for k, v in metrics.items()}}
+
+
 def pretrain_sam(spec: SamSpec, out_dir: Path, log_every: int = 200) -> dict:
     """Train the SAM stand-in on point prompts; save all of SAM (segment-anything key names)."""
     t0 = time.time()
@@ -378,13 +393,7 @@ def pretrain_sam(spec: SamSpec, out_dir: Path, log_every: int = 200) -> dict:
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
         optim.step()
         if (step + 1) % log_every == 0 or step + 1 == spec.steps:
-            metrics = sam_metrics(sam, held)
-            rate = (step + 1) / (time.time() - t1)
-            eta = (spec.steps - step - 1) / rate
-            history.append({"step": step + 1, "loss": round(loss.item(), 4), "elapsed_s": round(time.time() - t0, 1),
-                            **{k: round(v, 4) for k, v in metrics.items()}})
-            print(f"[sam] step {step + 1}/{spec.steps} loss {loss.item():.3f} point mIoU {metrics['point_miou']:.3f}"
-                  f" | {rate:.2f} steps/s, ETA {eta / 60:.1f} min", flush=True)
+            history.append(log_sam_step("sam", sam, held, step + 1, spec.steps, loss, t0, t1))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_sam(sam, out_dir / "sam.safetensors")
     report = {"spec": asdict(spec), "elapsed_s": round(time.time() - t0, 1), "history": history}
@@ -439,32 +448,21 @@ def rescale_sam_prompts(spec: PromptScaleSpec, out_dir: Path, log_every: int = 1
     params = [p for p in sam.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
     rng = np.random.default_rng(spec.seed)
-    size = train.pixels.shape[1]
     history = [{"step": 0, **{k: round(v, 4) for k, v in before.items()}}]
     t1 = time.time()
     sam.train()
     for step in range(spec.steps):
         for group in optim.param_groups:
             group["lr"] = spec.lr * lr_factor(step, spec.warmup, spec.steps)
-        logits, targets = [], []
-        for i in rng.integers(len(train.pixels), size=spec.batch).tolist():
-            shapes, points = point_prompts(train.masks[i], spec.prompts_per_image, rng)
-            low = sam_point_masks(sam, embeddings[i:i + 1], points, 1024 / size)
-            logits.append(sam_postprocess_separable(low, (1024, 1024), (size, size)))
-            targets.append(torch.as_tensor(train.masks[i][shapes], dtype=torch.float32))
-        loss = mask_loss(torch.cat(logits), torch.cat(targets))
+        indices = rng.integers(len(train.pixels), size=spec.batch).tolist()
+        logits, targets = sam_step_masks(sam, train, indices, spec.prompts_per_image, rng, cached=embeddings)
+        loss = mask_loss(logits, targets)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         if (step + 1) % log_every == 0 or step + 1 == spec.steps:
-            metrics = sam_metrics(sam, held)
-            rate = (step + 1) / (time.time() - t1)
-            history.append({"step": step + 1, "loss": round(loss.item(), 4), "elapsed_s": round(time.time() - t0, 1),
-                            **{k: round(v, 4) for k, v in metrics.items()}})
-            eta = (spec.steps - step - 1) / rate / 60
-            print(f"[sam-pe] step {step + 1}/{spec.steps} loss {loss.item():.3f} point mIoU "
-                  f"{metrics['point_miou']:.3f} | {rate:.2f} steps/s, ETA {eta:.1f} min", flush=True)
+            history.append(log_sam_step("sam-pe", sam, held, step + 1, spec.steps, loss, t0, t1))
     save_sam(sam, path, pe_scale=str(spec.pe_scale))
     report = {"spec": asdict(spec), "elapsed_s": round(time.time() - t0, 1), "history": history}
     (out_dir / "sam_prompt_scale.json").write_text(json.dumps(report, indent=1))
