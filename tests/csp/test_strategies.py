@@ -33,7 +33,7 @@ def tiny_image() -> Image.Image:
 def strategy_kwargs(name: str) -> dict:
     """Arguments a strategy needs to run offline; a new strategy without required ones needs none."""
     if name == "litelvlm":
-        from tests.csp.test_litelvlm import tiny_text_side
+        from tests.csp.tiny_clip_text import tiny_text_side
 
         return {"text_side": tiny_text_side(WIDTH)}
     return {"seg_first": {"segmenter": BoxSegmenter()}}.get(name, {})
