@@ -79,7 +79,7 @@ def check_text_side_dir(path: str | Path) -> None:
         raise ValueError(f"litelvlm: {path} holds neither a full CLIP (model_type 'clip', text tower included) "
                          f"nor a toy text side (toy_text.json); got model_type {model_type!r}: a vision tower alone "
                          "has no text tower. LISA's CLIP directory (clip-vit-large-patch14) is a full CLIP; the toy "
-                         "CLIP stand-in has no text tower yet (docs/peers.md, 'Toy world').")
+                         "CLIP stand-in's text side is assets/toy_towers/text (docs/peers.md, 'Toy world').")
 
 
 class ClipTextSide(nn.Module):
@@ -88,7 +88,7 @@ class ClipTextSide(nn.Module):
 
     ``from_dir``: a full CLIP checkpoint (``CLIPModel``: LISA's ``clip-vit-large-patch14`` directory) or
     this project's toy text side (``toy_text.json`` in the directory, built by
-    ``python -m scripts.train_toy_text_tower``).
+    ``python -m training.toy_text_tower``).
     """
 
     def __init__(self, text_model: nn.Module, post_layernorm: nn.Module, visual_projection: nn.Module,
@@ -117,8 +117,9 @@ class ClipTextSide(nn.Module):
             from safetensors.torch import load_file
 
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-            text = CLIPTextModelWithProjection.from_pretrained(str(path))
-            image = load_file(str(path / "image_side.safetensors"))
+            # the toy side is stored in bf16 and is tiny: it runs in float32
+            text = CLIPTextModelWithProjection.from_pretrained(str(path), dtype=torch.float32)
+            image = {k: v.float() for k, v in load_file(str(path / "image_side.safetensors")).items()}
             ln = nn.LayerNorm(image["post_layernorm.weight"].shape[0], eps=config.get("layer_norm_eps", 1e-5))
             proj = nn.Linear(*image["visual_projection.weight"].shape[::-1], bias=False)
             ln.load_state_dict({"weight": image["post_layernorm.weight"], "bias": image["post_layernorm.bias"]})
@@ -140,6 +141,12 @@ class ClipTextSide(nn.Module):
     def project_image(self, patches: torch.Tensor) -> torch.Tensor:
         """``B x N x C`` patch features -> ``B x N x D`` (post_layernorm, visual_projection; L99-102)."""
         ln = self.post_layernorm
+        if patches.shape[-1] != ln.weight.shape[0]:
+            raise ValueError(f"litelvlm: the text side's image projection takes CLIP features of width "
+                             f"{ln.weight.shape[0]}, this model's vision tower gives {patches.shape[-1]}: method.clip "
+                             "must be the CLIP the "
+                             "vision tower is (or, for the toy world, the text side trained against it: "
+                             "assets/toy_towers/text pairs with assets/toy_towers/clip)")
         return self.visual_projection(ln(patches.to(ln.weight.dtype)))
 
 
