@@ -82,6 +82,34 @@ def check_text_side_dir(path: str | Path) -> None:
                          "CLIP stand-in's text side is assets/toy_towers/text (docs/peers.md, 'Toy world').")
 
 
+def text_side_width(path: str | Path) -> int | None:
+    """The CLIP width (layer -2 features) the text side at ``path`` projects: a full CLIP's vision width, a
+    toy text side's ``toy_text.json`` ``clip.width``; None when the directory does not say."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        if config.get("model_type") == "clip":
+            return int(config["vision_config"]["hidden_size"])
+        return int(json.loads((path / "toy_text.json").read_text())["clip"]["width"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def check_text_side_pairs(path: str | Path, vision_tower: str | Path | None) -> None:
+    """Raise ValueError when the text side at ``path`` projects CLIP features of another width than the
+    vision tower directory ``vision_tower`` has (reads the two config files only; silent when either is
+    absent or does not say)."""
+    if vision_tower is None or not (Path(vision_tower) / "config.json").is_file():
+        return
+    config = json.loads((Path(vision_tower) / "config.json").read_text())
+    tower = config.get("vision_config", config).get("hidden_size")
+    side = text_side_width(path)
+    if side is not None and tower is not None and side != tower:
+        raise ValueError(f"litelvlm: the text side at {path} pairs with a CLIP of width {side}; the model's vision "
+                         f"tower {vision_tower} has width {tower} (the toy text side, assets/toy_towers/text, pairs "
+                         "with assets/toy_towers/clip: toy LISAs trained on the pretrained towers)")
+
+
 class ClipTextSide(nn.Module):
     """What LiteLVLM needs of CLIP beyond LISA's vision tower: the text tower with projection and a
     tokenizer (``text_embeds``), and the image side's ``post_layernorm`` and ``visual_projection``.

@@ -104,8 +104,8 @@ def settings(table: int | str, root: Path, overrides: list[str],
              unavailable: list[tuple[str, str]] | None = None) -> list[tuple[str, DictConfig]]:
     """(label, config) of the baseline and every method row; composed and checked before any run.
 
-    ``unavailable``: where given, rows whose method cannot run here (``Method.check`` fails: e.g.
-    LiteLVLM without a CLIP text tower) are left out and listed in it as (label, reason) instead of
+    ``unavailable``: where given, rows whose method cannot run here (``Method.check`` or ``check_model`` fails:
+    e.g. LiteLVLM without a CLIP text tower, or with a text side of another width than the model's CLIP) are left out and listed in it as (label, reason) instead of
     failing the whole table."""
     from csp.config import method_from_config
     from runs.models import layers_and_image_tokens
@@ -125,6 +125,7 @@ def settings(table: int | str, root: Path, overrides: list[str],
         if unavailable is not None:
             try:
                 method.check()
+                method.check_model(cfg.model)
             except (ValueError, FileNotFoundError) as err:
                 unavailable.append((label, f"{cfg.name}: {err}"))
                 continue

@@ -133,6 +133,11 @@ class Method(ABC):
         weights file); runs before any data or weights are read. Nothing heavy is loaded here."""
         return None
 
+    def check_model(self, model: Mapping[str, Any]) -> None:
+        """Raise where the settings cannot run on the model config ``model`` (its ``model`` node: e.g. a CLIP
+        text side of another width than its vision tower); reads config files only, like :meth:`check`."""
+        return None
+
     def extra_cost(self) -> dict[str, float]:
         """Cost this method spent outside the LLM so far (e.g. a detector before it), reported in
         its own columns: ``segmenter_calls``, ``segmenter_ms`` (per image), ``segmenter_gflops``."""

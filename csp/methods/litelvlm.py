@@ -53,6 +53,12 @@ class LiteLvlm(Method):
 
             check_text_side_dir(self.clip)
 
+    def check_model(self, model) -> None:
+        if self.clip is not None and self.text_side is None:
+            from csp.litelvlm import check_text_side_pairs
+
+            check_text_side_pairs(self.clip, model.get("vision_tower"))
+
     @property
     def per_query_reduction(self) -> bool:  # type: ignore[override]
         return self.order == "authors"

@@ -57,6 +57,14 @@ class LvlmCsp(Method):
         if self._strategy is None:
             self._strategy = check_strategy(self.schedule)
 
+    def check_model(self, model) -> None:
+        """The litelvlm clustering strategy's text side against the model's vision tower."""
+        clip = (self.schedule.clustering_kwargs or {}).get("clip")
+        if self.schedule.clustering == "litelvlm" and clip is not None:
+            from csp.litelvlm import check_text_side_pairs
+
+            check_text_side_pairs(clip, model.get("vision_tower"))
+
     def validate(self, num_layers: int, num_image_tokens: int) -> None:
         self.schedule.validate(num_layers, num_image_tokens)
 
