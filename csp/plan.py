@@ -105,6 +105,18 @@ class TopKUnionGrid(KeepRule):
 
 
 @dataclass(frozen=True)
+class Marked(KeepRule):
+    """The candidates the scorer marked (score > 0): a scorer that makes the whole selection itself
+    (IVC-Prune's union, ``csp.scorers.IvcUnion``); the count depends on the data."""
+
+    def keep(self, scores: torch.Tensor, candidates: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return candidates & (scores > 0)
+
+    def static_count(self, available: int) -> int | None:
+        return None
+
+
+@dataclass(frozen=True)
 class Scatter:
     """From ``layer`` on every input token is active again (inactive ones with layer-0 embeddings)."""
 
@@ -124,6 +136,10 @@ class Prune:
     in sequence order (the code of PyramidDrop renumbers so after each drop); False keeps every
     token's original id, gaps included (CSP, FastV, FEATHER). Once a plan renumbers, every later
     event must be a renumbering Prune.
+
+    ``cut_cache_from``: with a KV cache (chat prefill), the caches of layers ``cut_cache_from..layer-1``
+    (written before the prune) are cut to the kept tokens too, so that decoding attends to the kept
+    set there as well (IVC-Prune's ``prune_past_key_values``); None leaves them whole (FastV, CSP).
     """
 
     layer: int
@@ -132,6 +148,7 @@ class Prune:
     score_layer: int
     stage: str = "pruning"
     renumber: bool = False
+    cut_cache_from: int | None = None
 
 
 Event = Scatter | Prune

@@ -300,10 +300,15 @@ class StageRunner:
             elif isinstance(event, Prune):
                 scores = pending if event.score_layer < idx else self._score(event, layer, state, rotary, inputs, memo)
                 keep = ~state.is_image | event.keep.keep(scores, state.is_image, state.source)
+                kept_cols = keep & state.valid
                 state, counts = self._select(state, keep, self._pruned_counts(event, counts), bucket)
                 contiguous = contiguous or event.renumber
             if event is not None:
                 mask, rotary, rope_ids = self._prepare(state, counts, contiguous)
+            if isinstance(event, Prune) and event.cut_cache_from is not None and cache is not None:
+                cut_cache(cache, kept_cols, state.valid.shape[1], range(event.cut_cache_from, idx))
+                for past in range(event.cut_cache_from, idx):
+                    key_valid[past], key_padded[past] = state.valid, mask is not None
             if idx == 0 or event is not None:
                 stage = event.stage if event is not None else plan.input_stage
                 kept.append((stage, idx, *grid_indices(state), counts.grid))
@@ -409,6 +414,20 @@ class StageRunner:
         if self._compiled is None:
             self._compiled = torch.compile(_layer_call, backend=self.compile.backend, mode=self._mode(), dynamic=False)
         return self._compiled
+
+
+def cut_cache(cache: Cache, keep: torch.Tensor, width: int, layers: range) -> None:
+    """Cut the KV cache of ``layers`` to the columns ``keep`` (``B x T`` over the columns they cached),
+    in order and right padded to ``width``, as :meth:`TokenState.select` gathers the active tokens."""
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    if width > order.shape[1]:
+        order = torch.cat([order, order[:, :1].expand(-1, width - order.shape[1])], dim=1)
+    order = order[:, :width]
+    for layer in layers:
+        entry = cache.layers[layer]
+        index = order[:, None, :, None].expand(-1, entry.keys.shape[1], -1, entry.keys.shape[-1])
+        entry.keys = entry.keys.gather(2, index)
+        entry.values = entry.values.gather(2, index)
 
 
 def _kept_widths(entries: list[tuple[torch.Tensor, tuple[int, ...] | None]]) -> list[int]:

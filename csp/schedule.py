@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+#: What may rank CSP's pruning stage (``StageSchedule.pruning``).
+PRUNING_SCORERS = ("attention", "ivc_value")
+
+
 class ScheduleError(ValueError):
     """An invalid (Lc, Nc, Ls, Np) schedule; raised before any model is loaded."""
 
@@ -26,6 +30,9 @@ class StageSchedule:
         Np: image tokens kept in the last Lp layers (Np = N disables pruning).
         clustering: registry name of the clustering strategy.
         clustering_kwargs: keyword arguments for that strategy (e.g. ``layer`` or ``weights``).
+        pruning: what ranks the pruning stage's tokens: ``attention`` (the paper's eq. 8, the [SEG]
+            rows' attention) or ``ivc_value`` (IVC-Prune's value-similarity foreground score,
+            ``csp.scorers.IvcValue``: seeds and question rows of the prompt, docs/peers.md).
     """
 
     Lc: int
@@ -34,8 +41,11 @@ class StageSchedule:
     Np: int
     clustering: str = "uniform"
     clustering_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    pruning: str = "attention"
 
     def __post_init__(self) -> None:
+        if self.pruning not in PRUNING_SCORERS:
+            raise ScheduleError(f"schedule.pruning must be one of {PRUNING_SCORERS}, got {self.pruning!r}")
         for name in ("Lc", "Nc", "Ls", "Np"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -91,14 +101,15 @@ class StageSchedule:
         return [clustered] * self.Lc + [N] * self.Ls + [after] * self.Lp(L)
 
     def describe(self) -> str:
-        return f"(Lc={self.Lc}, Nc={self.Nc}, Ls={self.Ls}, Np={self.Np}, {self.clustering})"
+        pruning = "" if self.pruning == "attention" else f", pruning={self.pruning}"
+        return f"(Lc={self.Lc}, Nc={self.Nc}, Ls={self.Ls}, Np={self.Np}, {self.clustering}{pruning})"
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> StageSchedule | None:
         """Build from a config mapping (Hydra ``schedule`` node); ``None`` means plain LISA."""
         if cfg is None:
             return None
-        known = {"Lc", "Nc", "Ls", "Np", "clustering", "clustering_kwargs"}
+        known = {"Lc", "Nc", "Ls", "Np", "clustering", "clustering_kwargs", "pruning"}
         unknown = set(cfg) - known
         if unknown:
             raise ScheduleError(f"unknown schedule keys {sorted(unknown)}; expected {sorted(known)}")
@@ -109,4 +120,5 @@ class StageSchedule:
         return cls(
             Lc=cfg["Lc"], Nc=cfg["Nc"], Ls=cfg["Ls"], Np=cfg["Np"],
             clustering=str(cfg.get("clustering", "uniform")), clustering_kwargs=kwargs,
+            pruning=str(cfg.get("pruning") or "attention"),
         )

@@ -217,3 +217,92 @@ class TextSimilarity(Scorer):
         visited = pair & (rank >= self.i_index) & ((rank - self.i_index) % self.step == 0)
         first = torch.where(visited, rank, order.shape[1]).amin(dim=-1)  # B x T
         return torch.where(first < order.shape[1], -first.double(), float("-inf")).float()
+
+
+def ivc_question_rows(state: TokenState, inputs: DecoderInputs) -> torch.Tensor:
+    """``B x T`` active rows IVC-Prune averages over (IVC-Prune modeling_llama.py L899-901): from two
+    rows past the image slot's end (``image_start + image_length + 2``) to the last prompt row."""
+    if inputs.last_rows is None:
+        raise ValueError("IVC-Prune's scores need DecoderInputs.last_rows (the last prompt row of each sample)")
+    rows = torch.arange(inputs.is_image.shape[1], device=inputs.is_image.device)
+    last_image = torch.where(inputs.is_image & inputs.valid, rows, -1).amax(dim=1, keepdim=True)  # the slot's end
+    pos = state.positions
+    return state.valid & (pos >= last_image + 3) & (pos <= inputs.last_rows[:, :1])
+
+
+def ivc_value_similarity(ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``B x T x T`` head-averaged ``softmax(V V^T / sqrt(D))`` of the layer's normalised input, before
+    RoPE, per key-value head (IVC-Prune L752-766, L968-969); ``B x T`` the prompt rows it runs over).
+
+    Its code runs the softmax over every column of the prefill sequence (no causal mask, L765); here the
+    columns are the active prompt tokens (up to the last prompt row), so that teacher-forced evaluation,
+    whose sequence also holds the answer, ranks as chat prefill does. Memoised per forward and layer."""
+    key = f"ivc_value:{id(ctx.layer)}:{ctx.hidden.data_ptr()}"
+    if key in ctx.memo:
+        return ctx.memo[key]
+    layer, attn = ctx.layer, ctx.layer.self_attn
+    x = layer.input_layernorm(ctx.hidden)
+    batch, length, _ = x.shape
+    v = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2).float()  # B x Hkv x T x D
+    prompt = ctx.state.valid & (ctx.state.positions <= ctx.inputs.last_rows[:, :1]) if ctx.inputs.last_rows is not None \
+        else ctx.state.valid
+    logits = (v @ v.transpose(-1, -2)) / attn.head_dim**0.5
+    sim = logits.masked_fill(~prompt[:, None, None, :], float("-inf")).softmax(dim=-1).mean(dim=1)  # B x T x T
+    ctx.memo[key] = (sim, prompt)
+    return sim, prompt
+
+
+def _row_mean(sim: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``B x T``: mean over the ``rows`` (``B x T`` mask) of ``sim``."""
+    w = rows.float()
+    return (w.unsqueeze(-1) * sim).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+def _top_mask(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """``B x T`` True on the ``k`` best candidates (torch.topk over the candidate columns)."""
+    masked = scores.masked_fill(~candidates, float("-inf"))
+    top = masked.topk(min(k, scores.shape[1]), dim=1).indices
+    return torch.zeros_like(candidates).scatter(1, top, True) & candidates
+
+
+@dataclass(frozen=True)
+class IvcValue(Scorer):
+    """IVC-Prune's foreground score (FireRedTeam/IVC-Prune modeling_llama.py L896-920): with S the
+    value similarity (:func:`ivc_value_similarity`), the ``seeds`` image tokens with the largest mean S
+    over the question rows (L899-908; its count ``max(1, round(0.01 N))``), then the score of every
+    token is the mean S over the seed rows and the question rows (L911-918). A TopK of it is its
+    foreground set (``round(0.2 N)``, L920-922); CSP's pruning can rank by it too."""
+
+    seeds: int = 1
+
+    def foreground(self, ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``B x T`` foreground scores, ``B x T`` seed mask)."""
+        sim, _ = ivc_value_similarity(ctx)
+        question = ivc_question_rows(ctx.state, ctx.inputs)
+        seeds = _top_mask(_row_mean(sim, question), ctx.state.is_image, self.seeds)
+        return _row_mean(sim, question | seeds), seeds
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return self.foreground(ctx)[0]
+
+
+@dataclass(frozen=True)
+class IvcUnion(Scorer):
+    """IVC-Prune's whole selection as a mark (1 kept, 0 not; keep rule ``csp.plan.Marked``): the
+    ``seeds`` UNION the ``foreground`` best by :class:`IvcValue` UNION its "implicit visual coordinate"
+    tokens, the ``coordinates`` image tokens with the largest mean over the head dimension of RoPE's
+    cos, and as many by the mean of its sin, at their position ids (L924-936); text is kept by the
+    plan (L938-946)."""
+
+    seeds: int = 1
+    foreground: int = 1
+    coordinates: int = 1
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        fg_scores, seeds = IvcValue(self.seeds).foreground(ctx)
+        image = ctx.state.is_image
+        cos, sin = ctx.rotary
+        keep = seeds | _top_mask(fg_scores, image, self.foreground)
+        keep |= _top_mask(cos.float().mean(dim=-1), image, self.coordinates)
+        keep |= _top_mask(sin.float().mean(dim=-1), image, self.coordinates)
+        return keep.float()

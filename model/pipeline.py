@@ -74,6 +74,7 @@ class ImageEncoding:
     sam_embedding: torch.Tensor | None  # 1 x C x 64 x 64 (None: encode_image(sam=False))
     reduced: ReducedImages | None = None  # a before-LLM reducer's tokens (features 1 x M x C)
     reduced_embeds: torch.Tensor | None = None  # 1 x M x d, their projector output
+    vision: VisionFeatures | None = None  # CLIP's hidden states, for query-dependent selection (LiteLVLM)
 
 
 class Timer:
@@ -179,7 +180,7 @@ class SegmentationPipeline:
             embedding, resized = self.sam_embedding(rgb)
         else:
             embedding, resized = None, sam_resized_size(rgb.shape[:2])
-        reduced = None
+        reduced, vision = None, None
         if self.method is not None:
             vision = VisionFeatures(hidden_states=hidden, layers=tower.encoder_layers,
                                     select_layer=tower.select_layer, grid=tower.grid)
@@ -189,18 +190,29 @@ class SegmentationPipeline:
             clip_features=features, cls_attention=cls_row, image_embeds=self.model.project_images(features),
             sam_embedding=embedding, reduced=reduced,
             reduced_embeds=None if reduced is None else self.model.project_images(reduced.features),
+            vision=vision,
         )
 
-    def image_inputs(self, enc: ImageEncoding, size: int) -> dict[str, torch.Tensor | None]:
+    def image_inputs(self, enc: ImageEncoding, size: int, texts: list[str] | None = None,
+                     image_texts: list[str] | None = None) -> dict[str, torch.Tensor | None]:
         """The image-slot embeddings (and, after a reducer, their validity and grid sources) for
-        ``size`` queries of one image, as keyword arguments of teacher_forced / generate."""
+        ``size`` queries of one image, as keyword arguments of teacher_forced / generate. ``texts``: the
+        queries' texts, for a method whose image slot depends on the query (``per_query_reduction``);
+        ``image_texts``: every query of the image."""
+        if self.method is not None and self.method.per_query_reduction:
+            if texts is None or len(texts) != size:
+                raise ValueError(f"{self.method.name} selects image tokens per query: pass the {size} query texts")
+            reduced = self.method.reduce_queries(enc.vision, texts, image_texts)
+            return {"image_embeds": self.model.project_images(reduced.features), "image_valid": reduced.valid,
+                    "image_source": reduced.source}
         if enc.reduced is None:
             return {"image_embeds": enc.image_embeds.expand(size, -1, -1)}
         return {"image_embeds": enc.reduced_embeds.expand(size, -1, -1),
                 "image_valid": enc.reduced.valid.expand(size, -1), "image_source": enc.reduced.source.expand(size, -1)}
 
-    def cluster(self, enc: ImageEncoding, sample_ids: list[str]) -> torch.Tensor | None:
-        """``B x Nc`` indices kept before the LLM for B queries of one image (None: all tokens)."""
+    def cluster(self, enc: ImageEncoding, sample_ids: list[str], texts: list[str] | None = None) -> torch.Tensor | None:
+        """``B x Nc`` indices kept before the LLM for B queries of one image (None: all tokens);
+        ``texts``: the queries' texts (text-guided strategies need them)."""
         if self.method is None or not self.runner.plan.input_keep:
             return None
         size = len(sample_ids)
@@ -209,6 +221,7 @@ class SegmentationPipeline:
             features=enc.clip_features.expand(size, -1, -1), grid=tower.grid,
             crop_size=tower.config.image_size, images=[enc.image] * size, sample_ids=sample_ids,
             cls_attention=None if enc.cls_attention is None else enc.cls_attention.expand(size, -1),
+            texts=texts, image_texts=texts, vision=enc.vision,
         )
         keep = self.method.select_input(inputs)
         if keep is None:  # a forced input stage that keeps every token (StageRunner(always_move_tokens=True))
@@ -233,7 +246,8 @@ class SegmentationPipeline:
         """
         enc = self.encode_image(image)
         sample_ids = [q.sample_id for q in queries]
-        keep = self.cluster(enc, sample_ids)  # outside the timer: a detector's cost is reported apart
+        texts = [q.text for q in queries]
+        keep = self.cluster(enc, sample_ids, texts)  # outside the timer: a detector's cost is reported apart
         step = len(queries) if not queries_per_batch else int(queries_per_batch)
         if step < 1:
             raise ValueError(f"queries_per_batch must be >= 1 or None, got {queries_per_batch!r}")
@@ -241,10 +255,11 @@ class SegmentationPipeline:
         for start in range(0, len(queries), step):
             chunk = queries[start: start + step]
             chunk_keep = None if keep is None else keep[start: start + step]
-            results += self._segment_encoded(enc, chunk, chunk_keep)
+            results += self._segment_encoded(enc, chunk, chunk_keep, texts)
         return results
 
-    def teacher_forced(self, enc: ImageEncoding, queries: list[Query], keep: torch.Tensor | None) -> Any:
+    def teacher_forced(self, enc: ImageEncoding, queries: list[Query], keep: torch.Tensor | None,
+                       image_texts: list[str] | None = None) -> Any:
         """The LLM over an encoded image for ``queries`` with the evaluation prompt (answer ``[SEG].``)
         under the method: ``model.inference.teacher_forced``'s output (``seg_embeddings``, records,
         kept tokens). ``keep``: the method's input selection (:meth:`cluster`) or None."""
@@ -261,13 +276,13 @@ class SegmentationPipeline:
                  for q in queries]  # the user's words (Simignore compares with them)
         return teacher_forced(self.model, self.runner, ids, seg_id=tok.seg, pad_id=tok.pad, cluster_keep=keep,
                               prompt_lengths=prompt_lengths, expression_spans=spans,
-                              **self.image_inputs(enc, len(queries)))
+                              **self.image_inputs(enc, len(queries), [q.text for q in queries], image_texts))
 
     def _segment_encoded(self, enc: ImageEncoding, queries: list[Query],
-                         keep: torch.Tensor | None) -> list[QueryResult]:
+                         keep: torch.Tensor | None, image_texts: list[str] | None = None) -> list[QueryResult]:
         """One LLM batch over an encoded image; ``keep``: ``B x Nc`` clustered indices or None."""
         with Timer(self.bundle.device) as timer:
-            out = self.teacher_forced(enc, queries, keep)
+            out = self.teacher_forced(enc, queries, keep, image_texts)
         results = []
         for i, (query, emb, record) in enumerate(zip(queries, out.seg_embeddings, out.records)):
             masks = self.masks_for(enc, emb)
@@ -290,10 +305,10 @@ class SegmentationPipeline:
         enc = self.encode_image(image)
         ids = [self.chat_ids(text)]
         tok = self.bundle.token_ids
-        keep = self.cluster(enc, [sample_id])  # outside the timer, as in segment()
+        keep = self.cluster(enc, [sample_id], [text])  # outside the timer, as in segment()
         with Timer(self.bundle.device) as timer:
             out = generate(self.model, self.runner, ids, seg_id=tok.seg, eos_id=tok.eos, pad_id=tok.pad,
-                           max_new_tokens=max_new_tokens, cluster_keep=keep, **self.image_inputs(enc, 1))
+                           max_new_tokens=max_new_tokens, cluster_keep=keep, **self.image_inputs(enc, 1, [text]))
         text_out = self.bundle.tokenizer.decode(out.generated[0], skip_special_tokens=False)
         record = out.records[0]
         return ChatResult(text_out, self.masks_for(enc, out.seg_embeddings[0]), out.seg_embeddings[0],

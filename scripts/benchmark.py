@@ -158,6 +158,68 @@ def registered_methods() -> list[tuple[str, Method | None, str | None]]:
     return out
 
 
+def peer_csp_presets() -> list[tuple[str, Method]]:
+    """CSP with the newer clustering strategies and pruning scorer (``configs/exp/table1_csp_*.yaml``, the
+    peers table): (name, method)."""
+    presets = load_method_presets()
+    out = []
+    for name, (_, spec) in presets.items():
+        if name.startswith("table1_csp_"):
+            out.append((name.removeprefix("table1_"), method_from_config(spec_config(spec)).method))
+    return out
+
+
+def spec_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """A preset's method spec as ``method_from_config`` reads it (CSP's parameters are its schedule)."""
+    if spec.get("name") == SCHEDULE_METHOD:
+        return {"schedule": {k: v for k, v in spec.items() if k != "name"}}
+    return {"method": spec}
+
+
+class WordIds:
+    """A stand-in tokenizer for random text towers: one id per word (hashed), BOS 1, EOS the largest id."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, text, return_tensors="pt", truncation=True, padding=True):
+        rows = [[1, *[2 + hash(w) % (self.vocab - 3) for w in t.split()][:75], self.vocab - 1] for t in text]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+def random_text_side(vision_width: int, device: torch.device, dtype: torch.dtype):
+    """LiteLVLM's CLIP text side with random weights in ViT-L/14's text shape (width 768, 12 layers,
+    projection 768) for the real towers, a small one otherwise (timing only; no download)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from csp.litelvlm import ClipTextSide
+
+    big = vision_width >= 1024
+    cfg = CLIPTextConfig(hidden_size=768 if big else 64, intermediate_size=3072 if big else 128,
+                         num_hidden_layers=12 if big else 2, num_attention_heads=12 if big else 2,
+                         projection_dim=768 if big else 64)
+    side = ClipTextSide(CLIPTextModelWithProjection(cfg), torch.nn.LayerNorm(vision_width),
+                        torch.nn.Linear(vision_width, cfg.projection_dim, bias=False), WordIds(cfg.vocab_size))
+    return side.to(device=device, dtype=dtype).eval()
+
+
+def with_text_side(method: Method | None, vision_width: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Give a LiteLVLM method / clustering strategy a random CLIP text side (the suite has no real CLIP)."""
+    if method is None:
+        return
+    side = None
+    if getattr(method, "name", None) == "litelvlm":
+        side = random_text_side(vision_width, device, dtype)
+        method.text_side = side
+    schedule = getattr(method, "schedule", None)
+    if schedule is not None and schedule.clustering == "litelvlm":
+        from csp.strategies import build_strategy
+
+        method._strategy = build_strategy("litelvlm", text_side=random_text_side(vision_width, device, dtype))
+
+
 @dataclass
 class Setting:
     """One row of the suite: a method (None = plain LISA) under a name."""
@@ -463,6 +525,8 @@ class SuiteRunner:
 
     def pipe(self, setting: Setting) -> SegmentationPipeline:
         if setting.name not in self.pipes:
+            tower = self.model.vision_tower
+            with_text_side(setting.method, tower.config.hidden_size, self.device, self.dtype)
             options = self.compile if setting.compiled else None
             self.pipes[setting.name] = SegmentationPipeline(self.bundle, method=setting.method, compile=options)
         return self.pipes[setting.name]
@@ -485,17 +549,19 @@ class SuiteRunner:
             ms["vision"] = t.ms
             with Timer(device) as t:  # the method's module before the LLM (clustering incl. a detector, merging)
                 enc = _Encoding(features, cls_row, image_embeds, self.image)
+                texts = [f"the object number {i} in the picture" for i in range(batch)]
                 if method is not None:
-                    vision = VisionFeatures(hidden_states=hidden, layers=tower.encoder_layers,
-                                            select_layer=tower.select_layer, grid=tower.grid)
-                    enc.reduced = method.reduce_images(vision)
+                    enc.vision = VisionFeatures(hidden_states=hidden, layers=tower.encoder_layers,
+                                                select_layer=tower.select_layer, grid=tower.grid)
+                    enc.reduced = method.reduce_images(enc.vision)
                     if enc.reduced is not None:
                         enc.reduced_embeds = model.project_images(enc.reduced.features)
-                keep = pipe.cluster(enc, sample_ids)
+                keep = pipe.cluster(enc, sample_ids, texts)
+                images = pipe.image_inputs(enc, batch, texts)  # LiteLVLM's selection per query runs here
             ms["reduce"] = t.ms
             with Timer(device) as t:
                 out = teacher_forced(model, pipe.runner, ids, seg_id=SEG_ID, pad_id=PAD_ID, cluster_keep=keep,
-                                     prompt_lengths=prompt_lengths, **pipe.image_inputs(enc, batch))
+                                     prompt_lengths=prompt_lengths, **images)
             ms["llm"] = t.ms
             if self.embedding is None:
                 self.sam_encoder()
@@ -518,6 +584,7 @@ class _Encoding:
     image: Image.Image
     reduced: Any = None
     reduced_embeds: torch.Tensor | None = None
+    vision: Any = None
 
 
 def suite_settings(args: argparse.Namespace, num_layers: int, num_image_tokens: int) -> tuple[list[Setting], list[str]]:
@@ -543,6 +610,13 @@ def suite_settings(args: argparse.Namespace, num_layers: int, num_image_tokens: 
             skipped.append(f"{name}: {why}")
         else:
             settings.append(Setting(name, "method", method))
+    for name, method in peer_csp_presets():  # the peers table's CSP rows (Table 1's schedule, 224 px)
+        try:
+            method.validate(num_layers, num_image_tokens)
+        except ValueError as err:
+            skipped.append(f"{name}: does not fit L={num_layers}, N={num_image_tokens}: {err}")
+            continue
+        settings.append(Setting(name, "csp", method))
     if args.only:
         wanted = set(args.only.split(","))
         settings = [s for s in settings if s.name in wanted or s.kind == "plain"]

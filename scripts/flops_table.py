@@ -113,24 +113,33 @@ def _defaults(exp: dict[str, Any], path: Path) -> dict[str, str]:
 
 
 def load_method_presets(exp_dir: Path = EXP_DIR, schedule_dir: Path = SCHEDULE_DIR,
-                        method_dir: Path = METHOD_DIR) -> dict[str, tuple[str, dict[str, Any]]]:
+                        method_dir: Path = METHOD_DIR,
+                        model_dir: Path | None = None) -> dict[str, tuple[str, dict[str, Any]]]:
     """Every ``table*_*.yaml`` experiment: name -> (model config name, method config incl. ``name``).
 
-    The experiment's ``schedule`` and ``method`` choices (and its own overrides of them) are merged as
-    Hydra would and resolved by ``csp.config.method_from_config``, as evaluation resolves them.
+    The experiment's ``model``, ``schedule`` and ``method`` choices (and its own overrides of them) are
+    composed under those keys as Hydra would, the method's and schedule's interpolations resolved
+    against that composition (``${oc.select:model.vision_tower,null}`` is the experiment's model's vision
+    tower path), and the result resolved by ``csp.config.method_from_config``, as evaluation resolves it.
     """
+    from omegaconf import OmegaConf
+
+    model_dir = exp_dir.parent / "model" if model_dir is None else model_dir
     presets = {}
     for path in sorted(exp_dir.glob("table*_*.yaml"), key=lambda p: natural_key(p.stem)):
         exp = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         groups = _defaults(exp, path)
         nodes: dict[str, Any] = {}
-        for group, folder in (("schedule", schedule_dir), ("method", method_dir)):
+        for group, folder in (("model", model_dir), ("schedule", schedule_dir), ("method", method_dir)):
             node = yaml.safe_load((folder / f"{groups[group]}.yaml").read_text(encoding="utf-8")) \
-                if groups.get(group) else None
+                if groups.get(group) and (folder / f"{groups[group]}.yaml").is_file() else None
             if exp.get(group) is not None:
-                node = {**(node or {}), **exp[group]}
+                node = OmegaConf.to_container(OmegaConf.merge(node or {}, exp[group]))
             nodes[group] = node
-        resolved = method_from_config(nodes, build=False)
+        composed = OmegaConf.create(nodes)
+        resolved_nodes = {group: OmegaConf.to_container(composed[group], resolve=True)
+                          if composed[group] is not None else None for group in ("schedule", "method")}
+        resolved = method_from_config(resolved_nodes, build=False)
         if resolved.spec is None:
             raise ValueError(f"{path}: a method preset selects no method (schedule and method are null)")
         presets[path.stem] = (groups["model"], resolved.spec)

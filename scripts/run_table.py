@@ -6,7 +6,10 @@ columns, mIoU_drop, Navg, TFLOPs).
     python -m scripts.run_table table=2 output_dir=outputs/tables/table2     # run again: resumes
     python -m scripts.run_table table=1 model=tiny model.num_layers=32 miniature.seed=0 max_samples_per_split=2
 
-``table=<1|2|3|toy|toy19|toy10>``: ``toy19`` and ``toy10`` are Table 1's methods (and the ``random_keep``
+``table=peers``: the newer methods (LiteLVLM, IVC-Prune) and CSP with the new clustering strategies and
+pruning scorer, beside LISA and Table 1's CSP, at Table 1's setting (7B-224; docs/peers.md). A row whose
+method cannot run here (LiteLVLM without a CLIP text tower) is listed as unavailable, with the reason.
+``table=<1|2|3|peers|toy|toy19|toy10>``: ``toy19`` and ``toy10`` are Table 1's methods (and the ``random_keep``
 control) on the trained toy LISA at Navg ~19 and ~10 of its N = 64 tokens (presets
 ``configs/exp/toy_table1_<method>.yaml`` and ``toy_n10_<method>.yaml``); ``toy`` runs both for every
 checkpoint in ``models=[dir,...]`` (default: the committed assets/toy_lisa; e.g. three training seeds)
@@ -42,8 +45,16 @@ TABLE1 = ["prumerge", "prumerge_plus", "visionzip", "fastv", "simignore", "spars
 TABLE2 = ["prumerge", "visionzip", "fastv", "pyramiddrop", "csp"]
 TABLE3 = ["prumerge", "visionzip", "fastv", "csp"]
 #: The toy table: Table 1's methods and the control that keeps random tokens (it must lose).
-TOY = [*TABLE1, "random_keep"]
+TOY = [*TABLE1, "random_keep", "litelvlm", "ivc_prune"]
 LABELS["random_keep"] = "random_keep (control)"
+LABELS["litelvlm"], LABELS["ivc_prune"] = "LiteLVLM", "IVC-Prune"
+#: The peers (docs/peers.md): newer methods and CSP with the new clustering strategies / pruning scorer,
+#: beside LISA and Table 1's CSP row: (label, preset suffix after ``table1_`` / ``toy_table1_``).
+PEERS = [("LVLM_CSP", "csp"), ("LiteLVLM", "litelvlm"), ("LiteLVLM (raster order)", "litelvlm_raster"),
+         ("IVC-Prune", "ivc_prune"), ("LVLM_CSP + kcenter", "csp_kcenter"), ("LVLM_CSP + stratified", "csp_stratified"),
+         ("LVLM_CSP + litelvlm", "csp_litelvlm"), ("LVLM_CSP + ivc_value pruning", "csp_ivc_value")]
+#: The peers on the toy (its Navg ~19 budget): every peer with a toy preset.
+TOY_PEERS = [(label, suffix) for label, suffix in PEERS if suffix.startswith("csp_")]
 TABLES: dict[int | str, dict[str, Any]] = {
     1: {"baseline": "llava7b_224_baseline", "data": "all5",
         "rows": [(LABELS[m], f"table1_{m}") for m in TABLE1]},
@@ -53,9 +64,12 @@ TABLES: dict[int | str, dict[str, Any]] = {
         "rows": [(LABELS[m], f"table3_{m}") for m in TABLE3]},
     # Table 1's methods on the trained toy LISA (assets/toy_lisa, L = 8, N = 64), counts scaled to Navg ~19 / ~10
     "toy19": {"baseline": "toy_baseline", "data": "toy",
-              "rows": [(LABELS[m], f"toy_table1_{m}") for m in TOY]},
+              "rows": [(LABELS[m], f"toy_table1_{m}") for m in TOY]
+              + [(label, f"toy_table1_{suffix}") for label, suffix in TOY_PEERS]},
     "toy10": {"baseline": "toy_baseline", "data": "toy",
               "rows": [(LABELS[m], f"toy_n10_{m}") for m in TOY]},
+    "peers": {"baseline": "llava7b_224_baseline", "data": "all5",
+              "rows": [(label, f"table1_{suffix}") for label, suffix in PEERS]},
 }
 #: ``table=toy``: both toy budgets, for one or more toy LISA checkpoints.
 TOY_LEVELS = ("toy19", "toy10")
@@ -86,8 +100,13 @@ def compose_setting(preset: str, data: str, overrides: list[str], out_dir: Path)
     return cfg
 
 
-def settings(table: int | str, root: Path, overrides: list[str]) -> list[tuple[str, DictConfig]]:
-    """(label, config) of the baseline and every method row; composed and checked before any run."""
+def settings(table: int | str, root: Path, overrides: list[str],
+             unavailable: list[tuple[str, str]] | None = None) -> list[tuple[str, DictConfig]]:
+    """(label, config) of the baseline and every method row; composed and checked before any run.
+
+    ``unavailable``: where given, rows whose method cannot run here (``Method.check`` or ``check_model`` fails:
+    e.g. LiteLVLM without a CLIP text tower, or with a text side of another width than the model's CLIP) are left out and listed in it as (label, reason) instead of
+    failing the whole table."""
     from csp.config import method_from_config
     from runs.models import layers_and_image_tokens
 
@@ -97,12 +116,21 @@ def settings(table: int | str, root: Path, overrides: list[str]) -> list[tuple[s
     models = {OmegaConf.to_yaml(cfg.model) for _, cfg in out}
     if len(models) != 1:
         raise ValueError(f"table {table}: the settings compose to different models; override model.* for all")
-    for _, cfg in out[1:]:
+    kept = out[:1]
+    for label, cfg in out[1:]:
         method = method_from_config(cfg).method
         if method is None:
             raise ValueError(f"{cfg.name}: the preset configures no method")
         method.validate(*layers_and_image_tokens(cfg.model))
-    return out
+        if unavailable is not None:
+            try:
+                method.check()
+                method.check_model(cfg.model)
+            except (ValueError, FileNotFoundError) as err:
+                unavailable.append((label, f"{cfg.name}: {err}"))
+                continue
+        kept.append((label, cfg))
+    return kept
 
 
 def run(argv: Sequence[str]) -> str:
@@ -120,7 +148,8 @@ def run_grid(table: int | str, root: Path, overrides: list[str]) -> tuple[str, l
     from evaluation.report import table as format_table
     from runs.models import build_from_config
 
-    configured = settings(table, root, overrides)
+    missing: list[tuple[str, str]] = []
+    configured = settings(table, root, overrides, missing)
     baseline_metrics = root / "baseline" / "metrics.json"
     bundle = build_from_config(configured[0][1].model)
     rows = []
@@ -132,6 +161,8 @@ def run_grid(table: int | str, root: Path, overrides: list[str]) -> tuple[str, l
             metrics["summary"]["mIoU_drop"] = 0.0  # the reference row (Table 1's first line)
         rows.append({**metrics, "name": label})
     text = format_table(rows)
+    if missing:
+        text += "\n" + "\n".join(f"unavailable: {label}: {why}" for label, why in missing)
     root.mkdir(parents=True, exist_ok=True)
     (root / "table.txt").write_text(text + "\n")
     print(f"\nTable {table} ({root}):\n{text}", flush=True)
@@ -158,12 +189,16 @@ def run_toy(root: Path, overrides: list[str]) -> str:
 
     models, rest = split_models(overrides)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {level: {} for level in TOY_LEVELS}
+    unavailable: list[str] = []
     for model in models:
         model_args = [f"model.checkpoint={model}", f"model.vision_tower={Path(model) / 'vision_tower'}", *rest]
         for level in TOY_LEVELS:
-            for row in toy_grid(level, root / model_slug(model) / level, model_args):
+            level_text, rows = toy_grid(level, root / model_slug(model) / level, model_args)
+            for row in rows:
                 results[level].setdefault(row["name"], []).append(row)
-    text = format_toy(results, models)
+            unavailable += [line for line in level_text.splitlines()
+                            if line.startswith("unavailable:") and line not in unavailable]
+    text = "\n".join([format_toy(results, models), *unavailable])
     summary = {level: {name: [{"gIoU": r["splits"]["toyref|unc|val"]["gIoU"], "Navg": r["summary"]["Navg"]}
                               for r in rows] for name, rows in per.items()} for level, per in results.items()}
     (root / "table.txt").write_text(text + "\n")
@@ -177,10 +212,10 @@ def model_slug(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).as_posix().strip("/"))
 
 
-def toy_grid(level: str, root: Path, model_args: list[str]) -> list[dict[str, Any]]:
-    """One budget's grid for one checkpoint: its rows, read back from ``rows.json`` where an earlier run with
-    the same arguments finished it (so per-checkpoint runs can go in parallel and the combined table reuses
-    them); any other content of the folder is an error rather than a silent mix of two settings."""
+def toy_grid(level: str, root: Path, model_args: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    """One budget's grid for one checkpoint: (its printed text, its rows), read back from ``rows.json`` where an
+    earlier run with the same arguments finished it (so per-checkpoint runs can go in parallel and the combined
+    table reuses them); any other content of the folder is an error rather than a silent mix of two settings."""
     import json
 
     saved = root / "rows.json"
@@ -190,10 +225,10 @@ def toy_grid(level: str, root: Path, model_args: list[str]) -> list[dict[str, An
             raise SystemExit(f"{saved}: written for {record.get('args')}, not {model_args}; use another out= or "
                              "remove the folder")
         print(f"{level}: reusing the finished grid in {root}", flush=True)
-        return record["rows"]
-    _, rows = run_grid(level, root, model_args)
-    saved.write_text(json.dumps({"args": model_args, "rows": rows}, default=str))
-    return rows
+        return record.get("text", ""), record["rows"]
+    text, rows = run_grid(level, root, model_args)
+    saved.write_text(json.dumps({"args": model_args, "text": text, "rows": rows}, default=str))
+    return text, rows
 
 
 def format_toy(results: dict[str, dict[str, list[dict[str, Any]]]], models: list[str]) -> str:

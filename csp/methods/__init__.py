@@ -1,12 +1,14 @@
 """Image-token reduction methods; importing this package registers all of them.
 
 One module per method: ``lvlm_csp`` (csp), ``prumerge`` (prumerge, prumerge_plus), ``visionzip``,
-``fastv``, ``simignore``, ``sparsevlm``, ``pyramiddrop``, ``feather``; ``random_keep`` (a control).
+``fastv``, ``simignore``, ``sparsevlm``, ``pyramiddrop``, ``feather``, ``ivc_prune``, ``litelvlm``; ``random_keep`` (a control).
 """
 
 from csp.methods import (  # noqa: F401  (each module registers its methods)
     fastv,
     feather,
+    ivc_prune,
+    litelvlm,
     lvlm_csp,
     prumerge,
     pyramiddrop,

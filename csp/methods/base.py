@@ -16,7 +16,7 @@ Add a method: a dataclass subclass of :class:`Method` in ``csp/methods/<name>.py
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -98,6 +98,16 @@ class Method(ABC):
         """New image-slot features (merged tokens included), or None (the N grid tokens)."""
         return None
 
+    #: Whether the image slot depends on the query (``reduce_queries``), not only on the image.
+    per_query_reduction: bool = False
+
+    def reduce_queries(self, vision: VisionFeatures, texts: Sequence[str],
+                       image_texts: Sequence[str] | None = None) -> ReducedImages | None:
+        """Per query text (B of them, all about the image of ``vision``), new image-slot features (in any
+        order; ``source`` lists each one's grid index), or None. ``image_texts``: every query of the image.
+        Used where ``per_query_reduction`` (LiteLVLM's own order)."""
+        return None
+
     def input_tokens(self, num_image_tokens: int) -> int | None:
         """Image-slot tokens entering the LLM per sample (None: data-dependent)."""
         return num_image_tokens
@@ -121,6 +131,11 @@ class Method(ABC):
     def check(self) -> None:
         """Raise on settings that can be checked without a model (an unknown option, a missing
         weights file); runs before any data or weights are read. Nothing heavy is loaded here."""
+        return None
+
+    def check_model(self, model: Mapping[str, Any]) -> None:
+        """Raise where the settings cannot run on the model config ``model`` (its ``model`` node: e.g. a CLIP
+        text side of another width than its vision tower); reads config files only, like :meth:`check`."""
         return None
 
     def extra_cost(self) -> dict[str, float]:

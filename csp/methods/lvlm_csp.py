@@ -11,7 +11,7 @@ import torch
 from csp.methods.base import Method, register_method
 from csp.plan import Prune, Scatter, TokenPlan, TopK
 from csp.schedule import StageSchedule
-from csp.scorers import QueryAttention
+from csp.scorers import IvcValue, QueryAttention
 from csp.strategies import ClusteringInputs, ClusteringStrategy, build_strategy, check_strategy
 
 
@@ -22,7 +22,9 @@ class LvlmCsp(Method):
 
     Layers 0..Lc-1 see the Nc tokens the clustering strategy picked (original position ids),
     layer Lc brings back all N with their layer-0 embeddings, layers Lc+Ls.. keep the top Np by
-    the [SEG] rows' attention in layer Lc+Ls-1 (the last prompt row at chat prefill).
+    the [SEG] rows' attention in layer Lc+Ls-1 (the last prompt row at chat prefill), or with
+    ``schedule.pruning: ivc_value`` by IVC-Prune's value-similarity score (``csp.scorers.IvcValue``) of
+    that layer, with its seed count ``max(1, round(0.01 N))``.
     """
 
     schedule: StageSchedule
@@ -55,6 +57,14 @@ class LvlmCsp(Method):
         if self._strategy is None:
             self._strategy = check_strategy(self.schedule)
 
+    def check_model(self, model) -> None:
+        """The litelvlm clustering strategy's text side against the model's vision tower."""
+        clip = (self.schedule.clustering_kwargs or {}).get("clip")
+        if self.schedule.clustering == "litelvlm" and clip is not None:
+            from csp.litelvlm import check_text_side_pairs
+
+            check_text_side_pairs(clip, model.get("vision_tower"))
+
     def validate(self, num_layers: int, num_image_tokens: int) -> None:
         self.schedule.validate(num_layers, num_image_tokens)
 
@@ -68,7 +78,8 @@ class LvlmCsp(Method):
         prunes = s.prunes(L, N) or (always_move_tokens and s.Lp(L) > 0 and s.Lc + s.Ls > 0)
         if prunes:
             at = s.Lc + s.Ls
-            events.append(Prune(layer=at, score_layer=at - 1, scorer=QueryAttention(rows="seg"), keep=TopK(s.Np)))
+            scorer = QueryAttention(rows="seg") if s.pruning == "attention" else IvcValue(seeds=max(1, round(N * 0.01)))
+            events.append(Prune(layer=at, score_layer=at - 1, scorer=scorer, keep=TopK(s.Np)))
         return TokenPlan(events=tuple(events), input_keep=clusters, input_stage="clustering" if clusters else "input")
 
     def select_input(self, inputs: ClusteringInputs) -> torch.Tensor | None:

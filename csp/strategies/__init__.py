@@ -3,6 +3,8 @@
 from csp.strategies import (
     seg_first,  # noqa: F401  (registers seg_first; ultralytics loads lazily)
     simple,  # noqa: F401  (registers uniform, random, cls_attention)
+    spatial,  # noqa: F401  (registers kcenter, stratified)
+    text_guided,  # noqa: F401  (registers litelvlm)
 )
 from csp.strategies.base import (
     CLUSTERING_STRATEGIES,

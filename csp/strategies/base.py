@@ -28,6 +28,11 @@ class ClusteringInputs:
         sample_ids: B stable identifiers, used to seed per-sample randomness.
         cls_attention: ``B x N`` head-averaged CLS attention row of the configured CLIP layer,
             present only when the strategy asked for it (``cls_attention_layer``).
+        texts: per sample, the query text (the referring expression or question); None where the
+            caller has none (text-guided strategies such as ``litelvlm`` then refuse to run).
+        image_texts: every query text of this image (all samples here are queries about ONE image).
+        vision: the CLIP tower's hidden states and layers (``csp.methods.VisionFeatures``), for
+            strategies that read more of CLIP than the patch features (``litelvlm``); None if not given.
     """
 
     features: torch.Tensor
@@ -36,6 +41,9 @@ class ClusteringInputs:
     images: Sequence[Image.Image]
     sample_ids: Sequence[str]
     cls_attention: torch.Tensor | None = None
+    texts: Sequence[str] | None = None
+    image_texts: Sequence[str] | None = None
+    vision: Any = None
 
     @property
     def num_tokens(self) -> int:

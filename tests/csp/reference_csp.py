@@ -12,8 +12,8 @@ import torch
 from transformers import LlamaModel
 
 from csp.methods.random_keep import SeededRandomScores
-from csp.plan import Prune, Scatter, TokenPlan, TopFraction, TopK, TopKUnionGrid
-from csp.scorers import QueryAttention, SparseVlmV2Attention, TextSimilarity
+from csp.plan import Marked, Prune, Scatter, TokenPlan, TopFraction, TopK, TopKUnionGrid
+from csp.scorers import IvcUnion, IvcValue, QueryAttention, SparseVlmV2Attention, TextSimilarity
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -155,6 +155,9 @@ def oracle_scores(event: Prune, layer, h: torch.Tensor, active: torch.Tensor, e0
         per_head = probs[:, rows][:, :, img].sum(dim=(1, 2))
         top = per_head.topk(min(scorer.heads, len(per_head))).indices
         return probs[top][:, rows].mean(0).mean(0)
+    if isinstance(scorer, (IvcValue, IvcUnion)):
+        return ivc_scores(scorer, layer, h, active, image_rows, last_row, theta, eps,
+                          torch.arange(length) if positions is None else positions)
     assert isinstance(scorer, QueryAttention), f"the oracle has no definition for {scorer!r}"
     rows = {"seg": lambda: query_rows, "last": lambda: torch.tensor([last_row]),
             "raters": lambda: raters(e0, image_rows, last_row)}[scorer.rows]()
@@ -166,6 +169,41 @@ def oracle_scores(event: Prune, layer, h: torch.Tensor, active: torch.Tensor, e0
     visible = torch.ones(length, length, dtype=torch.bool).tril() & keys[None, :]
     probs = logits.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
     return probs.mean(0)[rows].mean(0)
+
+
+def ivc_scores(scorer, layer, h: torch.Tensor, active: torch.Tensor, image_rows: torch.Tensor, last_row: int,
+               theta: float, eps: float, positions: torch.Tensor) -> torch.Tensor:
+    """IVC-Prune: S = softmax over the active prompt columns of V V^T / sqrt(D) (the layer's normalised
+    input, no RoPE), mean over heads; seeds = top image columns of S averaged over the question rows
+    (image slot end + 2 .. last prompt row); foreground score = S averaged over seed and question rows;
+    IvcUnion marks seeds | top foreground | top mean(cos) | top mean(sin) of the active image rows."""
+    length = h.shape[0]
+    _, _, v = qkv(layer, h, theta, eps, with_rope=False)
+    prompt = active & (torch.arange(length) <= last_row)
+    sim = ((v @ v.transpose(-1, -2)) / v.shape[-1] ** 0.5).masked_fill(~prompt, float("-inf")).softmax(-1).mean(0)
+    question = active.clone()
+    question[: int(image_rows.max()) + 3] = False
+    question[last_row + 1:] = False
+    img = image_rows[active[image_rows]]
+
+    def top(score: torch.Tensor, k: int) -> torch.Tensor:
+        return img[score[img].topk(min(k, len(img))).indices]
+
+    seeds = top(sim[question].mean(0), scorer.seeds)
+    rows = question.clone()
+    rows[seeds] = True
+    fg = sim[rows].mean(0)
+    if isinstance(scorer, IvcValue):
+        return fg
+    dim = v.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    angles = positions.double()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)  # LLaMA's cos/sin repeat the frequencies over the two halves
+    marked = torch.cat([seeds, top(fg, scorer.foreground), top(angles.cos().mean(-1), scorer.coordinates),
+                        top(angles.sin().mean(-1), scorer.coordinates)])
+    out = torch.zeros(length, dtype=torch.float64)
+    out[marked] = 1.0
+    return out
 
 
 def oracle_keep(event: Prune, scores: torch.Tensor, candidates: torch.Tensor, grid_index: torch.Tensor) -> torch.Tensor:
@@ -180,6 +218,8 @@ def oracle_keep(event: Prune, scores: torch.Tensor, candidates: torch.Tensor, gr
         g = grid_index[candidates]
         grid = candidates[((g // rule.side) % rule.stride == 0) & ((g % rule.side) % rule.stride == 0)]
         return torch.unique(torch.cat([ranked[: rule.k], grid]))
+    if isinstance(rule, Marked):
+        return candidates[scores[candidates] > 0]
     raise AssertionError(f"the oracle has no definition for {rule!r}")
 
 

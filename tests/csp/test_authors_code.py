@@ -227,6 +227,46 @@ def sparsevlm_v2_authors(llm, embeds: torch.Tensor, pruning_loc: list[int], coun
     return kept, final_last_row(llm, h)
 
 
+# -- IVC-Prune (FireRedTeam/IVC-Prune, transformers/src/transformers/models/llama/modeling_llama.py) -----
+def ivc_prune_authors(llm, embeds: torch.Tensor, k: int, cache=None):
+    """``IVCP_forward_flashattention`` (L799-1011) at prefill with image_token_start_index P and
+    image_token_length N; ``cache``: a DynamicCache its ``prune_past_key_values`` cuts (L1013-1030)."""
+    h, pos, kept = embeds, torch.arange(T)[None], []
+    start, length = P, N
+    for idx, layer in enumerate(llm.layers):
+        if idx == k:
+            sim = value_weights.mean(1)[0]  # L897: mean over heads, batch 0
+            question = sim[start + length + 2:].mean(0)  # L899-902: rows from two past the image's end
+            seeds = question[start:start + length].topk(max(1, round(length * 0.01))).indices + start  # L903-908
+            anchor = torch.cat([seeds, torch.arange(start + length + 2, T)])  # L911-915
+            related = sim[anchor].mean(0)[start:start + length]  # L916-919
+            fg = related.topk(round(length * 0.2)).indices + start  # L920-922
+            cos, sin = position_embedding  # L924-936: mean over the head dimension, top 5% each
+            cos_mean = cos[0, start:start + length].mean(1)
+            sin_mean = sin[0, start:start + length].mean(1)
+            pe = torch.cat([cos_mean.topk(round(length * 0.05)).indices + start,
+                            sin_mean.topk(round(length * 0.05)).indices + start])
+            keep = torch.unique(torch.cat([torch.arange(start), fg, seeds, pe, torch.arange(start + length, T)]),
+                                sorted=True)  # L938-945
+            h, pos = h[:, keep], keep[None]  # L949-950: original position ids
+            if cache is not None:  # L963-964, L1013-1030: layers 0 < l < k
+                for past in range(1, k):
+                    cache.layers[past].keys = cache.layers[past].keys[:, :, keep]
+                    cache.layers[past].values = cache.layers[past].values[:, :, keep]
+            kept.append(sorted((keep[(keep >= start) & (keep < start + length)] - start).tolist()))
+        if idx == k - 1:  # L966-975, compute_attention_weights L750-766: V of the normalised input, no RoPE
+            attn = layer.self_attn
+            v = attn.v_proj(layer.input_layernorm(h)).view(1, h.shape[1], -1, attn.head_dim).transpose(1, 2)
+            value_weights = (v @ v.transpose(2, 3) / math.sqrt(attn.head_dim)).softmax(-1)  # no causal mask
+            position_embedding = llm.rotary_emb(h, pos)
+        if cache is None:
+            h = run_layer(llm, layer, h, pos)
+        else:
+            h = layer(h, attention_mask=None, position_ids=pos, past_key_values=cache, use_cache=True,
+                      position_embeddings=llm.rotary_emb(h, pos))
+    return kept, final_last_row(llm, h)
+
+
 IN_LLM = {
     "fastv": ({"name": "fastv", "layer": 2, "keep": 9}, lambda llm, e: fastv_authors(llm, e, 2, 9)),
     "feather": ({"name": "feather", "layers": [2, 4], "keep_ratio": 0.5, "stride": 3},
@@ -237,7 +277,35 @@ IN_LLM = {
                   lambda llm, e: simignore_authors(llm, e, [P + N + 1, P + N + 2, P + N + 3], 20, 1, 1, 3, 7)),
     "sparsevlm": ({"name": "sparsevlm", "layers": [0, 2, 3], "keep": [24, 12, 5], "heads": 2},
                   lambda llm, e: sparsevlm_v2_authors(llm, e, [0, 2, 3], [24, 12, 5], 2)),
+    "ivc_prune": ({"name": "ivc_prune", "layer": 3}, lambda llm, e: ivc_prune_authors(llm, e, 3)),
 }
+
+
+def test_ivc_prune_decodes_against_its_cut_cache() -> None:
+    """Chat: its prefill cuts the caches of layers 1..k-1 (layer 0's stays whole); the next token at
+    position keep[-1] + 1 (L868-874) attends to that: the runner's decode step gives the same state."""
+    from transformers import DynamicCache
+
+    from csp.runner import CachedKeyMasks
+
+    llm = double_llm(seed=21)
+    inputs = prompt(llm, 3)
+    new = torch.randn(1, 1, llm.config.hidden_size, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    theirs = DynamicCache(config=llm.config)
+    with torch.no_grad():
+        ivc_prune_authors(llm, inputs.embeds, 3, cache=theirs)
+        h, pos = new, torch.tensor([[T]])
+        for layer in llm.layers:
+            h = layer(h, attention_mask=None, position_ids=pos, past_key_values=theirs, use_cache=True,
+                      position_embeddings=llm.rotary_emb(h, pos))
+        want = llm.norm(h)[0, 0]
+        runner = StageRunner(llm, build_method({"name": "ivc_prune", "layer": 3}), N)
+        ours = DynamicCache(config=llm.config)
+        out = runner.forward(inputs, cache=ours)
+        got = runner.decode(new, torch.tensor([[T]]), ours, CachedKeyMasks(out.layer_key_valid, out.layer_key_padded))
+    assert [ours.layers[i].keys.shape[2] for i in range(6)] == [theirs.layers[i].keys.shape[2] for i in range(6)]
+    assert ours.layers[0].keys.shape[2] == T + 1 > ours.layers[1].keys.shape[2]
+    torch.testing.assert_close(got[0, 0], want, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -408,10 +476,16 @@ def test_visionzip_reduces_as_its_authors_code(seed: int) -> None:
     torch.testing.assert_close(out.features[0].double(), want[0], atol=1e-5, rtol=1e-5)
 
 
+#: Before-LLM methods whose authors'-code tests are above.
+BEFORE_LLM = {"prumerge", "prumerge_plus", "visionzip", "litelvlm"}  # litelvlm: tests/csp/test_litelvlm.py
+
+
 def test_every_baseline_has_an_authors_code_test() -> None:
-    covered = set(IN_LLM) | {"prumerge", "prumerge_plus", "visionzip"}
-    assert covered == {"fastv", "feather", "pyramiddrop", "simignore", "sparsevlm", "prumerge", "prumerge_plus",
-                       "visionzip"}
+    """Every registered method but CSP itself and the random control (csp/methods/random_keep.py)."""
+    from csp.methods import METHODS
+
+    covered = set(IN_LLM) | BEFORE_LLM
+    assert covered == set(METHODS) - {"csp", "random_keep"}
 
 
 def test_pyramiddrop_decoding_positions_follow_its_code() -> None:

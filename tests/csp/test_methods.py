@@ -39,6 +39,8 @@ ORACLE_CONFIGS = {
     "prumerge_plus": {"keep": "iqr"},
     "visionzip": {"dominant": 10, "contextual": 4},
     "random_keep": {"layer": 3, "keep": 7},
+    "ivc_prune": {"layer": 3},  # seeds 1, foreground round(7.2) = 7, coordinates round(1.8) = 2 each
+    "litelvlm": {"keep": 12, "order": "raster", "text_side": "tiny"},  # the input set, original ids
 }
 
 #: The same for the tiny LISA (6 layers, N = 256).
@@ -53,7 +55,19 @@ PIPELINE_CONFIGS = {
     "prumerge_plus": {"keep": 20},  # spacing int(int(256 / 20) / 3) = 4
     "visionzip": {"dominant": 54, "contextual": 10},
     "random_keep": {"layer": 2, "keep": 40},
+    "ivc_prune": {"layer": 3},
+    "litelvlm": {"keep": 40, "text_side": "tiny"},  # its own order, contiguous ids (tests/csp/test_litelvlm.py)
 }
+
+
+def method_config(name: str, table: dict) -> dict:
+    """``{name, **table[name]}`` with ``text_side: tiny`` replaced by a random text side for the tiny LISA."""
+    cfg = {"name": name, **table[name]}
+    if cfg.get("text_side") == "tiny":
+        from tests.csp.test_litelvlm import tiny_text_side
+
+        cfg["text_side"] = tiny_text_side(32)
+    return cfg
 
 
 def test_every_registered_method_has_test_configs() -> None:
@@ -65,10 +79,11 @@ def test_every_registered_method_has_test_configs() -> None:
 def test_method_matches_masking_oracle(name: str) -> None:
     llm = tiny_llm(6, 4, 2, seed=5)
     rng = random.Random(zlib.crc32(name.encode()))
-    method = build_method({"name": name, **ORACLE_CONFIGS[name]})
+    method = build_method(method_config(name, ORACLE_CONFIGS))
     runner = StageRunner(llm, method, N_ORACLE)
     if not runner.plan.events and not runner.plan.input_keep:
-        assert type(method).reduce_images is not Method.reduce_images  # a before-LLM reducer: nothing in the LLM
+        # a before-LLM reducer: nothing in the LLM
+        assert type(method).reduce_images is not Method.reduce_images or method.per_query_reduction
         return
     embeds, valid, is_image, qrows, qvalid, lengths, img_rows, queries = random_batch(rng, 3, N_ORACLE, 48)
     keep = torch.stack([torch.tensor(sorted(rng.sample(range(N_ORACLE), 12))) for _ in range(3)])
@@ -91,6 +106,30 @@ def test_method_matches_masking_oracle(name: str) -> None:
     static = method.image_tokens_per_layer(6, N_ORACLE)
     if static is not None:
         assert all(r.image_tokens == static for r in out.records)
+
+
+@pytest.mark.parametrize("Ls", [0, 1])
+def test_csp_pruned_by_ivc_value_matches_masking_oracle(Ls: int) -> None:
+    """schedule.pruning = ivc_value: CSP's pruning stage ranked by IVC-Prune's value-similarity score."""
+    llm = tiny_llm(6, 4, 2, seed=6)
+    rng = random.Random(31 + Ls)
+    method = build_method({"name": "csp", "Lc": 2, "Nc": 12, "Ls": Ls, "Np": 6, "pruning": "ivc_value"})
+    runner = StageRunner(llm, method, N_ORACLE)
+    assert type(runner.plan.events[-1].scorer).__name__ == "IvcValue"
+    embeds, valid, is_image, qrows, qvalid, lengths, img_rows, queries = random_batch(rng, 3, N_ORACLE, 48)
+    keep = torch.stack([torch.tensor(sorted(rng.sample(range(N_ORACLE), 12))) for _ in range(3)])
+    last = torch.tensor([[n - 1] for n in lengths])
+    with torch.no_grad():
+        out = runner.forward(DecoderInputs(embeds, valid, is_image, qrows, qvalid, cluster_keep=keep, last_rows=last))
+    for i in range(3):
+        ref, ref_img, _, ref_kept = reference_forward(llm, embeds[i, : lengths[i]], img_rows[i],
+                                                      torch.tensor(queries[i]), runner.plan, keep[i],
+                                                      last_row=lengths[i] - 1)
+        cols = out.state.valid[i].nonzero().flatten()
+        torch.testing.assert_close(out.state.hidden[i, cols].double(), ref[out.state.positions[i, cols]],
+                                   atol=2e-4, rtol=2e-4)
+        assert out.records[i].image_tokens == ref_img
+        assert [k.indices[i][k.indices[i] >= 0].tolist() for k in out.kept_image_tokens] == [r.tolist() for r in ref_kept]
 
 
 # -- every method in evaluation and chat on the tiny LISA -----------------------------------------
@@ -136,16 +175,18 @@ def test_every_method_runs_in_evaluation_and_chat(name: str, tiny_bundle: LisaBu
                                                   plain_encoding: ImageEncoding) -> None:
     """Teacher forcing (evaluation) and KV-cache generation (chat), three prompts of different lengths
     in one batch (pipeline.segment is run for every method by the table test)."""
-    method = build_method({"name": name, **PIPELINE_CONFIGS[name]})
+    method = build_method(method_config(name, PIPELINE_CONFIGS))
     pipe = SegmentationPipeline(tiny_bundle, method=method)
-    own_encoding = type(method).reduce_images is not Method.reduce_images or method.cls_attention_layer is not None
+    own_encoding = (type(method).reduce_images is not Method.reduce_images or method.cls_attention_layer is not None
+                    or method.per_query_reduction)
     enc = pipe.encode_image(make_image(40, 52, seed=3)) if own_encoding else plain_encoding
     tok, tokenizer = tiny_bundle.token_ids, tiny_bundle.tokenizer
     full = [tokenize_with_image(build_prompt(q.text, q.is_sentence), tokenizer) for q in QUERIES]
     prompts = [tokenize_with_image(build_prompt(q.text, q.is_sentence, answer=None), tokenizer) for q in QUERIES]
     assert len({len(p) for p in prompts}) == 3
-    keep = pipe.cluster(enc, [q.sample_id for q in QUERIES])
-    images = pipe.image_inputs(enc, len(QUERIES))
+    texts = [q.text for q in QUERIES]
+    keep = pipe.cluster(enc, [q.sample_id for q in QUERIES], texts)
+    images = pipe.image_inputs(enc, len(QUERIES), texts)
     evaluation = teacher_forced(pipe.model, pipe.runner, full, seg_id=tok.seg, pad_id=tok.pad, cluster_keep=keep,
                                 prompt_lengths=[len(p) for p in prompts], **images)
     chat = generate(pipe.model, pipe.runner, prompts, seg_id=tok.seg, eos_id=tok.eos, pad_id=tok.pad,
@@ -386,10 +427,17 @@ PAPER_ROWS = {
 }
 
 
+#: Presets of the peers table (scripts/run_table.py table=peers) that are not rows of the paper.
+PEER_PRESETS = ("table1_ivc_prune", "table1_litelvlm", "table1_litelvlm_raster", "table1_csp_kcenter",
+                "table1_csp_stratified", "table1_csp_litelvlm", "table1_csp_ivc_value")
+
+
 def test_every_table_preset_has_the_papers_navg() -> None:
     from scripts.flops_table import build_rows
 
-    rows = {r["name"]: r for r in build_rows() if r["name"].startswith("table") and "_" in r["name"]}
+    peers = set(PEER_PRESETS)  # the newer methods of the peers table: not in the paper
+    rows = {r["name"]: r for r in build_rows() if r["name"].startswith("table") and "_" in r["name"]
+            and r["name"] not in peers}
     assert sorted(rows) == sorted(PAPER_ROWS)
     for name, (navg, tflops) in PAPER_ROWS.items():
         row = rows[name]

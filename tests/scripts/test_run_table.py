@@ -54,13 +54,14 @@ def test_toy_table_presets_compose_validate_and_reach_their_budget(tmp_path: Pat
     from csp.config import method_from_config
     from csp.methods import METHODS
     from runs.models import layers_and_image_tokens
-    from scripts.run_table import parse, settings
+    from scripts.run_table import TOY_PEERS, parse, settings
 
     assert parse(["table=toy"])[0] == "toy"
     prefix = {"toy19": "toy_table1_", "toy10": "toy_n10_"}[level]
     configured = settings(level, tmp_path, [])
     presets = [cfg.name for _, cfg in configured[1:]]
-    assert sorted(presets) == sorted(f"{prefix}{m}" for m in METHODS)
+    peers = [f"{prefix}{suffix}" for _, suffix in TOY_PEERS] if level == "toy19" else []  # CSP's new options
+    assert sorted(presets) == sorted([f"{prefix}{m}" for m in METHODS] + peers)
     layers, n = layers_and_image_tokens(configured[0][1].model)
     assert (layers, n) == (8, 64)
     assert method_from_config(configured[0][1]).method is None  # the baseline is the plain model
@@ -95,7 +96,27 @@ def test_toy_grid_reuses_a_finished_grid_and_refuses_another_settings(tmp_path: 
     args = ["model.checkpoint=/nowhere/lisa", "model.vision_tower=/nowhere/lisa/vision_tower"]
     rows = [{"name": "LISA", "splits": {"toyref|unc|val": {"gIoU": 0.5}}, "summary": {"Navg": 64.0}}]
     (tmp_path / "rows.json").write_text(json.dumps({"args": args, "rows": rows}))
-    assert toy_grid("toy19", tmp_path, args) == rows
+    assert toy_grid("toy19", tmp_path, args)[1] == rows
     with pytest.raises(SystemExit, match="written for"):
         toy_grid("toy19", tmp_path, [*args, "eval.max_samples=3"])
     assert model_slug("outputs/train/s0/final/lisa") == "outputs_train_s0_final_lisa"
+
+
+def test_peers_table_composes_at_table1s_budget(tmp_path: Path) -> None:
+    """table=peers: LISA, Table 1's CSP and every peer row compose and validate at LLaVA-7B-224's L = 32,
+    N = 256 (the tiny model with 32 layers, as the Table 1 test); each prescribes Table 1's budget (both bounds of a data-dependent count within 51..80)."""
+    from csp.accounting import navg
+    from csp.config import method_from_config
+    from runs.models import layers_and_image_tokens
+    from scripts.run_table import PEERS, settings
+
+    configured = settings("peers", tmp_path, ["model=tiny", "model.num_layers=32"])  # LLaVA-7B-224's L and N
+    assert [cfg.name for _, cfg in configured] == ["llava7b_224_baseline", *(f"table1_{s}" for _, s in PEERS)]
+    layers, n = layers_and_image_tokens(configured[0][1].model)
+    assert (layers, n) == (32, 256)
+    for _, cfg in configured[1:]:
+        method = method_from_config(cfg).method
+        counts = method.image_tokens_per_layer(layers, n)
+        bounds = [counts] if counts is not None else list(method.count_range(layers, n))
+        for per_layer in bounds:
+            assert 51 <= navg(per_layer) <= 80, (cfg.name, per_layer)
