@@ -214,20 +214,26 @@ def model_slug(model: str) -> str:
 
 def toy_grid(level: str, root: Path, model_args: list[str]) -> tuple[str, list[dict[str, Any]]]:
     """One budget's grid for one checkpoint: (its printed text, its rows), read back from ``rows.json`` where an
-    earlier run with the same arguments finished it (so per-checkpoint runs can go in parallel and the combined
-    table reuses them); any other content of the folder is an error rather than a silent mix of two settings."""
+    earlier run with the same arguments finished the same settings (so per-checkpoint runs can go in parallel
+    and the combined table reuses them). Run with other arguments, the folder is an error rather than a silent
+    mix of two settings; where the grid has gained or lost rows since (a new method preset), it runs again,
+    and the settings already finished resume from their own results."""
     import json
 
     saved = root / "rows.json"
-    if saved.is_file():
-        record = json.loads(saved.read_text())
-        if record.get("args") != model_args:
-            raise SystemExit(f"{saved}: written for {record.get('args')}, not {model_args}; use another out= or "
-                             "remove the folder")
-        print(f"{level}: reusing the finished grid in {root}", flush=True)
-        return record.get("text", ""), record["rows"]
+    record = json.loads(saved.read_text()) if saved.is_file() else None
+    if record is not None and record.get("args") != model_args:
+        raise SystemExit(f"{saved}: written for {record.get('args')}, not {model_args}; use another out= or "
+                         "remove the folder")
+    labels = [label for label, _ in settings(level, root, model_args, [])]
+    if record is not None:
+        if record.get("labels") == labels:
+            print(f"{level}: reusing the finished grid in {root}", flush=True)
+            return record.get("text", ""), record["rows"]
+        print(f"{level}: the grid in {root} was finished for other rows; running it again (finished settings "
+              "resume from their results)", flush=True)
     text, rows = run_grid(level, root, model_args)
-    saved.write_text(json.dumps({"args": model_args, "text": text, "rows": rows}, default=str))
+    saved.write_text(json.dumps({"args": model_args, "labels": labels, "text": text, "rows": rows}, default=str))
     return text, rows
 
 

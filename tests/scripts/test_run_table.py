@@ -86,20 +86,29 @@ def test_toy_table_combines_models_into_means_and_ranges() -> None:
     assert "2 model(s): a, b" in text
 
 
-def test_toy_grid_reuses_a_finished_grid_and_refuses_another_settings(tmp_path: Path) -> None:
-    """A grid with rows.json is read back (no evaluation runs: the model path does not even exist), and only
-    for the same arguments; the folder of a checkpoint is its path made a file name."""
+def test_toy_grid_reuses_a_finished_grid_and_refuses_another_settings(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid with rows.json is read back (no evaluation runs: the rows are made up), and only for the same
+    arguments and the same rows; a grid that has gained a row since runs again (its finished
+    settings resume from their own results); the folder of a checkpoint is its path made a file name."""
     import json
 
-    from scripts.run_table import model_slug, toy_grid
+    import scripts.run_table as rt
 
-    args = ["model.checkpoint=/nowhere/lisa", "model.vision_tower=/nowhere/lisa/vision_tower"]
+    args = ["model.checkpoint=assets/toy_lisa", "model.vision_tower=assets/toy_lisa/vision_tower"]
+    labels = [label for label, _ in rt.settings("toy19", tmp_path, args, [])]
+    assert labels[0] == "LISA" and "random_keep (control)" in labels
     rows = [{"name": "LISA", "splits": {"toyref|unc|val": {"gIoU": 0.5}}, "summary": {"Navg": 64.0}}]
-    (tmp_path / "rows.json").write_text(json.dumps({"args": args, "rows": rows}))
-    assert toy_grid("toy19", tmp_path, args)[1] == rows
+    (tmp_path / "rows.json").write_text(json.dumps({"args": args, "labels": labels, "rows": rows}))
+    assert rt.toy_grid("toy19", tmp_path, args)[1] == rows
     with pytest.raises(SystemExit, match="written for"):
-        toy_grid("toy19", tmp_path, [*args, "eval.max_samples=3"])
-    assert model_slug("outputs/train/s0/final/lisa") == "outputs_train_s0_final_lisa"
+        rt.toy_grid("toy19", tmp_path, [*args, "eval.max_samples=3"])
+    calls = []
+    monkeypatch.setattr(rt, "run_grid", lambda level, root, a: calls.append(level) or ("text", rows + rows))
+    (tmp_path / "rows.json").write_text(json.dumps({"args": args, "labels": labels[:-1], "rows": rows}))
+    assert rt.toy_grid("toy19", tmp_path, args)[1] == rows + rows and calls == ["toy19"]
+    assert json.loads((tmp_path / "rows.json").read_text())["labels"] == labels
+    assert rt.model_slug("outputs/train/s0/final/lisa") == "outputs_train_s0_final_lisa"
 
 
 def test_peers_table_composes_at_table1s_budget(tmp_path: Path) -> None:

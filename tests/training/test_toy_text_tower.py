@@ -69,27 +69,29 @@ def test_committed_text_side_loads_pairs_with_the_toy_clip_and_beats_chance() ->
 
 
 @pytest.mark.parametrize("level", ["toy19", "toy10"])
-def test_toy_litelvlm_rows_are_available_on_a_toy_lisa_of_the_towers(tmp_path: Path, level: str) -> None:
-    """``run_table.py table=toy`` checks every row before running any: on a toy LISA whose vision tower is
-    the toy CLIP stand-in (a checkpoint's config files, as run_toy passes them) the LiteLVLM rows are
-    available; on the committed assets/toy_lisa (a random 64-wide CLIP) they are listed as unavailable,
-    with the reason, instead of failing at their first sample."""
+def test_toy_litelvlm_rows_are_available_on_the_committed_toy_lisa(tmp_path: Path, level: str) -> None:
+    """``run_table.py table=toy`` checks every row before running any: on the committed assets/toy_lisa (its
+    vision tower is the toy CLIP stand-in) the LiteLVLM rows are available; on a checkpoint whose CLIP has
+    another width (the first toy world's random 64-wide CLIP; config files, as run_toy passes them) they are
+    listed as unavailable, with the reason, instead of failing at their first sample."""
+    import json
     import shutil
 
     from scripts.run_table import settings
 
-    ckpt = tmp_path / "toy_on_towers"
-    (ckpt / "vision_tower").mkdir(parents=True)
-    shutil.copy(ROOT / "assets" / "toy_lisa" / "config.json", ckpt / "config.json")
-    shutil.copy(ROOT / CLIP_DIR / "config.json", ckpt / "vision_tower" / "config.json")
     want = {"toy19": {"toy_table1_litelvlm", "toy_table1_csp_litelvlm"}, "toy10": {"toy_n10_litelvlm"}}[level]
     missing: list[tuple[str, str]] = []
-    overrides = [f"model.checkpoint={ckpt}", f"model.vision_tower={ckpt / 'vision_tower'}"]
-    configured = settings(level, tmp_path / "grid", overrides, unavailable=missing)
+    configured = settings(level, tmp_path / "grid", [], unavailable=missing)  # the committed assets/toy_lisa
     assert missing == []
     assert want <= {cfg.name for _, cfg in configured}
-    missing = []
-    settings(level, tmp_path / "grid0", [], unavailable=missing)  # the committed assets/toy_lisa
+    ckpt = tmp_path / "toy_clip64"
+    (ckpt / "vision_tower").mkdir(parents=True)
+    shutil.copy(ROOT / "assets" / "toy_lisa" / "config.json", ckpt / "config.json")
+    clip = json.loads((ROOT / CLIP_DIR / "config.json").read_text())
+    clip["hidden_size"] = 64
+    (ckpt / "vision_tower" / "config.json").write_text(json.dumps(clip))
+    overrides = [f"model.checkpoint={ckpt}", f"model.vision_tower={ckpt / 'vision_tower'}"]
+    settings(level, tmp_path / "grid64", overrides, unavailable=missing)
     assert {why.split(":")[0] for _, why in missing} == want
     assert all("width 128" in why and "width 64" in why for _, why in missing)
 
