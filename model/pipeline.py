@@ -203,8 +203,9 @@ class SegmentationPipeline:
             if texts is None or len(texts) != size:
                 raise ValueError(f"{self.method.name} selects image tokens per query: pass the {size} query texts")
             reduced = self.method.reduce_queries(enc.vision, texts, image_texts)
-            return {"image_embeds": self.model.project_images(reduced.features), "image_valid": reduced.valid,
-                    "image_source": reduced.source}
+            if reduced is not None:  # None: the image-level slot below (the N grid tokens or reduce_images')
+                return {"image_embeds": self.model.project_images(reduced.features), "image_valid": reduced.valid,
+                        "image_source": reduced.source}
         if enc.reduced is None:
             return {"image_embeds": enc.image_embeds.expand(size, -1, -1)}
         return {"image_embeds": enc.reduced_embeds.expand(size, -1, -1),

@@ -104,8 +104,9 @@ class Method(ABC):
     def reduce_queries(self, vision: VisionFeatures, texts: Sequence[str],
                        image_texts: Sequence[str] | None = None) -> ReducedImages | None:
         """Per query text (B of them, all about the image of ``vision``), new image-slot features (in any
-        order; ``source`` lists each one's grid index), or None. ``image_texts``: every query of the image.
-        Used where ``per_query_reduction`` (LiteLVLM's own order)."""
+        order; ``source`` lists each one's grid index), or None: the image-level slot (``reduce_images``, or
+        the N grid tokens). ``image_texts``: every query of the image. Used where ``per_query_reduction``
+        (LiteLVLM's own order)."""
         return None
 
     def input_tokens(self, num_image_tokens: int) -> int | None:

@@ -88,6 +88,7 @@ def final_last_row(llm, h: torch.Tensor) -> torch.Tensor:
 # -- FastV (pkunlp-icler/FastV, src/transformers/src/transformers/models/llama/modeling_llama.py) ----------
 def fastv_authors(llm, embeds: torch.Tensor, agg_layer: int, rank: int):
     h, pos, kept = embeds, torch.arange(T)[None], []
+    last_attention = None  # the previous layer's attention (loop-carried)
     for idx, layer in enumerate(llm.layers):
         if idx == agg_layer:  # L736-756: layer K-1's attention, head mean, last row, image columns, top-R
             avg = last_attention.mean(0)[-1]
@@ -178,6 +179,7 @@ def simignore_authors(llm, embeds: torch.Tensor, text_rows: list[int], k2: int, 
     mask |= torch.eye(T, dtype=torch.bool)
     kept = [sorted(unique)]
     h, pos = embeds, torch.arange(T)[None]
+    last_attention = None  # the previous layer's attention (loop-carried)
     for idx, layer in enumerate(llm.layers):
         if idx == agg_layer:
             avg = last_attention.mean(0)[-1]
@@ -233,6 +235,7 @@ def ivc_prune_authors(llm, embeds: torch.Tensor, k: int, cache=None):
     image_token_length N; ``cache``: a DynamicCache its ``prune_past_key_values`` cuts (L1013-1030)."""
     h, pos, kept = embeds, torch.arange(T)[None], []
     start, length = P, N
+    value_weights, position_embedding = None, None  # set by layer k-1 below (loop-carried)
     for idx, layer in enumerate(llm.layers):
         if idx == k:
             sim = value_weights.mean(1)[0]  # L897: mean over heads, batch 0

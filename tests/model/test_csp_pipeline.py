@@ -160,3 +160,26 @@ def test_image_encoded_once_whatever_queries_per_batch(image) -> None:
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_a_per_query_method_that_returns_none_gets_the_image_level_slot(image) -> None:
+    """``Method.reduce_queries`` may return None (its contract): the pipeline then uses the image-level slot,
+    here the N grid tokens, exactly as with no method."""
+    from csp.methods.base import Method
+    from csp.plan import TokenPlan
+
+    class NoneForQueries(Method):
+        name = "none_for_queries"
+        per_query_reduction = True
+
+        def plan(self, num_layers: int, num_image_tokens: int, *, always_move_tokens: bool = False) -> TokenPlan:
+            return TokenPlan()
+
+    bundle = build_tiny_lisa(seed=0)
+    plain = SegmentationPipeline(bundle)
+    pipe = SegmentationPipeline(bundle, method=NoneForQueries())
+    enc = plain.encode_image(image)
+    got = pipe.image_inputs(enc, 2, texts=["the cat", "the dog"])
+    want = plain.image_inputs(enc, 2)
+    assert set(got) == set(want) == {"image_embeds"}
+    assert torch.equal(got["image_embeds"], want["image_embeds"])
