@@ -43,14 +43,14 @@ def wandb_args(point: dict[str, Any]) -> list[str]:
 
 def point_schedule(base_schedule: dict[str, Any], args: list[str]) -> StageSchedule:
     """The schedule a point's overrides give on top of the composed base schedule node."""
-    schedule = dict(base_schedule)
+    schedule = OmegaConf.create(dict(base_schedule))
     for override in PARSER.parse_overrides(args):
         key, value = override.key_or_group, override.value()
         if key == "schedule":
-            schedule.update(value)
-        elif key.startswith("schedule."):
-            schedule[key.split(".", 1)[1]] = value
-    return StageSchedule.from_mapping(schedule)
+            schedule = OmegaConf.merge(schedule, value)
+        elif key.startswith("schedule."):  # nested keys too (schedule.clustering_kwargs.weight)
+            OmegaConf.update(schedule, key.split(".", 1)[1], value, merge=True)
+    return StageSchedule.from_mapping(OmegaConf.to_container(schedule, resolve=True))
 
 
 def validate_point(cfg: Any) -> None:
