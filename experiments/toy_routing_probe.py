@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from datasets.toy import EXPRESSION_TYPES
 from model.builder import ToySizes, build_toy_lisa
 from model.pipeline import SegmentationPipeline
-from training.toy_grounding import HELD_OUT_STREAM, TRAIN_STREAM, GroundingData, draw_grounding_data
+from training.toy_grounding import (HELD_OUT_STREAM, TRAIN_STREAM, GroundingData, cell_cross_entropy,
+                                    draw_grounding_data, hit_rates, referent_hits)
 
 
 class BagOfWordsReader(torch.nn.Module):
@@ -67,14 +67,8 @@ class BagOfWordsReader(torch.nn.Module):
 def held_out_hits(reader: BagOfWordsReader, data: GroundingData) -> dict:
     """Stage 2a's hit rate (overall and per expression type) of the reader on ``data``."""
     with torch.no_grad():
-        best = reader(data.features[data.scene], data.texts).argmax(-1, keepdim=True)
-    hits = (data.targets.gather(1, best)[:, 0] > 0).float()
-    by_type = {}
-    for kind in EXPRESSION_TYPES:
-        idx = [i for i, t in enumerate(data.types) if t == kind]
-        if idx:
-            by_type[kind] = round(float(hits[idx].mean()), 4)
-    return {"hit": round(float(hits.mean()), 4), "hit_by_type": by_type, "expressions": len(data)}
+        hits = referent_hits(reader(data.features[data.scene], data.texts), data.targets)
+    return {**hit_rates(hits, data.types), "expressions": len(data)}
 
 
 def run_probe(out: Path, *, seed: int, towers: str, train_images: int, held_out_images: int, steps: int,
@@ -100,7 +94,7 @@ def run_probe(out: Path, *, seed: int, towers: str, train_images: int, held_out_
     for step in range(1, steps + 1):
         pick = torch.randint(len(train), (batch,), generator=generator)
         logits = reader(train.features[train.scene[pick]], [train.texts[i] for i in pick])
-        loss = -(train.targets[pick] * logits.log_softmax(-1)).sum(-1).mean()
+        loss = cell_cross_entropy(logits, train.targets[pick])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -162,6 +162,27 @@ def draw_grounding_data(pipe: SegmentationPipeline, count: int, *, seed: int, st
                          torch.stack(clicks))
 
 
+def cell_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy between ``M x N`` cell logits and the ``M x N`` target distributions."""
+    return -(targets * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def referent_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``M`` bool: whether the most likely cell lies on the referent (its target covers any of it)."""
+    return targets.gather(1, logits.argmax(-1, keepdim=True))[:, 0] > 0
+
+
+def hit_rates(hits: torch.Tensor, types: Sequence[str]) -> dict:
+    """The fraction of hits overall (``hit``) and per expression type (``hit_by_type``), rounded to 1e-4."""
+    hits = hits.float()
+    by_type = {}
+    for kind in EXPRESSION_TYPES:
+        idx = [i for i, t in enumerate(types) if t == kind]
+        if idx:
+            by_type[kind] = round(float(hits[idx].mean()), 4)
+    return {"hit": round(float(hits.mean()), 4), "hit_by_type": by_type}
+
+
 class GroundingStage:
     """The [SEG] row's state for a batch of expressions, and the grounding head over it."""
 
@@ -193,8 +214,7 @@ class GroundingStage:
         """(cross-entropy of the head's cell distribution, mean squared distance of the [SEG] prompt
         (``text_hidden_fcs`` of the row) to the click token: the LISA stage's pointing term)."""
         states = self.seg_states(features, texts)
-        logits = self.head(states).float()
-        cells = -(targets * logits.log_softmax(-1)).sum(-1).mean()
+        cells = cell_cross_entropy(self.head(states).float(), targets)
         if not point_weight:
             return cells, cells.new_zeros(())
         point = ((self.pipe.model.seg_head(states).float() - clicks) ** 2).mean()
@@ -212,8 +232,7 @@ class GroundingStage:
             if zero_images:
                 features = torch.zeros_like(features)
             states = self.seg_states(features, data.texts[sl])
-            best = self.head(states).argmax(-1, keepdim=True)
-            hits.append(data.targets[sl].gather(1, best)[:, 0] > 0)
+            hits.append(referent_hits(self.head(states), data.targets[sl]))
             prompts.append(self.pipe.model.seg_head(states).float())
         return torch.cat(hits), torch.cat(prompts)
 
@@ -226,19 +245,13 @@ def grounding_metrics(stage: GroundingStage, data: GroundingData) -> dict:
     try:
         hits, prompts = stage.read(data)
         zeroed = stage.read(data, zero_images=True)[0].float()
-        hits = hits.float()
     finally:
         stage.pipe.model.train(was_training)
     point = float(((prompts - data.clicks) ** 2).mean())
     constant = float(((data.clicks - data.clicks.mean(0)) ** 2).mean())  # the best prompt that ignores everything
-    by_type = {}
-    for kind in EXPRESSION_TYPES:
-        idx = [i for i, t in enumerate(data.types) if t == kind]
-        if idx:
-            by_type[kind] = round(float(hits[idx].mean()), 4)
-    return {"hit": round(float(hits.mean()), 4), "hit_zeroed": round(float(zeroed.mean()), 4),
-            "hit_by_type": by_type, "point_mse": round(point, 4), "point_mse_constant": round(constant, 4),
-            "expressions": len(data)}
+    rates = hit_rates(hits, data.types)
+    return {"hit": rates["hit"], "hit_zeroed": round(float(zeroed.mean()), 4), "hit_by_type": rates["hit_by_type"],
+            "point_mse": round(point, 4), "point_mse_constant": round(constant, 4), "expressions": len(data)}
 
 
 def train_grounding(spec: GroundingSpec, out_dir: Path, log: bool = True) -> dict:
