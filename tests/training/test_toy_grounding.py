@@ -52,6 +52,51 @@ def test_spec_errors_name_the_key(tmp_path: Path) -> None:
         tg.GroundingSpec(towers=str(tmp_path)).check()
     with pytest.raises(ValueError, match="residual_init.*'gpt'"):
         tg.GroundingSpec(residual_init="gpt").check()
+    with pytest.raises(ValueError, match="words: .*-1"):
+        tg.GroundingSpec(towers=str(TOWERS), words=-1.0).check()
+    with pytest.raises(ValueError, match=r"words_layer: .*\[0, 7\].* 8"):
+        tg.GroundingSpec(towers=str(TOWERS), words_layer=8).check()
+
+
+def test_word_bags_by_hand() -> None:
+    """The vocabulary is the expressions' words less ``the``, sorted; unknown words are not counted."""
+    pipe = SegmentationPipeline(build_toy_lisa(0, ToySizes(towers=str(TOWERS))))
+    stage = tg.GroundingStage(pipe, "the red circle on the left of the star".split(), words_layer=1)
+    assert list(stage.vocabulary) == ["circle", "left", "of", "on", "red", "star"]
+    bags = stage.word_bags(["the red star", "the blue circle on the left"])
+    assert bags.tolist() == [[0, 0, 0, 0, 1, 1], [1, 1, 0, 1, 0, 0]]
+    stage.close()
+
+
+def test_word_head_reads_the_query_row_after_its_layer() -> None:
+    """The words term reads the [SEG] query row's state after decoder layer k: the same state as the final
+    state of a copy of the LLM cut after layer k with its final norm removed (no hook involved there)."""
+    import copy
+
+    bundle = build_toy_lisa(0, ToySizes(towers=str(TOWERS)))
+    pipe = SegmentationPipeline(bundle)
+    data = tg.draw_grounding_data(pipe, 2, seed=0, stream=tg.HELD_OUT_STREAM)
+    texts, features = data.texts[:3], data.features[data.scene[:3]]
+    k = 2
+    stage = tg.GroundingStage(pipe, [w for t in data.texts for w in t.split()], words_layer=k)
+    with torch.no_grad():
+        final, at_k = stage._forward(features, texts)
+        cells, point, words = stage.loss(features, texts, data.targets[:3], data.clicks[:3], 1.0)
+    cut = copy.deepcopy(bundle)
+    cut.model.model.layers = cut.model.model.layers[: k + 1]
+    cut.model.model.norm = torch.nn.Identity()
+    with torch.no_grad():
+        expected = tg.GroundingStage(SegmentationPipeline(cut)).seg_states(features, texts)
+    torch.testing.assert_close(at_k, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(final, at_k)
+    # the term is the binary cross-entropy of the word head over the bags, by hand
+    logits = stage.word_head(at_k)
+    bags = stage.word_bags(texts)
+    by_hand = -(bags * torch.log(torch.sigmoid(logits)) + (1 - bags) * torch.log(1 - torch.sigmoid(logits))).mean()
+    torch.testing.assert_close(words, by_hand, atol=1e-6, rtol=1e-5)
+    assert cells > 0 and point > 0
+    stage.close()
+    assert not bundle.model.model.layers[k]._forward_hooks
 
 
 def test_depth_residual_init_scales_only_the_residual_writes() -> None:
@@ -98,6 +143,7 @@ def test_a_short_stage_writes_a_checkpoint_the_lisa_stage_loads(tmp_path: Path) 
     lines = (tmp_path / "grounding_log.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [3, 6]
     final = report["final"]
+    assert final["word_loss"] > 0  # the word-carrying term is on by default
     assert 0.0 <= final["hit"] <= 1.0 and set(final["hit_by_type"]) <= {"attribute", "position", "relation",
                                                                           "superlative"}
     bundle = load_lisa_checkpoint(tmp_path / "lisa", tmp_path / "lisa" / "vision_tower")
