@@ -55,9 +55,9 @@ def test_committed_checkpoint_reproduces_its_val_giou(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_committed_checkpoint_reads_its_image_tokens(tmp_path: Path) -> None:
     """The same check samples with every projected image token zeroed: the recorded figure, and a loss of more
-    than 10 points (all 300 val samples: metrics.json ``zeroed_image_tokens``)."""
+    than 20 points (all 300 val samples: metrics.json ``zeroed_image_tokens``)."""
     check = json.loads((ASSET / "metrics.json").read_text())["check"]
     metrics = evaluate_checkpoint(ASSET, tmp_path, int(check["max_samples_per_split"]), zero_image_tokens=True)
     zeroed = metrics["splits"][SPLIT]["gIoU"]
     assert zeroed == pytest.approx(check["zeroed_image_tokens_gIoU"], abs=1e-6)
-    assert check["gIoU"] - zeroed > 0.10, (check["gIoU"], zeroed)
+    assert check["gIoU"] - zeroed > 0.20, (check["gIoU"], zeroed)
