@@ -15,6 +15,10 @@ gives the toy LLM what LLaVA's grounding data gives the real one, with a target 
 - loss: cross-entropy between that distribution and a linear *grounding head* over the state of the row
   LISA reads the [SEG] embedding from. The head is a training device only: it is not part of the
   checkpoint, and LISA's stage then learns its own read-out (``text_hidden_fcs``) of the same row;
+- words: a linear *word head* (also a training device) predicts the expression's bag of words from the same
+  row's state after decoder layer ``words_layer``. LLaVA's LLM comes pretrained on text and gathers a question
+  into its last rows; the toy LLM has no such pretraining, and without this term its query row never holds
+  what the expression asks for, so it cannot learn where to look (docs/toy_world.md, run M);
 - trained: the LLM (decoder layers, embeddings, final norm) and the projector; CLIP and SAM stay as
   pretrained. Scenes come from the generator's own streams (never the toyref splits' images), through JPEG
   q95 as the data set's files.
