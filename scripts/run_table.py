@@ -13,7 +13,8 @@ method cannot run here (LiteLVLM without a CLIP text tower) is listed as unavail
 control) on the trained toy LISA at Navg ~19 and ~10 of its N = 64 tokens (presets
 ``configs/exp/toy_table1_<method>.yaml`` and ``toy_n10_<method>.yaml``); ``toy`` runs both for every
 checkpoint in ``models=[dir,...]`` (default: the committed assets/toy_lisa; e.g. three training seeds)
-and prints one table, per method the mean gIoU over the models and its range, at both budgets.
+and prints one table, per method the mean gIoU over the models and its range, and the points lost against
+plain LISA of the same model (mean and range), at both budgets.
 ``output_dir=<dir>`` (default ``outputs/tables/table<k>``):
 one sub-directory per setting (``baseline``, then the preset names, e.g. ``table1_fastv``) and
 ``table.txt``; every other argument is a Hydra override applied to every setting. Running the same
@@ -105,8 +106,8 @@ def settings(table: int | str, root: Path, overrides: list[str],
     """(label, config) of the baseline and every method row; composed and checked before any run.
 
     ``unavailable``: where given, rows whose method cannot run here (``Method.check`` or ``check_model`` fails:
-    e.g. LiteLVLM without a CLIP text tower, or with a text side of another width than the model's CLIP) are left out and listed in it as (label, reason) instead of
-    failing the whole table."""
+    e.g. LiteLVLM without a CLIP text tower, or with a text side of another width than the model's CLIP) are
+    left out and listed in it as (label, reason) instead of failing the whole table."""
     from csp.config import method_from_config
     from runs.models import layers_and_image_tokens
 
@@ -195,7 +196,7 @@ def run_toy(root: Path, overrides: list[str]) -> str:
         for level in TOY_LEVELS:
             level_text, rows = toy_grid(level, root / model_slug(model) / level, model_args)
             for row in rows:
-                results[level].setdefault(row["name"], []).append(row)
+                results[level].setdefault(row["name"], []).append({**row, "model": model})
             unavailable += [line for line in level_text.splitlines()
                             if line.startswith("unavailable:") and line not in unavailable]
     text = "\n".join([format_toy(results, models), *unavailable])
@@ -238,27 +239,34 @@ def toy_grid(level: str, root: Path, model_args: list[str]) -> tuple[str, list[d
 
 
 def format_toy(results: dict[str, dict[str, list[dict[str, Any]]]], models: list[str]) -> str:
-    """Rows: LISA and the methods; per budget: gIoU mean over the models (points), [min, max], Navg."""
+    """Rows: LISA and the methods; per budget: gIoU mean over the models (points), [min, max], the points lost
+    against plain LISA of the same model (mean, [min, max]: paired per model, so a seed that is weaker
+    everywhere does not widen a method's range), Navg."""
     split = "toyref|unc|val"
     header = ["setting"]
     for level in TOY_LEVELS:
-        header += [f"gIoU@{level[3:]}", "range", "Navg"]
+        budget = level[3:]
+        header += [f"gIoU@{budget}", "range", f"lost@{budget}", "range", "Navg"]
     lines = [header]
     names = list(results[TOY_LEVELS[0]])
+    plain_name = names[0]
     for name in names:
         cells = [name]
         for level in TOY_LEVELS:
             rows = results[level].get(name, [])
+            plain = {r["model"]: 100 * r["splits"][split]["gIoU"] for r in results[level].get(plain_name, [])}
             values = [100 * r["splits"][split]["gIoU"] for r in rows]
+            lost = [plain[r["model"]] - 100 * r["splits"][split]["gIoU"] for r in rows if r["model"] in plain]
             navgs = [r["summary"]["Navg"] for r in rows]
             cells += [f"{sum(values) / len(values):.1f}", f"[{min(values):.1f}, {max(values):.1f}]",
-                      f"{sum(navgs) / len(navgs):.1f}"] if values else ["-", "-", "-"]
+                      f"{sum(lost) / len(lost):.1f}", f"[{min(lost):.1f}, {max(lost):.1f}]",
+                      f"{sum(navgs) / len(navgs):.1f}"] if values and lost else ["-"] * 5
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     body = "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
                      for line in lines)
-    return body + f"\n(gIoU in points on toyref|unc|val, mean and [min, max] over {len(models)} model(s): " \
-                  + ", ".join(models) + ")"
+    return body + f"\n(gIoU in points on toyref|unc|val, mean and [min, max] over {len(models)} model(s); lost: " \
+                  f"points below {plain_name} of the same model: " + ", ".join(models) + ")"
 
 
 if __name__ == "__main__":

@@ -74,16 +74,25 @@ def test_toy_table_presets_compose_validate_and_reach_their_budget(tmp_path: Pat
 
 
 def test_toy_table_combines_models_into_means_and_ranges() -> None:
+    """Mean and range of gIoU over the models, and the points lost paired per model: model a (plain 60)
+    loses 10 with FastV (50), model b (plain 70) loses 4 (66); unpaired, the range would be [50, 66]."""
     from scripts.run_table import format_toy
 
-    def row(name: str, giou: float, navg: float) -> dict:
-        return {"name": name, "splits": {"toyref|unc|val": {"gIoU": giou}}, "summary": {"Navg": navg}}
+    def row(name: str, model: str, giou: float, navg: float) -> dict:
+        return {"name": name, "model": model, "splits": {"toyref|unc|val": {"gIoU": giou}}, "summary": {"Navg": navg}}
 
-    results = {"toy19": {"LISA": [row("LISA", 0.6, 64), row("LISA", 0.7, 64)]},
-               "toy10": {"LISA": [row("LISA", 0.5, 64), row("LISA", 0.6, 64)]}}
+    results = {"toy19": {"LISA": [row("LISA", "a", 0.6, 64), row("LISA", "b", 0.7, 64)],
+                         "FastV": [row("FastV", "a", 0.5, 19), row("FastV", "b", 0.66, 19)]},
+               "toy10": {"LISA": [row("LISA", "a", 0.5, 64), row("LISA", "b", 0.6, 64)]}}
     text = format_toy(results, ["a", "b"])
-    assert text.splitlines()[1].split() == ["LISA", "65.0", "[60.0,", "70.0]", "64.0", "55.0", "[50.0,", "60.0]", "64.0"]
-    assert "2 model(s): a, b" in text
+    lines = text.splitlines()
+    assert lines[0].split() == ["setting", "gIoU@19", "range", "lost@19", "range", "Navg",
+                                "gIoU@10", "range", "lost@10", "range", "Navg"]
+    assert lines[1].split() == ["LISA", "65.0", "[60.0,", "70.0]", "0.0", "[0.0,", "0.0]", "64.0",
+                                "55.0", "[50.0,", "60.0]", "0.0", "[0.0,", "0.0]", "64.0"]
+    assert lines[2].split() == ["FastV", "58.0", "[50.0,", "66.0]", "7.0", "[4.0,", "10.0]", "19.0",
+                                "-", "-", "-", "-", "-"]
+    assert "2 model(s)" in text and "a, b" in text
 
 
 def test_toy_grid_reuses_a_finished_grid_and_refuses_another_settings(tmp_path: Path,
@@ -113,7 +122,8 @@ def test_toy_grid_reuses_a_finished_grid_and_refuses_another_settings(tmp_path: 
 
 def test_peers_table_composes_at_table1s_budget(tmp_path: Path) -> None:
     """table=peers: LISA, Table 1's CSP and every peer row compose and validate at LLaVA-7B-224's L = 32,
-    N = 256 (the tiny model with 32 layers, as the Table 1 test); each prescribes Table 1's budget (both bounds of a data-dependent count within 51..80)."""
+    N = 256 (the tiny model with 32 layers, as the Table 1 test); each prescribes Table 1's budget (both bounds
+    of a data-dependent count within 51..80)."""
     from csp.accounting import navg
     from csp.config import method_from_config
     from runs.models import layers_and_image_tokens
