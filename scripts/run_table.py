@@ -250,17 +250,23 @@ def format_toy(results: dict[str, dict[str, list[dict[str, Any]]]], models: list
     lines = [header]
     names = list(results[TOY_LEVELS[0]])
     plain_name = names[0]
+
+    def giou(row: dict[str, Any]) -> float:
+        return 100 * row["splits"][split]["gIoU"]
+
+    def spread(xs: list[float]) -> list[str]:
+        return [f"{sum(xs) / len(xs):.1f}", f"[{min(xs):.1f}, {max(xs):.1f}]"]
+
+    plain = {level: {r["model"]: giou(r) for r in results[level].get(plain_name, [])} for level in TOY_LEVELS}
     for name in names:
         cells = [name]
         for level in TOY_LEVELS:
             rows = results[level].get(name, [])
-            plain = {r["model"]: 100 * r["splits"][split]["gIoU"] for r in results[level].get(plain_name, [])}
-            values = [100 * r["splits"][split]["gIoU"] for r in rows]
-            lost = [plain[r["model"]] - 100 * r["splits"][split]["gIoU"] for r in rows if r["model"] in plain]
+            values = [giou(r) for r in rows]
+            lost = [plain[level][r["model"]] - giou(r) for r in rows if r["model"] in plain[level]]
             navgs = [r["summary"]["Navg"] for r in rows]
-            cells += [f"{sum(values) / len(values):.1f}", f"[{min(values):.1f}, {max(values):.1f}]",
-                      f"{sum(lost) / len(lost):.1f}", f"[{min(lost):.1f}, {max(lost):.1f}]",
-                      f"{sum(navgs) / len(navgs):.1f}"] if values and lost else ["-"] * 5
+            cells += [*spread(values), *spread(lost), f"{sum(navgs) / len(navgs):.1f}"] if values and lost \
+                else ["-"] * 5
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     body = "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
