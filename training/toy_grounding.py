@@ -43,9 +43,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from csp.methods import Method, build_method
+from csp.runner import StageRunner
 from datasets.toy import EXPRESSION_TYPES, ToySpec, generate_scene
 from model.builder import ToySizes, build_toy_lisa
-from model.inference import decoder_inputs, expand_image_slots
+from model.inference import decoder_inputs, expand_image_slots, last_prompt_rows
 from model.pipeline import SegmentationPipeline
 from model.prompt import DEFAULT_ANSWER, seg_query_rows
 from model.sam import sam_resized_size
@@ -101,6 +103,12 @@ class GroundingSpec:
     #: against a majority 0.26; held-out hit after 600 steps 0.71 with the term at layer 3, 0.56 without). 0: off.
     words: float = 1.0
     words_layer: int = 3
+    #: Reading delay (a training device, as the heads are; 0: off). Each training expression draws a delay
+    #: ``k`` uniformly from ``0..read_delay``, and in decoder layers ``0..k-1`` its text rows may not attend to
+    #: its image rows (the image rows themselves, and every row at evaluation, attend as usual). A model that can
+    #: find the referent only in its first layers (docs/toy_world.md, run M: layers 1-2) must then learn to find
+    #: it in later ones too, as an LLM that keeps reading its image through its depth does.
+    read_delay: int = 0
 
     def check(self) -> None:
         for key in ("steps", "batch", "train_images", "held_out_images", "eval_every"):
@@ -113,6 +121,9 @@ class GroundingSpec:
         if not 0 <= self.words_layer < ToySizes.num_layers:
             raise ValueError(f"words_layer: expected a decoder layer in [0, {ToySizes.num_layers - 1}], "
                              f"got {self.words_layer}")
+        if not 0 <= self.read_delay < ToySizes.num_layers:
+            raise ValueError(f"read_delay: expected a number of layers in [0, {ToySizes.num_layers - 1}], "
+                             f"got {self.read_delay}")
         if self.residual_init not in RESIDUAL_INITS:
             raise ValueError(f"residual_init: expected one of {RESIDUAL_INITS}, got {self.residual_init!r}")
         towers = Path(self.towers)
@@ -203,9 +214,14 @@ class GroundingStage:
     """The [SEG] row's state for a batch of expressions, the grounding head over it and, with ``words`` (the
     expressions' vocabulary) and ``words_layer``, the word head over the same row's state after that layer."""
 
-    def __init__(self, pipe: SegmentationPipeline, words: Sequence[str] = (), words_layer: int | None = None):
+    def __init__(self, pipe: SegmentationPipeline, words: Sequence[str] = (), words_layer: int | None = None,
+                 read_delay: int = 0):
         self.pipe = pipe
         model = pipe.model
+        self.runner = pipe.runner
+        self._delay: tuple[torch.Tensor, torch.Tensor] | None = None  # (B per-sample delays, B x T image rows)
+        self._delay_hooks = [layer.register_forward_pre_hook(self._delayed_mask(i), with_kwargs=True)
+                             for i, layer in enumerate(model.model.layers[:read_delay])]
         self.head = torch.nn.Linear(model.config.hidden_size, pipe.num_image_tokens)
         self._ids: dict[str, list[int]] = {}
         self.vocabulary = {w: i for i, w in enumerate(sorted(set(words) - {"the"}))}
@@ -221,11 +237,30 @@ class GroundingStage:
     def _keep_layer_output(self, module: torch.nn.Module, args: tuple, output) -> None:
         self._layer_out = output[0] if isinstance(output, tuple) else output
 
+    def _delayed_mask(self, layer: int):
+        """A pre-hook for decoder layer ``layer``: AND the runner's key mask with "text rows of a sample whose
+        delay exceeds ``layer`` do not see its image rows" (only while :meth:`loss` sets delays)."""
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if self._delay is None:
+                return args, kwargs
+            delays, is_image = self._delay
+            length = is_image.shape[1]
+            mask = kwargs.get("attention_mask")
+            if mask is None:  # no padding: the runner leaves SDPA its causal path; spell the causal mask out
+                mask = torch.ones(length, length, dtype=torch.bool, device=is_image.device).tril()[None, None]
+            blind = (delays > layer)[:, None, None] & ~is_image[:, :, None] & is_image[:, None, :]  # B x T x T
+            kwargs["attention_mask"] = mask & ~blind[:, None]
+            return args, kwargs
+        return hook
+
     def close(self) -> None:
-        """Remove the hook on the LLM's layer (the model outlives the stage)."""
+        """Remove the hooks on the LLM's layers (the model outlives the stage)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        for hook in self._delay_hooks:
+            hook.remove()
+        self._delay_hooks = []
 
     def heads(self) -> list[torch.nn.Parameter]:
         """The training devices' parameters (not saved with the checkpoint)."""
@@ -246,18 +281,26 @@ class GroundingStage:
                     bags[row, self.vocabulary[word]] = 1.0
         return bags
 
-    def _forward(self, features: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(self, features: torch.Tensor, texts: Sequence[str],
+                 delays: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         pipe, tok = self.pipe, self.pipe.bundle.token_ids
         embeds = pipe.model.project_images(features)
-        batch = expand_image_slots([self.prompt_ids(t) for t in texts], embeds.shape[1], tok.pad)
-        rows = [seg_query_rows(ids[: int(n)], tok.seg) for ids, n in zip(batch.ids, batch.lengths)]
+        ids = [self.prompt_ids(t) for t in texts]
+        batch = expand_image_slots(ids, embeds.shape[1], tok.pad)
+        rows = [seg_query_rows(seq[: int(n)], tok.seg) for seq, n in zip(batch.ids, batch.lengths)]
         if any(len(r) != 1 for r in rows):
             raise ValueError("a grounding prompt must hold exactly one [SEG]")
-        inputs = decoder_inputs(pipe.model, batch, embeds, rows, None)
+        prompt_lengths = [len(pipe.prompt_ids(t, False, answer=None)) for t in texts]
+        last = last_prompt_rows(ids, prompt_lengths, embeds.shape[1])  # what FastV-like controls rank by
+        inputs = decoder_inputs(pipe.model, batch, embeds, rows, None, last_rows=last)
         self._layer_out = None
-        states = pipe.runner.forward(inputs).rows(inputs.query_rows)[:, 0]
+        self._delay = None if delays is None else (delays.to(embeds.device), inputs.is_image)
+        try:
+            states = self.runner.forward(inputs).rows(inputs.query_rows)[:, 0]
+        finally:
+            self._delay = None
         layer_states = None
-        if self._layer_out is not None:
+        if self._layer_out is not None and self.runner is self.pipe.runner:  # a control's rows moved: no words
             at = inputs.query_rows[:, 0].to(self._layer_out.device)
             layer_states = self._layer_out[torch.arange(len(texts), device=at.device), at]
             self._layer_out = None
@@ -269,11 +312,13 @@ class GroundingStage:
         return self._forward(features, texts)[0]
 
     def loss(self, features: torch.Tensor, texts: Sequence[str], targets: torch.Tensor,
-             clicks: torch.Tensor, point_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             clicks: torch.Tensor, point_weight: float,
+             delays: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cross-entropy of the head's cell distribution, mean squared distance of the [SEG] prompt
         (``text_hidden_fcs`` of the row) to the click token: the LISA stage's pointing term, and the word head's
-        binary cross-entropy to the expressions' word bags, averaged over the vocabulary; 0 without a word head)."""
-        states, layer_states = self._forward(features, texts)
+        binary cross-entropy to the expressions' word bags, averaged over the vocabulary; 0 without a word head).
+        ``delays``: ``B`` reading delays (see ``GroundingSpec.read_delay``), None: none."""
+        states, layer_states = self._forward(features, texts, delays)
         cells = cell_cross_entropy(self.head(states).float(), targets)
         point = cells.new_zeros(())
         if point_weight:
@@ -285,10 +330,24 @@ class GroundingStage:
         return cells, point, words
 
     @torch.no_grad()
-    def read(self, data: GroundingData, zero_images: bool = False,
-             batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, data: GroundingData, zero_images: bool = False, batch: int = 64,
+             method: Method | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(``M`` bool: whether the head's most likely cell lies on the referent (covers any of it),
-        ``M x C`` [SEG] prompts), from one pass of the LLM over every expression."""
+        ``M x C`` [SEG] prompts), from one pass of the LLM over every expression; ``method``: an in-LLM method
+        (no input selection) to run the LLM under, None: plain."""
+        if method is not None:
+            n = self.pipe.num_image_tokens
+            runner = StageRunner(self.pipe.model.model, method, n)
+            if runner.plan.input_keep or method.per_query_reduction or method.input_tokens(n) != n:
+                raise ValueError(f"{method.name} selects its input tokens before the LLM; the grounding stage runs "
+                                 "in-LLM methods only")
+            self.runner = runner
+        try:
+            return self._read(data, zero_images, batch)
+        finally:
+            self.runner = self.pipe.runner
+
+    def _read(self, data: GroundingData, zero_images: bool, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         hits, prompts = [], []
         for start in range(0, len(data), batch):
             sl = slice(start, start + batch)
@@ -301,21 +360,31 @@ class GroundingStage:
         return torch.cat(hits), torch.cat(prompts)
 
 
+#: In-LLM cuts at the toy table's ~19 budget (configs/exp/toy_table1_fastv.yaml, toy_table1_random_keep.yaml)
+#: whose held-out hit stage 2a reports: where the LLM reads its image shows in how much a random choice costs.
+CONTROLS = {"random_keep@2": {"name": "random_keep", "layer": 2, "keep": 4},
+            "fastv@2": {"name": "fastv", "layer": 2, "keep": 4}}
+
+
 def grounding_metrics(stage: GroundingStage, data: GroundingData) -> dict:
-    """Held-out hit rates (fractions of expressions), overall, per expression type, and with the image
-    tokens zeroed (features of zeros through the projector: what the LLM can guess from the words alone)."""
+    """Held-out hit rates (fractions of expressions), overall, per expression type, with the image tokens
+    zeroed (features of zeros through the projector: what the LLM can guess from the words alone) and under
+    the in-LLM cuts of :data:`CONTROLS`."""
     was_training = stage.pipe.model.training
     stage.pipe.model.eval()
     try:
         hits, prompts = stage.read(data)
         zeroed = stage.read(data, zero_images=True)[0].float()
+        controls = {name: round(float(stage.read(data, method=build_method(cfg))[0].float().mean()), 4)
+                    for name, cfg in CONTROLS.items()}
     finally:
         stage.pipe.model.train(was_training)
     point = float(((prompts - data.clicks) ** 2).mean())
     constant = float(((data.clicks - data.clicks.mean(0)) ** 2).mean())  # the best prompt that ignores everything
     rates = hit_rates(hits, data.types)
     return {"hit": rates["hit"], "hit_zeroed": round(float(zeroed.mean()), 4), "hit_by_type": rates["hit_by_type"],
-            "point_mse": round(point, 4), "point_mse_constant": round(constant, 4), "expressions": len(data)}
+            "point_mse": round(point, 4), "point_mse_constant": round(constant, 4), "expressions": len(data),
+            "hit_under": controls}
 
 
 def train_grounding(spec: GroundingSpec, out_dir: Path, log: bool = True) -> dict:
@@ -335,7 +404,8 @@ def train_grounding(spec: GroundingSpec, out_dir: Path, log: bool = True) -> dic
     held = draw_grounding_data(pipe, spec.held_out_images, seed=spec.seed, stream=HELD_OUT_STREAM)
     torch.manual_seed(spec.seed)
     words = [w for text in train.texts for w in text.split()] if spec.words else ()
-    stage = GroundingStage(pipe, words, spec.words_layer if spec.words else None)
+    stage = GroundingStage(pipe, words, spec.words_layer if spec.words else None, spec.read_delay)
+    delay_generator = torch.Generator().manual_seed(spec.seed + 1)  # apart: read_delay=0 draws as before
     params = []
     for name, param in model.named_parameters():
         prefixes = TRAINED_PREFIXES + (POINT_PREFIXES if spec.point else ())
@@ -354,8 +424,10 @@ def train_grounding(spec: GroundingSpec, out_dir: Path, log: bool = True) -> dic
               f"({t_train - t0:.0f} s to draw and encode), {spec.steps} steps of {spec.batch}", flush=True)
     for step in range(1, spec.steps + 1):
         pick = torch.randint(len(train), (spec.batch,), generator=generator)
+        delays = (torch.randint(spec.read_delay + 1, (spec.batch,), generator=delay_generator)
+                  if spec.read_delay else None)
         cells, point, word = stage.loss(train.features[train.scene[pick]], [train.texts[i] for i in pick],
-                                        train.targets[pick], train.clicks[pick], spec.point)
+                                        train.targets[pick], train.clicks[pick], spec.point, delays)
         loss = cells + spec.point * point + spec.words * word
         for group in optimizer.param_groups:
             group["lr"] = spec.lr * lr_factor(step - 1, spec.warmup, spec.steps)
@@ -375,11 +447,12 @@ def train_grounding(spec: GroundingSpec, out_dir: Path, log: bool = True) -> dic
                 f.write(json.dumps(record) + "\n")
             if log:
                 rate = step / (time.time() - t_train)
+                controls = ", ".join(f"{k} {v:.3f}" for k, v in record["hit_under"].items())
                 print(f"step {step}/{spec.steps}  cell loss {running[0]:.3f}  point loss {running[1]:.3f}  "
-                      f"held-out hit {record['hit']:.3f} (zeroed images {record['hit_zeroed']:.3f}), held-out point "
-                      f"mse {record['point_mse']:.3f} (constant {record['point_mse_constant']:.3f})  "
-                      f"word loss {running[2]:.3f}  "
-                      f"{rate:.2f} steps/s  ETA {(spec.steps - step) / rate:.0f} s", flush=True)
+                      f"held-out hit {record['hit']:.3f} (zeroed images {record['hit_zeroed']:.3f}; {controls}), "
+                      f"held-out point mse {record['point_mse']:.3f} (constant {record['point_mse_constant']:.3f})  "
+                      f"word loss {running[2]:.3f}  {rate:.2f} steps/s  ETA {(spec.steps - step) / rate:.0f} s",
+                      flush=True)
     stage.close()
     model.eval()
     for param in model.parameters():
@@ -411,11 +484,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="weight of the word-carrying term (0: off)")
     parser.add_argument("--words-layer", type=int, default=GroundingSpec.words_layer,
                         help="the decoder layer (0-based) after which the query row's state predicts the words")
+    parser.add_argument("--read-delay", type=int, default=GroundingSpec.read_delay,
+                        help="largest number of first layers in which a training expression's text rows do not "
+                             "see its image (drawn per expression from 0..this; 0: off)")
     args = parser.parse_args(argv)
     spec = GroundingSpec(towers=args.towers, seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
                          train_images=args.train_images, held_out_images=args.held_out_images,
                          eval_every=args.eval_every, point=args.point, residual_init=args.residual_init,
-                         words=args.words, words_layer=args.words_layer)
+                         words=args.words, words_layer=args.words_layer, read_delay=args.read_delay)
     try:
         spec.check()
     except (ValueError, FileNotFoundError) as err:

@@ -13,6 +13,7 @@ import torch
 from datasets.toy import ToySpec, generate_image, generate_scene
 from model.builder import ToySizes, build_toy_lisa
 from model.checkpoint import load_lisa_checkpoint
+from model.inference import expand_image_slots
 from model.pipeline import Query, SegmentationPipeline
 from training import toy_grounding as tg
 
@@ -97,6 +98,76 @@ def test_word_head_reads_the_query_row_after_its_layer() -> None:
     assert cells > 0 and point > 0
     stage.close()
     assert not bundle.model.model.layers[k]._forward_hooks
+
+
+def _layer_outputs(stage: tg.GroundingStage, features: torch.Tensor, texts: list[str],
+                   delays: torch.Tensor | None) -> list[torch.Tensor]:
+    """Every decoder layer's output rows (``B x T x d``) for one forward of the stage, read by forward hooks."""
+    outs: list[torch.Tensor] = []
+    layers = stage.pipe.model.model.layers
+    hooks = [layer.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o).clone()))
+             for layer in layers]
+    try:
+        with torch.no_grad():
+            stage._forward(features, texts, delays)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outs
+
+
+def test_read_delay_hides_the_image_from_text_rows_in_the_first_layers_only() -> None:
+    """Two scenes behind the same expressions: with delay k a text row cannot depend on the image before layer
+    k, so its outputs of layers 0..k-1 are the same for both scenes and differ from layer k on; the image rows
+    differ from layer 0. Delay 0 (and every pass outside ``loss``) is the plain forward, bit for bit."""
+    pipe = SegmentationPipeline(build_toy_lisa(0, ToySizes(towers=str(TOWERS))))
+    data = tg.draw_grounding_data(pipe, 4, seed=0, stream=tg.HELD_OUT_STREAM)
+    a = data.scene.tolist().index(0)
+    texts = [data.texts[a], data.texts[a], data.texts[a]]
+    stage = tg.GroundingStage(pipe, read_delay=3)
+    plain = tg.GroundingStage(SegmentationPipeline(pipe.bundle))  # no delay hooks at all
+    delays = torch.tensor([3, 1, 0])
+    out_a = _layer_outputs(stage, data.features[[0, 0, 0]], texts, delays)
+    out_b = _layer_outputs(stage, data.features[[1, 1, 1]], texts, delays)
+    is_image = expand_image_slots([stage.prompt_ids(texts[0])], pipe.num_image_tokens, 0).is_image[0]
+    text_after = ~is_image & (torch.arange(len(is_image)) > int(is_image.nonzero()[0]))
+    for row, k in enumerate(delays.tolist()):
+        for layer in range(len(out_a)):
+            same_text = torch.equal(out_a[layer][row][text_after], out_b[layer][row][text_after])
+            assert same_text == (layer < k), (row, layer)
+            assert not torch.equal(out_a[layer][row][is_image], out_b[layer][row][is_image])
+    reference = _layer_outputs(plain, data.features[[0, 0, 0]], texts, None)
+    for got, expected in zip(out_a, reference, strict=True):
+        assert torch.equal(got[2], expected[2])  # delay 0
+    undelayed = _layer_outputs(stage, data.features[[0, 0, 0]], texts, None)
+    for got, expected in zip(undelayed, reference, strict=True):
+        assert torch.equal(got, expected)
+    stage.close()
+    assert not any(layer._forward_pre_hooks for layer in pipe.model.model.layers)
+    with pytest.raises(ValueError, match=r"read_delay: .*\[0, 7\].* 8"):
+        tg.GroundingSpec(towers=str(TOWERS), read_delay=8).check()
+
+
+def test_held_out_hit_under_a_control_that_keeps_every_token_is_the_plain_hit() -> None:
+    """``read(method=...)`` runs the LLM under an in-LLM method: random_keep keeping all 64 tokens from layer 2
+    gives the plain pass's hits and prompts; keeping 1 token changes the prompts; a method that selects its
+    input tokens is refused by name."""
+    from csp.methods import build_method
+
+    pipe = SegmentationPipeline(build_toy_lisa(0, ToySizes(towers=str(TOWERS))))
+    data = tg.draw_grounding_data(pipe, 3, seed=0, stream=tg.HELD_OUT_STREAM)
+    stage = tg.GroundingStage(pipe)
+    hits, prompts = stage.read(data)
+    all_hits, all_prompts = stage.read(data, method=build_method({"name": "random_keep", "layer": 2, "keep": 64}))
+    assert torch.equal(hits, all_hits)
+    torch.testing.assert_close(prompts, all_prompts, atol=1e-5, rtol=1e-5)
+    one = stage.read(data, method=build_method({"name": "random_keep", "layer": 2, "keep": 1}))[1]
+    assert not torch.allclose(prompts, one, atol=1e-4)
+    assert stage.runner is pipe.runner
+    with pytest.raises(ValueError, match="visionzip selects its input tokens"):
+        stage.read(data, method=build_method({"name": "visionzip", "dominant": 8, "contextual": 2}))
+    assert stage.runner is pipe.runner
+    assert set(tg.grounding_metrics(stage, data)["hit_under"]) == set(tg.CONTROLS)
 
 
 def test_depth_residual_init_scales_only_the_residual_writes() -> None:
