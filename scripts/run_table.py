@@ -49,6 +49,21 @@ TABLE3 = ["prumerge", "visionzip", "fastv", "csp"]
 TOY = [*TABLE1, "random_keep", "litelvlm", "ivc_prune"]
 LABELS["random_keep"] = "random_keep (control)"
 LABELS["litelvlm"], LABELS["ivc_prune"] = "LiteLVLM", "IVC-Prune"
+#: Further control rows after ``random_keep`` (which cuts where FastV does): (label, preset suffix). At layer 0
+#: the random subset is cut before any layer reads the image, where the reducers before the LLM cut.
+TOY_CONTROLS = [("random_keep at layer 0 (control)", "random_keep_l0")]
+
+
+def toy_rows(prefix: str) -> list[tuple[str, str]]:
+    """The toy table's method rows at one budget (``prefix``: ``toy_table1_`` or ``toy_n10_``)."""
+    rows = []
+    for m in TOY:
+        rows.append((LABELS[m], f"{prefix}{m}"))
+        if m == "random_keep":
+            rows += [(label, f"{prefix}{suffix}") for label, suffix in TOY_CONTROLS]
+    return rows
+
+
 #: The peers (docs/peers.md): newer methods and CSP with the new clustering strategies / pruning scorer,
 #: beside LISA and Table 1's CSP row: (label, preset suffix after ``table1_`` / ``toy_table1_``).
 PEERS = [("LVLM_CSP", "csp"), ("LiteLVLM", "litelvlm"), ("LiteLVLM (raster order)", "litelvlm_raster"),
@@ -65,10 +80,8 @@ TABLES: dict[int | str, dict[str, Any]] = {
         "rows": [(LABELS[m], f"table3_{m}") for m in TABLE3]},
     # Table 1's methods on the trained toy LISA (assets/toy_lisa, L = 8, N = 64), counts scaled to Navg ~19 / ~10
     "toy19": {"baseline": "toy_baseline", "data": "toy",
-              "rows": [(LABELS[m], f"toy_table1_{m}") for m in TOY]
-              + [(label, f"toy_table1_{suffix}") for label, suffix in TOY_PEERS]},
-    "toy10": {"baseline": "toy_baseline", "data": "toy",
-              "rows": [(LABELS[m], f"toy_n10_{m}") for m in TOY]},
+              "rows": toy_rows("toy_table1_") + [(label, f"toy_table1_{suffix}") for label, suffix in TOY_PEERS]},
+    "toy10": {"baseline": "toy_baseline", "data": "toy", "rows": toy_rows("toy_n10_")},
     "peers": {"baseline": "llava7b_224_baseline", "data": "all5",
               "rows": [(label, f"table1_{suffix}") for label, suffix in PEERS]},
 }

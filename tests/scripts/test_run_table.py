@@ -54,14 +54,15 @@ def test_toy_table_presets_compose_validate_and_reach_their_budget(tmp_path: Pat
     from csp.config import method_from_config
     from csp.methods import METHODS
     from runs.models import layers_and_image_tokens
-    from scripts.run_table import TOY_PEERS, parse, settings
+    from scripts.run_table import TOY_CONTROLS, TOY_PEERS, parse, settings
 
     assert parse(["table=toy"])[0] == "toy"
     prefix = {"toy19": "toy_table1_", "toy10": "toy_n10_"}[level]
     configured = settings(level, tmp_path, [])
     presets = [cfg.name for _, cfg in configured[1:]]
     peers = [f"{prefix}{suffix}" for _, suffix in TOY_PEERS] if level == "toy19" else []  # CSP's new options
-    assert sorted(presets) == sorted([f"{prefix}{m}" for m in METHODS] + peers)
+    controls = [f"{prefix}{suffix}" for _, suffix in TOY_CONTROLS]  # random_keep at other layers
+    assert sorted(presets) == sorted([f"{prefix}{m}" for m in METHODS] + peers + controls)
     layers, n = layers_and_image_tokens(configured[0][1].model)
     assert (layers, n) == (8, 64)
     assert method_from_config(configured[0][1]).method is None  # the baseline is the plain model
