@@ -45,6 +45,7 @@ from PIL import Image
 
 from csp.methods import Method, build_method
 from csp.runner import StageRunner
+from csp.tokens import attention_mask
 from datasets.toy import EXPRESSION_TYPES, ToySpec, generate_scene
 from model.builder import ToySizes, build_toy_lisa
 from model.inference import decoder_inputs, expand_image_slots, last_prompt_rows
@@ -224,6 +225,7 @@ class GroundingStage:
                              for i, layer in enumerate(model.model.layers[:read_delay])]
         self.head = torch.nn.Linear(model.config.hidden_size, pipe.num_image_tokens)
         self._ids: dict[str, list[int]] = {}
+        self._prompt_lengths: dict[str, int] = {}  # the same prompt without its answer (ends at the last prompt row)
         self.vocabulary = {w: i for i, w in enumerate(sorted(set(words) - {"the"}))}
         self.word_head = None
         self._hook = None
@@ -244,10 +246,9 @@ class GroundingStage:
             if self._delay is None:
                 return args, kwargs
             delays, is_image = self._delay
-            length = is_image.shape[1]
             mask = kwargs.get("attention_mask")
             if mask is None:  # no padding: the runner leaves SDPA its causal path; spell the causal mask out
-                mask = torch.ones(length, length, dtype=torch.bool, device=is_image.device).tril()[None, None]
+                mask = attention_mask(torch.ones_like(is_image), padded=True)
             blind = (delays > layer)[:, None, None] & ~is_image[:, :, None] & is_image[:, None, :]  # B x T x T
             kwargs["attention_mask"] = mask & ~blind[:, None]
             return args, kwargs
@@ -268,8 +269,10 @@ class GroundingStage:
         return list(self.head.parameters()) + extra
 
     def prompt_ids(self, text: str) -> list[int]:
+        """The evaluation prompt with its answer ``[SEG].`` (cached per expression)."""
         if text not in self._ids:
             self._ids[text] = self.pipe.prompt_ids(text, False, answer=DEFAULT_ANSWER)
+            self._prompt_lengths[text] = len(self.pipe.prompt_ids(text, False, answer=None))
         return self._ids[text]
 
     def word_bags(self, texts: Sequence[str]) -> torch.Tensor:
@@ -290,8 +293,8 @@ class GroundingStage:
         rows = [seg_query_rows(seq[: int(n)], tok.seg) for seq, n in zip(batch.ids, batch.lengths)]
         if any(len(r) != 1 for r in rows):
             raise ValueError("a grounding prompt must hold exactly one [SEG]")
-        prompt_lengths = [len(pipe.prompt_ids(t, False, answer=None)) for t in texts]
-        last = last_prompt_rows(ids, prompt_lengths, embeds.shape[1])  # what FastV-like controls rank by
+        # the last prompt rows, which FastV-like controls rank by
+        last = last_prompt_rows(ids, [self._prompt_lengths[t] for t in texts], embeds.shape[1])
         inputs = decoder_inputs(pipe.model, batch, embeds, rows, None, last_rows=last)
         self._layer_out = None
         self._delay = None if delays is None else (delays.to(embeds.device), inputs.is_image)
